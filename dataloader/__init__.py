@@ -1,0 +1,3 @@
+"""Balanced, resumable data loading: length sources, the distributed sampler, collators."""
+
+__all__: list[str] = []
