@@ -22,13 +22,29 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from strategies.layout import Layout
 
-__all__ = ["LayoutCost", "CostModel", "replica_seconds"]
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from .analytic import AnalyticOptions
+    from .specs import HardwareSpec, ModelSpec
+
+__all__ = ["LayoutCost", "CostModel", "UnsupportedLayoutError", "replica_seconds"]
+
+LayoutKey = Layout | str
+"""A layout or its name (``"tp2cp2"``)."""
+
+
+class UnsupportedLayoutError(ValueError):
+    """A cost model cannot price a layout: unknown to a coefficient table, the model's shape
+    does not split that way (tp not dividing the heads), or not one token fits in memory."""
+
+
+def _as_layout(key: LayoutKey) -> Layout:
+    return key if isinstance(key, Layout) else Layout.parse(str(key))
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +109,14 @@ class CostModel:
     ``table`` holds explicitly known layouts; ``resolver`` (analytic models) derives any
     other layout on demand and caches it. ``source`` names where the numbers came from
     (``"coefficients"``, ``"analytic"``, ``"fit"``, ``"calibrated"``); ``meta`` holds what is
-    needed to rebuild the model from JSON (specs, fit quality, device name).
+    needed to rebuild the model from JSON (specs, fit quality, device name) and the time
+    unit (``meta["time_unit"]``, ``"s"`` unless stated, ``"ms"`` for Hydraulis files).
+
+    A layout the model cannot price — not in the table and no resolver, or rejected by the
+    resolver (e.g. the weights alone overflow memory) — makes :meth:`supports` return
+    ``False`` and :meth:`cost` raise :class:`UnsupportedLayoutError` (a ``ValueError``)
+    with the reason; :meth:`unsupported_reason` returns it without raising. Every
+    :class:`LayoutCost` therefore holds at least one token.
     """
 
     def __init__(
@@ -112,6 +135,7 @@ class CostModel:
             raise ValueError("CostModel: give at least one layout's coefficients or a resolver")
         self.source = source
         self._resolver = resolver
+        self._unsupported: dict[Layout, str] = {}
         self.meta: dict[str, Any] = dict(meta or {})
 
     # -- lookup ---------------------------------------------------------------------------
@@ -120,23 +144,57 @@ class CostModel:
         """Layouts resolved so far (all of them for table-only models)."""
         return sorted(self._table)
 
+    @property
+    def time_unit(self) -> str:
+        """Unit of ``a, b, c`` and of every time this model returns (``"s"`` or ``"ms"``)."""
+        return str(self.meta.get("time_unit", "s"))
+
     def supports(self, layout: Layout) -> bool:
-        return layout in self._table or self._resolver is not None
+        """``True`` when :meth:`cost` can price ``layout`` (resolving and caching it)."""
+        return self.unsupported_reason(layout) is None
+
+    def unsupported_reason(self, layout: Layout) -> str | None:
+        """Why ``layout`` cannot be priced, or ``None`` when it can."""
+        try:
+            self.cost(layout)
+        except UnsupportedLayoutError as e:
+            return str(e)
+        return None
 
     def cost(self, layout: Layout) -> LayoutCost:
-        """Coefficients of ``layout``; raises ``ValueError`` for a layout this model cannot price."""
+        """Coefficients of ``layout``; raises :class:`UnsupportedLayoutError` (a ``ValueError``)
+        for a layout this model cannot price, with the reason and the fix."""
         got = self._table.get(layout)
         if got is not None:
             return got
+        reason = self._unsupported.get(layout)
+        if reason is not None:
+            raise UnsupportedLayoutError(reason)
         if self._resolver is None:
             known = ", ".join(lay.name for lay in sorted(self._table)) or "none"
-            raise ValueError(
+            raise UnsupportedLayoutError(
                 f"cost model ({self.source}) has no coefficients for layout {layout.name}; "
                 f"known layouts: {known}. Fit or calibrate that layout, or use an analytic model"
             )
-        got = self._resolver(layout)
+        try:
+            got = self._resolver(layout)
+        except UnsupportedLayoutError as e:
+            self._unsupported[layout] = str(e)
+            raise
         self._table[layout] = got
         return got
+
+    def fit_r2(self, layout: LayoutKey) -> float:
+        """R² of the least-squares fit behind ``layout``'s coefficients (fit and calibrated models)."""
+        lay = _as_layout(layout)
+        fits = self.meta.get("fit", {})
+        if lay.name not in fits:
+            have = ", ".join(sorted(fits)) or "none"
+            raise ValueError(
+                f"cost model ({self.source}) has no fit for layout {lay.name} (fitted layouts: {have}); "
+                "R² exists only for models built by CostModel.fit, fit_layouts or calibrate"
+            )
+        return float(fits[lay.name]["r2"])
 
     def seconds(self, lengths: np.ndarray | Sequence[int], layout: Layout) -> np.ndarray:
         """Per-sequence seconds ``a·s² + b·s`` on ``layout`` (vectorised)."""
@@ -174,6 +232,203 @@ class CostModel:
                 a, b, c, cap = val
                 out[lay] = LayoutCost(a=a, b=b, c=c, token_capacity=int(cap))
         return cls(out, source="coefficients", meta=meta)
+
+    @classmethod
+    def from_hydraulis_instance(cls, path: str | Path | None = None, *, unit: str = "ms") -> "CostModel":
+        """Coefficients from a Hydraulis instance file (default: the bundled
+        :data:`balancer.data.INSTANCES_FILE`, the published 13B numbers).
+
+        The file lists replicas with ``tp, pp, a, b, c, max_seqlen`` in **milliseconds**;
+        each distinct ``(tp, pp)`` becomes ``Layout(tp, 1, pp)`` with ``token_capacity =
+        max_seqlen``. ``unit="ms"`` keeps the file's numbers (``meta["time_unit"] = "ms"``);
+        ``unit="s"`` converts them to seconds. Replicas of one layout must agree.
+        """
+        from .data import INSTANCES_FILE
+
+        if unit not in ("ms", "s"):
+            raise ValueError(f"from_hydraulis_instance: unit={unit!r} must be 'ms' (as in the file) or 's'")
+        p = Path(path) if path is not None else INSTANCES_FILE
+        if not p.is_file():
+            raise ValueError(f"Hydraulis instance file {str(p)!r} does not exist")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Hydraulis instance file {str(p)!r} is not valid JSON: {e}") from None
+        replicas = d.get("replicas") if isinstance(d, dict) else None
+        if not isinstance(replicas, list) or not replicas:
+            raise ValueError(f"Hydraulis instance file {str(p)!r} has no 'replicas' list")
+        scale = 1.0 if unit == "ms" else 1e-3
+        table: dict[Layout, LayoutCost] = {}
+        for j, rep in enumerate(replicas):
+            missing = {"tp", "pp", "a", "b", "c", "max_seqlen"} - set(rep)
+            if missing:
+                raise ValueError(f"{p.name}: replica {j} lacks {sorted(missing)}")
+            lay = Layout(tp=int(rep["tp"]), cp=1, pp=int(rep["pp"]))
+            cost = LayoutCost(
+                a=rep["a"] * scale, b=rep["b"] * scale, c=rep["c"] * scale, token_capacity=int(rep["max_seqlen"])
+            )
+            if table.setdefault(lay, cost) != cost:
+                raise ValueError(
+                    f"{p.name}: replica {j} gives {lay.name} coefficients {cost.to_dict()} but an earlier "
+                    f"replica gave {table[lay].to_dict()}; one layout must have one set of coefficients"
+                )
+        meta = {"time_unit": unit, "origin": p.name, "description": str(d.get("source", ""))}
+        return cls(table, source="coefficients", meta=meta)
+
+    @classmethod
+    def analytic(
+        cls,
+        model: "ModelSpec | str",
+        hardware: "HardwareSpec | str",
+        options: "AnalyticOptions | None" = None,
+        **option_values: Any,
+    ) -> "CostModel":
+        """Analytic coefficients and memory capacity for any layout (see :mod:`balancer.analytic`).
+
+        ``model`` and ``hardware`` are specs or preset names (``"llama-7b"``, ``"h100-80g"``).
+        Options are an :class:`~balancer.analytic.AnalyticOptions` or its fields as keywords:
+        ``zero_stage``, ``num_ranks``, ``reserve_bytes``, ``grad_bytes``, ``optimizer_bytes``,
+        ``efficiency_decay``, ``min_efficiency``. Layouts are priced on first use and cached;
+        the specs go into ``meta`` so :meth:`from_dict` rebuilds the same resolver.
+        """
+        from .analytic import AnalyticModel, AnalyticOptions
+        from .specs import hardware_preset, model_preset
+
+        if options is not None and option_values:
+            raise ValueError("CostModel.analytic: pass either options=AnalyticOptions(...) or keywords, not both")
+        opts = options if options is not None else AnalyticOptions.from_dict(option_values)
+        spec = model_preset(model) if isinstance(model, str) else model
+        hw = hardware_preset(hardware) if isinstance(hardware, str) else hardware
+        engine = AnalyticModel(spec, hw, opts)
+        return cls(source="analytic", resolver=engine.layout_cost, meta=engine.meta())
+
+    @classmethod
+    def fit(
+        cls,
+        lengths: Sequence[int] | Sequence[Sequence[int]] | np.ndarray,
+        seconds: Sequence[float] | np.ndarray,
+        *,
+        token_capacity: int,
+        layout: LayoutKey = Layout(),
+        c: float | None = None,
+        time_unit: str = "s",
+    ) -> "CostModel":
+        """Non-negative least-squares fit of one layout's ``a, b`` (and ``c`` when ``c=None``).
+
+        ``lengths``: one length per sample (a micro-batch of one sequence) or one list of
+        lengths per sample (a micro-batch of several); ``seconds``: each sample's measured
+        time. The model is ``a·Σs² + b·Σs + c``. ``token_capacity`` comes from the caller
+        (memory is not measured here). R² and the residuals go into ``meta["fit"]``
+        (:meth:`fit_r2`).
+        """
+        return cls.fit_layouts(
+            {_as_layout(layout): (lengths, seconds)}, token_capacity=token_capacity, c=c, time_unit=time_unit
+        )
+
+    @classmethod
+    def fit_layouts(
+        cls,
+        samples: Mapping[LayoutKey, tuple[Any, Any]],
+        *,
+        token_capacity: int | Mapping[LayoutKey, int],
+        c: float | None | Mapping[LayoutKey, float | None] = None,
+        time_unit: str = "s",
+    ) -> "CostModel":
+        """:meth:`fit` for several layouts at once: ``{layout: (lengths, seconds)}``.
+
+        ``token_capacity`` and ``c`` are one value for all layouts or a dict per layout.
+        """
+        from .fit import fit_quadratic
+
+        if not samples:
+            raise ValueError("CostModel.fit_layouts: no samples; give {layout: (lengths, seconds)}")
+        caps = {_as_layout(k): v for k, v in token_capacity.items()} if isinstance(token_capacity, Mapping) else None
+        cs = {_as_layout(k): v for k, v in c.items()} if isinstance(c, Mapping) else None
+        table: dict[Layout, LayoutCost] = {}
+        fits: dict[str, dict[str, Any]] = {}
+        for key, pair in samples.items():
+            lay = _as_layout(key)
+            if caps is not None and lay not in caps:
+                raise ValueError(f"CostModel.fit_layouts: no token_capacity for layout {lay.name}")
+            cap = caps[lay] if caps is not None else token_capacity
+            c_lay = cs.get(lay) if cs is not None else c
+            try:
+                lengths, seconds = pair
+            except (TypeError, ValueError):
+                raise ValueError(f"CostModel.fit_layouts: samples[{lay.name}] must be a pair (lengths, seconds)") from None
+            try:
+                res = fit_quadratic(lengths, seconds, c=c_lay)
+            except ValueError as e:
+                raise ValueError(f"layout {lay.name}: {e}") from None
+            table[lay] = LayoutCost(a=res.a, b=res.b, c=res.c, token_capacity=int(cap))  # type: ignore[arg-type]
+            fits[lay.name] = res.to_dict()
+        return cls(table, source="fit", meta={"time_unit": time_unit, "fit": fits})
+
+    @classmethod
+    def calibrate(
+        cls,
+        model: "ModelSpec | str | None" = "tiny",
+        *,
+        lengths: Sequence[int] | None = None,
+        layout: LayoutKey = Layout(),
+        step_fn: Callable[[int], None] | None = None,
+        token_capacity: int | None = None,
+        hardware: "HardwareSpec | str | None" = None,
+        warmup: int = 1,
+        repeats: int = 5,
+        seed: int = 0,
+        progress: bool | None = None,
+    ) -> "CostModel":
+        """Time forward + backward at several lengths on the local device, then :meth:`fit`.
+
+        By default a Llama-style decoder of ``model`` (a spec or preset name) runs on one
+        random sequence per step (:mod:`balancer.calibrate`; CUDA when available, else
+        CPU; bf16 on CUDA when ``dtype_bytes == 2``, fp32 on the CPU). ``step_fn(length)``
+        replaces it to time your own model; it must block until the work is done.
+        ``token_capacity=None`` takes the analytic memory model of ``model`` on
+        ``hardware`` (default: this device's preset with its real memory size). ``a, b, c``
+        are all fitted (one sequence per micro-batch). ``meta`` records the device, torch
+        version, lengths, median times and R².
+        """
+        import torch
+
+        from . import calibrate as cal
+        from .analytic import AnalyticModel
+        from .specs import hardware_preset, model_preset
+
+        lay = _as_layout(layout)
+        spec = model_preset(model) if isinstance(model, str) else model
+        custom_step = step_fn is not None
+        device = cal.calibration_device()
+        if step_fn is None:
+            if spec is None:
+                raise ValueError("CostModel.calibrate: give a model spec (or preset name) or your own step_fn")
+            dtype = torch.bfloat16 if device.type == "cuda" and spec.dtype_bytes == 2 else torch.float32
+            step_fn = cal.decoder_step_fn(spec, device, dtype, seed)
+        if token_capacity is None:
+            if spec is None:
+                raise ValueError("CostModel.calibrate: with model=None pass token_capacity (tokens per micro-batch)")
+            hw = hardware_preset(hardware) if isinstance(hardware, str) else hardware or cal.local_hardware(device)
+            token_capacity = AnalyticModel(spec, hw).analyze(lay).token_capacity
+            if token_capacity < 1:
+                raise ValueError(
+                    f"CostModel.calibrate: {spec.name} does not fit layout {lay.name} on {hw.name} "
+                    "by the memory model; pass token_capacity or a smaller model"
+                )
+        lens = list(lengths) if lengths is not None else list(cal.default_lengths(device))
+        run = cal.measure(step_fn, lens, device=device, warmup=warmup, repeats=repeats, progress=progress)
+        fitted = cls.fit(run.lengths, run.seconds, token_capacity=token_capacity, layout=lay)
+        meta = {
+            **fitted.meta,
+            **cal.environment(device),
+            "model": spec.to_dict() if spec is not None else None,
+            "custom_step_fn": custom_step,
+            "lengths": run.lengths.tolist(),
+            "median_seconds": run.seconds.tolist(),
+            "warmup": warmup,
+            "repeats": repeats,
+        }
+        return cls(fitted._table, source="calibrated", meta=meta)
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self, layouts: Iterable[Layout] | None = None) -> dict[str, Any]:
@@ -218,6 +473,24 @@ class CostModel:
         return f"CostModel(source={self.source!r}, layouts=[{lays}])"
 
 
+def _rebuild_analytic(table: dict[Layout, LayoutCost], meta: dict[str, Any]) -> CostModel:
+    """The analytic resolver from the specs stored in ``meta``; stored layouts are kept as written."""
+    from .analytic import AnalyticModel, AnalyticOptions
+    from .specs import HardwareSpec, ModelSpec
+
+    missing = {"model", "hardware", "options"} - set(meta)
+    if missing:
+        raise ValueError(f"analytic cost model JSON lacks meta keys {sorted(missing)}; save it with CostModel.save")
+    engine = AnalyticModel(
+        ModelSpec.from_dict(meta["model"]),
+        HardwareSpec.from_dict(meta["hardware"]),
+        AnalyticOptions.from_dict(meta["options"]),
+    )
+    return CostModel(table, source="analytic", resolver=engine.layout_cost, meta=meta)
+
+
 # Sources whose JSON carries enough to rebuild a resolver (e.g. analytic specs) register here:
 # name -> function(table, meta) -> CostModel.
-_REBUILDERS: dict[str, Callable[[dict[Layout, LayoutCost], dict[str, Any]], CostModel]] = {}
+_REBUILDERS: dict[str, Callable[[dict[Layout, LayoutCost], dict[str, Any]], CostModel]] = {
+    "analytic": _rebuild_analytic,
+}

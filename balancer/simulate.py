@@ -1,0 +1,452 @@
+"""Step-by-step simulation: the Balancer against the named baselines on one length file.
+
+A seeded sampler shuffles the dataset every epoch and cuts the order into global batches
+of about ``tokens_per_step`` tokens (a batch closes before the sequence that would
+overflow it; every batch holds at least one sequence; batches never cross an epoch).
+Lengths are capped at ``max_length`` first. Every policy plans the same batches:
+
+    for each step:   plan = policy.plan(lengths, step=, sample_ids=)   (wall-clock timed)
+                     validate(plan)  ·  score = cost model replica times (padding included
+                     for padded policies)  ·  record step seconds, tokens, imbalance, bound
+
+``wlb_llm`` delays outlier sequences to later steps; its queue is flushed at the end of
+every epoch and at the last simulated step, and the simulation checks that every policy
+trained exactly the sampled sequences. Per-step arrays stay in the result
+(:class:`PolicyTrace`) so the CLI can plot them; :meth:`SimulationResult.summary_table`
+prints the comparison in markdown.
+
+>>> result = simulate(lengths, cluster, cost_model, SimulationConfig(tokens_per_step=2**19),
+...                   candidates=candidates)
+>>> print(result.summary_table())
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from strategies.layout import ClusterSpec, Strategy
+
+from .baselines import BASELINES, BaselinePolicy, make_baseline, score_plan
+from .cost import CostModel
+from .plan import StepPlan, validate
+
+__all__ = [
+    "BALANCER",
+    "GlobalBatch",
+    "PolicyTrace",
+    "SimulationConfig",
+    "SimulationResult",
+    "global_batches",
+    "load_jsonl_plans",
+    "simulate",
+    "summary_rows",
+]
+
+BALANCER = "balancer"
+"""Policy name of the :class:`~balancer.selector.Balancer` (all candidates) in results."""
+
+
+@dataclass(kw_only=True)
+class SimulationConfig:
+    """What to simulate. Tokens are counts, times seconds."""
+
+    tokens_per_step: int
+    """Token budget of one global batch (e.g. 524288)."""
+    num_steps: int = 20
+    """Optimizer steps to simulate."""
+    max_length: int | None = None
+    """Cap applied to every sequence, tokens; ``None`` = the Balancer's longest
+    supported sequence (``Balancer.max_sequence_length``); required without the Balancer."""
+    seed: int = 0
+    """Seed of the sampler's shuffles and of every policy's randomness."""
+    policies: tuple[str, ...] = (BALANCER, *BASELINES)
+    """Policies to run: ``"balancer"`` and/or names from :data:`balancer.baselines.BASELINES`."""
+    baseline_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Extra keywords per baseline name (e.g. ``{"padded": {"micro_batch_size": 2}}``)."""
+    validate: bool = True
+    """Run :func:`balancer.plan.validate` (with the cost model) on every plan."""
+    warmup: bool = True
+    """Plan the first batch once with throw-away planners before timing (JIT compilation)."""
+    dump_plans: str | None = None
+    """Write every plan as a JSON line ``{"policy", "step", "plan"}`` to this path."""
+    progress: bool = False
+    """Show a tqdm progress bar over steps."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_step", "num_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"SimulationConfig: {name}={v!r} must be an integer >= 1")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or int(self.max_length) < 1):
+            raise ValueError(f"SimulationConfig: max_length={self.max_length!r} must be >= 1 token or None")
+        self.policies = tuple(self.policies)
+        if not self.policies:
+            raise ValueError("SimulationConfig: policies is empty; name at least one (e.g. 'balancer')")
+        known = (BALANCER, *BASELINES)
+        for p in self.policies:
+            if p not in known:
+                raise ValueError(f"SimulationConfig: unknown policy {p!r}; choose from {', '.join(known)}")
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError(f"SimulationConfig: policies {self.policies} name one policy twice")
+        for name in self.baseline_options:
+            if name not in BASELINES:
+                raise ValueError(f"SimulationConfig: baseline_options names unknown baseline {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------
+# Sampler
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalBatch:
+    """One step's sequences: dataset indices, in sampled order."""
+
+    step: int
+    epoch: int
+    sample_ids: np.ndarray
+    last_in_epoch: bool
+
+
+def global_batches(lengths: np.ndarray, tokens_per_step: int, seed: int = 0) -> Iterator[GlobalBatch]:
+    """Endless global batches of about ``tokens_per_step`` tokens over shuffled epochs.
+
+    Epoch ``e`` shuffles with ``numpy.random.default_rng([seed, e])``. A batch takes
+    sequences in that order while they fit the budget (at least one); the last batch of
+    an epoch may be short.
+    """
+    s = np.asarray(lengths, dtype=np.int64)
+    if s.size == 0:
+        raise ValueError("global_batches: the length table is empty")
+    step = 0
+    epoch = 0
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(s.size)
+        cum = np.concatenate([[0], np.cumsum(s[order])])
+        start = 0
+        while start < s.size:
+            end = int(np.searchsorted(cum, cum[start] + tokens_per_step, side="right")) - 1
+            end = min(max(end, start + 1), s.size)
+            yield GlobalBatch(step=step, epoch=epoch, sample_ids=order[start:end], last_in_epoch=end == s.size)
+            step += 1
+            start = end
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------------------
+# Traces and results
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PolicyTrace:
+    """Per-step record of one policy (arrays indexed by step)."""
+
+    name: str
+    step_seconds: np.ndarray
+    """Estimated step time (slowest replica), seconds; padding included for padded policies."""
+    tokens: np.ndarray
+    """Real tokens trained in the step (``wlb_llm`` may move tokens between steps)."""
+    sequences: np.ndarray
+    """Sequences trained in the step."""
+    imbalance: np.ndarray
+    """Slowest over mean replica time."""
+    lower_bound: np.ndarray
+    """The plan's lower bound on its step time, seconds."""
+    padding_tokens: np.ndarray
+    """Pad tokens processed in the step."""
+    plan_seconds: np.ndarray
+    """Wall-clock planning latency, seconds."""
+    strategy: list[str]
+    """Strategy name per step."""
+
+    @classmethod
+    def empty(cls, name: str, num_steps: int) -> "PolicyTrace":
+        f = lambda dt: np.zeros(num_steps, dtype=dt)  # noqa: E731
+        return cls(
+            name=name, step_seconds=f(np.float64), tokens=f(np.int64), sequences=f(np.int64),
+            imbalance=f(np.float64), lower_bound=f(np.float64), padding_tokens=f(np.int64),
+            plan_seconds=f(np.float64), strategy=[""] * num_steps,
+        )
+
+    @property
+    def estimate_over_bound(self) -> np.ndarray:
+        """Per-step ``step_seconds / lower_bound`` (nan for an empty step)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.lower_bound > 0, self.step_seconds / self.lower_bound, np.nan)
+
+    def summary(self) -> dict[str, float]:
+        total_s = float(self.step_seconds.sum())
+        total_tok = int(self.tokens.sum())
+        pad = int(self.padding_tokens.sum())
+        ratio = self.estimate_over_bound
+        ms = self.plan_seconds * 1e3
+        return {
+            "total_seconds": total_s,
+            "mean_step_seconds": float(self.step_seconds.mean()),
+            "tokens": total_tok,
+            "tokens_per_second": total_tok / total_s if total_s > 0 else 0.0,
+            "mean_imbalance": float(self.imbalance.mean()),
+            "median_estimate_over_bound": float(np.nanmedian(ratio)) if np.isfinite(ratio).any() else math.nan,
+            "padding_ratio": pad / (total_tok + pad) if total_tok + pad else 0.0,
+            "plan_ms_median": float(np.median(ms)),
+            "plan_ms_p99": float(np.percentile(ms, 99)),
+            "strategies_used": len(set(self.strategy)),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary(),
+            "steps": {
+                "step_seconds": self.step_seconds.tolist(),
+                "tokens": self.tokens.tolist(),
+                "sequences": self.sequences.tolist(),
+                "imbalance": self.imbalance.tolist(),
+                "lower_bound": self.lower_bound.tolist(),
+                "padding_tokens": self.padding_tokens.tolist(),
+                "plan_seconds": self.plan_seconds.tolist(),
+                "strategy": list(self.strategy),
+            },
+        }
+
+
+@dataclass
+class SimulationResult:
+    """Traces of every policy plus what was simulated."""
+
+    config: SimulationConfig
+    traces: dict[str, PolicyTrace]
+    max_length: int
+    """The cap actually applied, tokens."""
+    num_ranks: int
+    cost_model: str
+    """Cost model source and layouts, as ``repr``."""
+    baseline_strategies: dict[str, str]
+    """Fixed strategy of every baseline (the static layout unless given)."""
+    num_candidates: int
+    """Candidate strategies of the Balancer (0 when it did not run)."""
+
+    def speedup(self, reference: str = BALANCER) -> dict[str, float]:
+        """Throughput of ``reference`` over every other policy's (``> 1`` = reference faster)."""
+        ref = self.traces[reference].summary()["tokens_per_second"]
+        out = {}
+        for name, tr in self.traces.items():
+            if name != reference:
+                tps = tr.summary()["tokens_per_second"]
+                out[name] = ref / tps if tps > 0 else math.inf
+        return out
+
+    def best_baseline(self) -> str | None:
+        """The baseline with the highest throughput (``None`` if only the Balancer ran)."""
+        names = [n for n in self.traces if n != BALANCER]
+        if not names:
+            return None
+        return max(names, key=lambda n: self.traces[n].summary()["tokens_per_second"])
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "config": self.config.to_dict(),
+            "max_length": self.max_length,
+            "num_ranks": self.num_ranks,
+            "cost_model": self.cost_model,
+            "baseline_strategies": dict(self.baseline_strategies),
+            "num_candidates": self.num_candidates,
+            "policies": {name: tr.to_dict() for name, tr in self.traces.items()},
+        }
+        if BALANCER in self.traces and len(self.traces) > 1:
+            out["speedup_vs"] = self.speedup()
+            out["best_baseline"] = self.best_baseline()
+        return out
+
+    def summary_table(self) -> str:
+        """Markdown table: one row per policy."""
+        head = (
+            "| policy | strategy | mean step s | tokens/s | imbalance | est/bound | padding | "
+            "plan ms (median / p99) | balancer speedup |\n"
+            "|---|---|---|---|---|---|---|---|---|\n"
+        )
+        speed = self.speedup() if BALANCER in self.traces else {}
+        rows = []
+        for name, tr in self.traces.items():
+            s = tr.summary()
+            strat = self.baseline_strategies.get(name) or f"{s['strategies_used']} of {self.num_candidates}"
+            up = "—" if name == BALANCER else (f"{speed[name]:.2f}×" if name in speed else "")
+            rows.append(
+                f"| {name} | {strat} | {s['mean_step_seconds']:.4g} | {s['tokens_per_second']:,.0f} | "
+                f"{s['mean_imbalance']:.3f} | {s['median_estimate_over_bound']:.3f} | {s['padding_ratio']:.1%} | "
+                f"{s['plan_ms_median']:.2f} / {s['plan_ms_p99']:.2f} | {up} |"
+            )
+        return head + "\n".join(rows) + "\n"
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+
+
+def _make_balancer(cluster: ClusterSpec, candidates: Sequence[Strategy], cost_model: CostModel, config: Any) -> Any:
+    from .selector import Balancer
+
+    return Balancer(cluster, candidates, cost_model, config)
+
+
+def simulate(
+    lengths: np.ndarray | Sequence[int],
+    cluster: ClusterSpec,
+    cost_model: CostModel,
+    config: SimulationConfig,
+    *,
+    candidates: Sequence[Strategy] | None = None,
+    balancer_config: Any = None,
+    baseline_strategy: Strategy | None = None,
+) -> SimulationResult:
+    """Run ``config.num_steps`` steps of every policy in ``config.policies``.
+
+    ``lengths``: tokens per dataset sample (index = sample id). ``candidates``: the
+    Balancer's strategies (required when ``"balancer"`` runs). ``balancer_config``: a
+    :class:`~balancer.selector.BalancerConfig`. ``baseline_strategy``: run every baseline
+    on this strategy instead of its static layout for ``max_length``.
+    """
+    table = np.asarray(lengths, dtype=np.int64)
+    if table.ndim != 1 or table.size == 0:
+        raise ValueError(f"simulate: lengths must be a non-empty 1-D array, got shape {table.shape}")
+    if table.min() < 1:
+        i = int(np.argmin(table))
+        raise ValueError(f"simulate: sample {i} has length {int(table[i])}; lengths must be >= 1 token")
+    want_balancer = BALANCER in config.policies
+    if want_balancer and not candidates:
+        raise ValueError("simulate: the 'balancer' policy needs candidates (e.g. strategies.candidates.generate_candidates)")
+
+    factories: dict[str, Any] = {}
+    max_length = config.max_length
+    if want_balancer:
+        probe = _make_balancer(cluster, candidates, cost_model, balancer_config)
+        max_length = probe.max_sequence_length if max_length is None else max_length
+        if max_length > probe.max_sequence_length:
+            raise ValueError(
+                f"simulate: max_length={max_length} is above the longest sequence any candidate holds "
+                f"({probe.max_sequence_length} tokens); lower max_length or add larger candidates"
+            )
+        factories[BALANCER] = lambda: _make_balancer(cluster, candidates, cost_model, balancer_config)
+    if max_length is None:
+        raise ValueError("simulate: set SimulationConfig.max_length when the Balancer does not run")
+    max_length = int(max_length)
+    capped = np.minimum(table, max_length)
+
+    strategies: dict[str, str] = {}
+    for name in config.policies:
+        if name == BALANCER:
+            continue
+        kw = {"seed": config.seed, "max_length": max_length, **config.baseline_options.get(name, {})}
+        first = make_baseline(name, cluster, baseline_strategy, cost_model, **kw)
+        strategies[name] = first.strategy.name
+        factories[name] = (lambda n=name, k=kw, st=first.strategy: make_baseline(n, cluster, st, cost_model, **k))
+    order = [p for p in config.policies]
+
+    batches = global_batches(capped, config.tokens_per_step, config.seed)
+    steps = [next(batches) for _ in range(config.num_steps)]
+    if config.warmup:
+        b0 = steps[0]
+        for name in order:
+            factories[name]().plan(capped[b0.sample_ids], step=0, sample_ids=b0.sample_ids)
+    planners = {name: factories[name]() for name in order}
+    traces = {name: PolicyTrace.empty(name, config.num_steps) for name in order}
+    trained: dict[str, list[np.ndarray]] = {name: [] for name in order}
+    dump = Path(config.dump_plans).open("w") if config.dump_plans else None
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.num_steps * len(order), desc="simulate", unit="plan")
+    try:
+        for b in steps:
+            flush = b.last_in_epoch or b.step == config.num_steps - 1
+            seq = capped[b.sample_ids]
+            for name in order:
+                planner = planners[name]
+                t0 = time.perf_counter()
+                if isinstance(planner, BaselinePolicy):
+                    plan = planner.plan(seq, step=b.step, sample_ids=b.sample_ids, flush=flush)
+                else:
+                    plan = planner.plan(seq, step=b.step, sample_ids=b.sample_ids)
+                elapsed = time.perf_counter() - t0
+                _record(traces[name], b.step, plan, planner, capped, cost_model, cluster, elapsed, config.validate)
+                trained[name].append(np.asarray(plan.sample_ids(), dtype=np.int64))
+                if dump is not None:
+                    dump.write(json.dumps({"policy": name, "step": b.step, "plan": plan.to_dict()}) + "\n")
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if dump is not None:
+            dump.close()
+        if bar is not None:
+            bar.close()
+
+    sampled = np.sort(np.concatenate([b.sample_ids for b in steps]))
+    for name in order:
+        got = np.sort(np.concatenate(trained[name]))
+        if got.shape != sampled.shape or not np.array_equal(got, sampled):
+            raise RuntimeError(
+                f"simulate: policy {name!r} trained {got.size} sequences but {sampled.size} were sampled "
+                "(a sequence was lost or duplicated)"
+            )
+    return SimulationResult(
+        config=config,
+        traces=traces,
+        max_length=max_length,
+        num_ranks=cluster.num_ranks,
+        cost_model=repr(cost_model),
+        baseline_strategies=strategies,
+        num_candidates=len(candidates) if (want_balancer and candidates) else 0,
+    )
+
+
+def _record(
+    trace: PolicyTrace,
+    step: int,
+    plan: StepPlan,
+    planner: Any,
+    lengths: np.ndarray,
+    cost_model: CostModel,
+    cluster: ClusterSpec,
+    elapsed: float,
+    check: bool,
+) -> None:
+    plan_cluster = getattr(planner, "cluster", cluster)
+    if not isinstance(plan_cluster, ClusterSpec):
+        plan_cluster = cluster
+    if check:
+        validate(plan, lengths, cost_model=cost_model, cluster=plan_cluster)
+    pads = isinstance(planner, BaselinePolicy) and planner.pads
+    score = score_plan(plan, lengths, cost_model, plan_cluster, padded=pads)
+    trace.step_seconds[step] = score.step_seconds
+    trace.tokens[step] = score.tokens
+    trace.sequences[step] = plan.global_sequences
+    trace.imbalance[step] = score.imbalance
+    trace.lower_bound[step] = plan.lower_bound_seconds
+    trace.padding_tokens[step] = score.padding_tokens
+    trace.plan_seconds[step] = elapsed
+    trace.strategy[step] = plan.strategy
+
+
+def summary_rows(result: SimulationResult) -> list[dict[str, Any]]:
+    """One flat dict per policy (name + :meth:`PolicyTrace.summary`), for tables and JSON."""
+    return [{"policy": name, **tr.summary()} for name, tr in result.traces.items()]
+
+
+def load_jsonl_plans(path: str | Path) -> Iterator[tuple[str, int, StepPlan]]:
+    """Read back a ``dump_plans`` file: ``(policy, step, plan)`` per line."""
+    with Path(path).open() as f:
+        for line in f:
+            d: Mapping[str, Any] = json.loads(line)
+            yield str(d["policy"]), int(d["step"]), StepPlan.from_dict(d["plan"])

@@ -1,0 +1,575 @@
+"""numba kernels for assigning items to a fixed set of bins (shared by makespan and min-max).
+
+An instance has ``n`` items and ``m`` bins. Bin ``j`` has a type ``k = bin_type[j]``, a
+speed ``v_j``, a pipeline weight ``w_j`` and a token capacity ``cap_j``. Item ``i`` takes
+``times[i, k]`` seconds on a bin of type ``k`` (``inf`` = not eligible) and ``sizes[i]``
+tokens. The load of bin ``j`` holding items ``I_j`` is
+
+    load_j = (S_j + w_j · M_j) / v_j,   S_j = Σ_{i∈I_j} times[i, k],  M_j = max_{i∈I_j} times[i, k].
+
+Bins with the same (type, speed, weight, capacity) form a *class*; they are
+interchangeable, so a greedy step only needs the least-loaded bin of each class. Each
+class keeps a min-tree over its bins' loads (root = least-loaded bin, update O(log)).
+
+Per-bin state while a kernel runs:
+
+    fs[0, j] = S_j     fs[1, j] = M_j (largest time)   fs[2, j] = second largest time
+    fs[3, j] = load_j  ist[0, j] = tokens used          ist[1, j] = number of items
+    head[j] → nxt[i] / prv[i]: doubly linked list of the items in bin j
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from packers.validate import UNLIMITED_TOKENS
+
+__all__ = ["Instance", "build_instance", "solve_greedy", "improve", "bin_loads", "GreedyFailure"]
+
+_INF = np.inf
+_NO_FIT = np.int64(2**62)  # larger than any residual token count
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Instance:
+    """A validated instance plus its bin classes (see the module docstring)."""
+
+    times: np.ndarray  # float64[n, K]
+    bin_type: np.ndarray  # int64[m]
+    speed: np.ndarray  # float64[m]
+    pp_weight: np.ndarray  # float64[m]
+    sizes: np.ndarray  # int64[n]; zeros when no token capacity applies
+    bin_capacity: np.ndarray  # int64[m]; UNLIMITED_TOKENS when none
+    cls_of: np.ndarray  # int64[m]: class of every bin
+    cls_pos: np.ndarray  # int64[m]: position of the bin inside its class
+    cls_type: np.ndarray  # int64[C]
+    cls_cap: np.ndarray  # int64[C]
+    cls_ptr: np.ndarray  # int64[C+1]: cls_bins[cls_ptr[c]:cls_ptr[c+1]] are the bins of class c
+    cls_bins: np.ndarray  # int64[m]
+    cls_off: np.ndarray  # int64[C]: offset of class c's tree in the flat tree arrays
+    cls_leaves: np.ndarray  # int64[C]: leaves of class c's tree (a power of two)
+
+    @property
+    def n(self) -> int:
+        return int(self.times.shape[0])
+
+    @property
+    def m(self) -> int:
+        return int(self.bin_type.shape[0])
+
+    @property
+    def has_capacity(self) -> bool:
+        return bool((self.bin_capacity < UNLIMITED_TOKENS).any())
+
+
+def build_instance(
+    times: np.ndarray,
+    bin_type: np.ndarray,
+    speed: np.ndarray,
+    pp_weight: np.ndarray,
+    sizes: np.ndarray,
+    bin_capacity: np.ndarray,
+) -> Instance:
+    """Group bins into classes of identical (type, speed, pp_weight, capacity); inputs already validated."""
+    m = bin_type.shape[0]
+    ids: dict[tuple[int, float, float, int], int] = {}
+    cls_of = np.empty(m, dtype=np.int64)
+    for j in range(m):
+        key = (int(bin_type[j]), float(speed[j]), float(pp_weight[j]), int(bin_capacity[j]))
+        cls_of[j] = ids.setdefault(key, len(ids))
+    num_cls = len(ids)
+    cls_bins = np.argsort(cls_of, kind="stable").astype(np.int64)
+    counts = np.bincount(cls_of, minlength=num_cls)
+    cls_ptr = np.zeros(num_cls + 1, dtype=np.int64)
+    np.cumsum(counts, out=cls_ptr[1:])
+    cls_pos = np.empty(m, dtype=np.int64)
+    cls_pos[cls_bins] = np.arange(m) - cls_ptr[cls_of[cls_bins]]
+    leaves = np.array([1 << max(0, int(c - 1).bit_length()) for c in counts], dtype=np.int64)
+    cls_off = np.zeros(num_cls, dtype=np.int64)
+    np.cumsum(2 * leaves[:-1], out=cls_off[1:])
+    keys = list(ids)
+    return Instance(
+        times=times,
+        bin_type=bin_type,
+        speed=speed,
+        pp_weight=pp_weight,
+        sizes=sizes,
+        bin_capacity=bin_capacity,
+        cls_of=cls_of,
+        cls_pos=cls_pos,
+        cls_type=np.array([k[0] for k in keys], dtype=np.int64),
+        cls_cap=np.array([k[3] for k in keys], dtype=np.int64),
+        cls_ptr=cls_ptr,
+        cls_bins=cls_bins,
+        cls_off=cls_off,
+        cls_leaves=leaves,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# loads
+
+
+@njit(cache=True)
+def bin_loads(
+    times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray, pp_weight: np.ndarray, bin_of: np.ndarray
+) -> np.ndarray:
+    """Exact loads ``(S_j + w_j·M_j) / v_j`` of an assignment (sums in item order)."""
+    m = bin_type.shape[0]
+    s = np.zeros(m)
+    mx = np.zeros(m)
+    for i in range(bin_of.shape[0]):
+        j = bin_of[i]
+        t = times[i, bin_type[j]]
+        s[j] += t
+        if t > mx[j]:
+            mx[j] = t
+    out = np.empty(m)
+    for j in range(m):
+        out[j] = (s[j] + pp_weight[j] * mx[j]) / speed[j]
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# per-bin state and class trees
+
+
+@njit(cache=True)
+def _tree_set(tval, tidx, off, leaves, pos, val, j):
+    node = leaves + pos
+    tval[off + node] = val
+    tidx[off + node] = j
+    node >>= 1
+    while node >= 1:
+        left = off + 2 * node
+        if tval[left + 1] < tval[left]:
+            tval[off + node] = tval[left + 1]
+            tidx[off + node] = tidx[left + 1]
+        else:
+            tval[off + node] = tval[left]
+            tidx[off + node] = tidx[left]
+        node >>= 1
+
+
+@njit(cache=True)
+def _rescan(j, k, times, head, nxt, fs):
+    """Recompute S_j, M_j and the second-largest time of bin j from its item list."""
+    total = 0.0
+    first = 0.0
+    second = 0.0
+    i = head[j]
+    while i >= 0:
+        t = times[i, k]
+        total += t
+        if t > first:
+            second = first
+            first = t
+        elif t > second:
+            second = t
+        i = nxt[i]
+    fs[0, j] = total
+    fs[1, j] = first
+    fs[2, j] = second
+
+
+@njit(cache=True)
+def _new_state(times, bin_type, speed, pp_weight, sizes, bin_of, cls_of, cls_pos, cls_off, cls_leaves, tree_size):
+    n = times.shape[0]
+    m = bin_type.shape[0]
+    head = np.full(m, -1, dtype=np.int64)
+    nxt = np.full(n, -1, dtype=np.int64)
+    prv = np.full(n, -1, dtype=np.int64)
+    fs = np.zeros((4, m))
+    ist = np.zeros((2, m), dtype=np.int64)
+    for i in range(n - 1, -1, -1):  # link in reverse so lists run in increasing item order
+        j = bin_of[i]
+        if j < 0:
+            continue
+        nxt[i] = head[j]
+        if head[j] >= 0:
+            prv[head[j]] = i
+        head[j] = i
+        ist[0, j] += sizes[i]
+        ist[1, j] += 1
+    tval = np.full(tree_size, _INF)
+    tidx = np.full(tree_size, -1, dtype=np.int64)
+    for j in range(m):
+        _rescan(j, bin_type[j], times, head, nxt, fs)
+        fs[3, j] = (fs[0, j] + pp_weight[j] * fs[1, j]) / speed[j]
+        c = cls_of[j]
+        _tree_set(tval, tidx, cls_off[c], cls_leaves[c], cls_pos[j], fs[3, j], j)
+    return head, nxt, prv, fs, ist, tval, tidx
+
+
+@njit(cache=True)
+def _add(i, j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves):
+    t = times[i, bin_type[j]]
+    prv[i] = -1
+    nxt[i] = head[j]
+    if head[j] >= 0:
+        prv[head[j]] = i
+    head[j] = i
+    bin_of[i] = j
+    fs[0, j] += t
+    if t > fs[1, j]:
+        fs[2, j] = fs[1, j]
+        fs[1, j] = t
+    elif t > fs[2, j]:
+        fs[2, j] = t
+    ist[0, j] += sizes[i]
+    ist[1, j] += 1
+    fs[3, j] = (fs[0, j] + pp_weight[j] * fs[1, j]) / speed[j]
+    c = cls_of[j]
+    _tree_set(tval, tidx, cls_off[c], cls_leaves[c], cls_pos[j], fs[3, j], j)
+
+
+@njit(cache=True)
+def _remove(i, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves):
+    j = bin_of[i]
+    if prv[i] >= 0:
+        nxt[prv[i]] = nxt[i]
+    else:
+        head[j] = nxt[i]
+    if nxt[i] >= 0:
+        prv[nxt[i]] = prv[i]
+    nxt[i] = -1
+    prv[i] = -1
+    bin_of[i] = -1
+    ist[0, j] -= sizes[i]
+    ist[1, j] -= 1
+    _rescan(j, bin_type[j], times, head, nxt, fs)  # exact sums: no drift from repeated +/-
+    fs[3, j] = (fs[0, j] + pp_weight[j] * fs[1, j]) / speed[j]
+    c = cls_of[j]
+    _tree_set(tval, tidx, cls_off[c], cls_leaves[c], cls_pos[j], fs[3, j], j)
+
+
+@njit(cache=True)
+def _class_pick(c, s, exclude, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins):
+    """Least-loaded bin of class c with room for s tokens (not ``exclude``); -1 if none."""
+    j = tidx[cls_off[c] + 1]
+    if j >= 0 and j != exclude and ist[0, j] + s <= bin_capacity[j]:
+        return j
+    best = _INF
+    pick = -1
+    for p in range(cls_ptr[c], cls_ptr[c + 1]):
+        q = cls_bins[p]
+        if q != exclude and ist[0, q] + s <= bin_capacity[q] and fs[3, q] < best:
+            best = fs[3, q]
+            pick = q
+    return pick
+
+
+# ----------------------------------------------------------------------------------------
+# greedy
+
+
+@njit(cache=True)
+def _greedy_kernel(
+    order, rule, times, bin_type, speed, pp_weight, sizes, bin_capacity,
+    cls_of, cls_pos, cls_type, cls_cap, cls_ptr, cls_bins, cls_off, cls_leaves, tree_size,
+):
+    """Place items in ``order``; rule 0: bin with the smallest resulting load; rule 1: the
+    eligible bin with the fewest tokens left after placing (best fit), ties by load.
+    Returns (bin_of, -1) or (partial bin_of, index of the first item that fits nowhere)."""
+    n = times.shape[0]
+    m = bin_type.shape[0]
+    bin_of = np.full(n, -1, dtype=np.int64)
+    head, nxt, prv, fs, ist, tval, tidx = _new_state(
+        times, bin_type, speed, pp_weight, sizes, bin_of, cls_of, cls_pos, cls_off, cls_leaves, tree_size
+    )
+    num_cls = cls_type.shape[0]
+    for r in range(n):
+        i = order[r]
+        s = sizes[i]
+        pick = -1
+        best = _INF
+        if rule == 0:
+            for c in range(num_cls):
+                t = times[i, cls_type[c]]
+                if t == _INF or s > cls_cap[c]:
+                    continue
+                j = _class_pick(c, s, -1, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins)
+                if j < 0:
+                    continue
+                new = (fs[0, j] + t + pp_weight[j] * max(fs[1, j], t)) / speed[j]
+                if new < best:
+                    best = new
+                    pick = j
+        else:
+            least_left = _NO_FIT
+            for j in range(m):
+                t = times[i, bin_type[j]]
+                left = bin_capacity[j] - ist[0, j] - s
+                if t == _INF or left < 0:
+                    continue
+                new = (fs[0, j] + t + pp_weight[j] * max(fs[1, j], t)) / speed[j]
+                if left < least_left or (left == least_left and new < best):
+                    least_left = left
+                    best = new
+                    pick = j
+        if pick < 0:
+            return bin_of, i
+        _add(i, pick, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+    return bin_of, -1
+
+
+# ----------------------------------------------------------------------------------------
+# non-empty repair and local search
+
+
+@njit(cache=True)
+def _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves):
+    """Give every empty bin an item, along augmenting paths where needed.
+
+    From an empty bin e, search (breadth first) over bins: an item eligible for the
+    current bin u that sits in a bin with >= 2 items ends the path; an item that is
+    alone in its bin p extends it (p would empty, so p needs an item in turn). Applying
+    a path moves one item into every bin on it, so no bin empties. A bin no path
+    reaches stays empty (eligibility does not allow filling it). Returns the number of
+    bins still empty.
+    """
+    n = times.shape[0]
+    m = bin_type.shape[0]
+    still_empty = 0
+    parent = np.full(m, -1, dtype=np.int64)  # bin the item of this bin moves to
+    via = np.full(m, -1, dtype=np.int64)  # the single item of this bin that moves to parent
+    seen = np.zeros(m, dtype=np.bool_)
+    queue = np.empty(m, dtype=np.int64)
+    for e in range(m):
+        if ist[1, e] > 0:
+            continue
+        seen[:] = False
+        seen[e] = True
+        queue[0] = e
+        qhead = 0
+        qtail = 1
+        end_bin = -1
+        end_item = -1
+        while qhead < qtail and end_item < 0:
+            u = queue[qhead]
+            qhead += 1
+            ku = bin_type[u]
+            best = _INF
+            for i in range(n):
+                p = bin_of[i]
+                t = times[i, ku]
+                if p == u or t == _INF or ist[0, u] + sizes[i] > bin_capacity[u]:
+                    continue
+                if ist[1, p] >= 2:
+                    if t / speed[u] < best:  # cheapest item for u among those free to leave
+                        best = t / speed[u]
+                        end_item = i
+                elif not seen[p]:
+                    seen[p] = True
+                    parent[p] = u
+                    via[p] = i
+                    queue[qtail] = p
+                    qtail += 1
+            if end_item >= 0:
+                end_bin = u
+        if end_item < 0:
+            still_empty += 1
+            continue
+        # shift single items one step towards e along the path, then fill end_bin
+        x = end_bin
+        while x != e:
+            it = via[x]
+            _remove(it, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+            _add(it, parent[x], times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+            x = parent[x]
+        _remove(end_item, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+        _add(end_item, end_bin, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+    return still_empty
+
+
+@njit(cache=True)
+def _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist, tval, tidx, cls_type, cls_cap, cls_off, cls_ptr, cls_bins):
+    """Best single-item move out of bin b: (item, target, new max of the two loads)."""
+    best = fs[3, b] * (1.0 - 1e-12)
+    bi = -1
+    bj = -1
+    if keep_nonempty and ist[1, b] <= 1:
+        return bi, bj, best
+    kb = bin_type[b]
+    num_cls = cls_type.shape[0]
+    i = head[b]
+    while i >= 0:
+        tb = times[i, kb]
+        if ist[1, b] == 1:
+            nb = 0.0
+        else:
+            rest = fs[2, b] if tb == fs[1, b] else fs[1, b]
+            nb = (fs[0, b] - tb + pp_weight[b] * rest) / speed[b]
+        if nb < best:
+            s = sizes[i]
+            for c in range(num_cls):
+                t = times[i, cls_type[c]]
+                if t == _INF or s > cls_cap[c]:
+                    continue
+                j = _class_pick(c, s, b, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins)
+                if j < 0:
+                    continue
+                nj = (fs[0, j] + t + pp_weight[j] * max(fs[1, j], t)) / speed[j]
+                v = max(nb, nj)
+                if v < best:
+                    best = v
+                    bi = i
+                    bj = j
+        i = nxt[i]
+    return bi, bj, best
+
+
+@njit(cache=True)
+def _best_swap(b, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist):
+    """Best exchange of an item of bin b with an item of another bin: (item in b, other item, value)."""
+    m = bin_type.shape[0]
+    lb = fs[3, b]
+    best = lb * (1.0 - 1e-12)
+    bi = -1
+    bk = -1
+    kb = bin_type[b]
+    i = head[b]
+    while i >= 0:
+        tb = times[i, kb]
+        rest_b = fs[2, b] if tb == fs[1, b] else fs[1, b]
+        sum_b = fs[0, b] - tb
+        for j in range(m):
+            if j == b:
+                continue
+            kj = bin_type[j]
+            tij = times[i, kj]
+            if tij == _INF:
+                continue
+            i2 = head[j]
+            while i2 >= 0:
+                t2b = times[i2, kb]
+                if t2b < tb:  # the swap must shrink bin b's sum (necessary for any gain on b)
+                    nb = (sum_b + t2b + pp_weight[b] * max(rest_b, t2b)) / speed[b]
+                    if nb < best and ist[0, b] - sizes[i] + sizes[i2] <= bin_capacity[b] and ist[0, j] - sizes[i2] + sizes[i] <= bin_capacity[j]:
+                        t2j = times[i2, kj]
+                        rest_j = fs[2, j] if t2j == fs[1, j] else fs[1, j]
+                        nj = (fs[0, j] - t2j + tij + pp_weight[j] * max(rest_j, tij)) / speed[j]
+                        v = max(nb, nj)
+                        if v < best:
+                            best = v
+                            bi = i
+                            bk = i2
+                i2 = nxt[i2]
+        i = nxt[i]
+    return bi, bk, best
+
+
+@njit(cache=True)
+def _improve_kernel(
+    bin_of, require_nonempty, local_search, max_rounds, times, bin_type, speed, pp_weight, sizes, bin_capacity,
+    cls_of, cls_pos, cls_type, cls_cap, cls_ptr, cls_bins, cls_off, cls_leaves, tree_size,
+):
+    """Repair empty bins (when asked and n >= m), then move/swap local search on the
+    bottleneck bin until no move or swap lowers it (or ``max_rounds``). Works in place
+    on ``bin_of``; returns (rounds done, bins left empty)."""
+    n = times.shape[0]
+    m = bin_type.shape[0]
+    head, nxt, prv, fs, ist, tval, tidx = _new_state(
+        times, bin_type, speed, pp_weight, sizes, bin_of, cls_of, cls_pos, cls_off, cls_leaves, tree_size
+    )
+    keep_nonempty = require_nonempty and n >= m
+    empty = 0
+    if keep_nonempty:
+        empty = _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+    rounds = 0
+    if not local_search:
+        return rounds, empty
+    while rounds < max_rounds:
+        b = 0
+        for j in range(1, m):
+            if fs[3, j] > fs[3, b]:
+                b = j
+        if fs[3, b] <= 0.0:
+            break
+        rounds += 1
+        # hide b from its class tree so move targets are other bins
+        cb = cls_of[b]
+        _tree_set(tval, tidx, cls_off[cb], cls_leaves[cb], cls_pos[b], _INF, b)
+        mi, mj, mv = _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist, tval, tidx, cls_type, cls_cap, cls_off, cls_ptr, cls_bins)
+        _tree_set(tval, tidx, cls_off[cb], cls_leaves[cb], cls_pos[b], fs[3, b], b)
+        if mi >= 0:
+            _remove(mi, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+            _add(mi, mj, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+            continue
+        si, sk, sv = _best_swap(b, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist)
+        if si < 0:
+            break
+        j = bin_of[sk]
+        _remove(si, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+        _remove(sk, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+        _add(si, j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+        _add(sk, b, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+    return rounds, empty
+
+
+# ----------------------------------------------------------------------------------------
+# Python entry points
+
+
+class GreedyFailure(ValueError):
+    """No greedy rule could place every item within the token capacities."""
+
+
+def _tree_size(inst: Instance) -> int:
+    return int((2 * inst.cls_leaves).sum())
+
+
+def _cls_args(inst: Instance) -> tuple:
+    return (
+        inst.cls_of, inst.cls_pos, inst.cls_type, inst.cls_cap, inst.cls_ptr,
+        inst.cls_bins, inst.cls_off, inst.cls_leaves, _tree_size(inst),
+    )
+
+
+def difficulty(inst: Instance) -> np.ndarray:
+    """Per item: its smallest single-item load ``t·(1 + w)/v`` over the bins it may go to."""
+    t = inst.times[:, inst.cls_type]  # (n, C)
+    rep = inst.cls_bins[inst.cls_ptr[:-1]]  # one bin per class
+    scale = (1.0 + inst.pp_weight[rep]) / inst.speed[rep]
+    ok = np.isfinite(t) & (inst.sizes[:, None] <= inst.cls_cap[None, :])
+    return np.where(ok, t * scale[None, :], np.inf).min(axis=1)
+
+
+def solve_greedy(inst: Instance) -> tuple[np.ndarray, str]:
+    """Greedy placement: LPT by difficulty with least-resulting-load; with token
+    capacities, fall back to largest-size-first, then to best fit by tokens.
+
+    Returns (bin_of, rule name); raises :class:`GreedyFailure` when all rules fail.
+    """
+    diff = difficulty(inst)
+    attempts = [(np.lexsort((np.arange(inst.n), -diff)), 0, "lpt")]
+    if inst.has_capacity:
+        by_size = np.lexsort((np.arange(inst.n), -diff, -inst.sizes))
+        attempts += [(by_size, 0, "lpt-by-size"), (by_size, 1, "best-fit")]
+    failed = -1
+    for order, rule, name in attempts:
+        bin_of, failed = _greedy_kernel(
+            order.astype(np.int64), rule, inst.times, inst.bin_type, inst.speed, inst.pp_weight,
+            inst.sizes, inst.bin_capacity, *_cls_args(inst),
+        )
+        if failed < 0:
+            return bin_of, name
+    i = int(failed)
+    raise GreedyFailure(
+        f"could not place item {i} ({int(inst.sizes[i])} tokens): every bin it may go to is full "
+        f"(total {int(inst.sizes.sum())} tokens, total capacity {int(inst.bin_capacity.sum())} tokens); "
+        "the instance may be infeasible — add bins or capacity, or try the CP-SAT model"
+    )
+
+
+def improve(inst: Instance, bin_of: np.ndarray, *, require_nonempty: bool, local_search: bool, max_rounds: int) -> tuple[np.ndarray, int, int]:
+    """Non-empty repair + local search from ``bin_of`` (copied). Returns (bin_of, rounds, empty bins)."""
+    out = np.array(bin_of, dtype=np.int64, copy=True)
+    rounds, empty = _improve_kernel(
+        out, bool(require_nonempty), bool(local_search), int(max_rounds), inst.times, inst.bin_type,
+        inst.speed, inst.pp_weight, inst.sizes, inst.bin_capacity, *_cls_args(inst),
+    )
+    return out, int(rounds), int(empty)

@@ -1,0 +1,157 @@
+"""Makespan on unrelated machines grouped in bin types: heterogeneous LPT + local search.
+
+Items (sequences) go to bins (model replicas). A bin of type ``k`` runs item ``i`` in
+``times[i, k]`` seconds (``inf`` = not eligible, e.g. too long for its memory). Bin ``j``
+has a relative speed ``v_j``, a pipeline weight ``w_j`` (``pp - 1`` for a 1F1B pipeline:
+the largest item also fills the bubble) and optionally a token capacity. Its load is
+
+    load_j = (Σ_{i∈j} times[i, k_j] + w_j · max_{i∈j} times[i, k_j]) / v_j     (seconds)
+
+and the goal is the smallest makespan ``max_j load_j``.
+
+Algorithm (:func:`lpt_makespan`):
+
+1. **Greedy (LPT)**: items by decreasing *difficulty* — the smallest load the item
+   alone would put on any bin it may go to — each to the bin whose resulting load is
+   smallest. Bins of one class (same type, speed, weight, capacity) are
+   interchangeable, so only each class's least-loaded bin is a candidate (a min-tree
+   per class): ``O(n · (C + log m))`` for ``C`` classes. With token capacities, when an
+   item fits nowhere, retry largest-size-first, then best fit by tokens.
+2. **Non-empty repair** (``require_nonempty`` and ``n >= m``): every empty bin gets an
+   item via an augmenting path (an item from a bin with >= 2 items, shifting single
+   items along the way), so no replica idles when eligibility allows.
+3. **Local search** on the bottleneck bin ``b``: the best move of one of its items to
+   another bin, else the best swap with an item elsewhere, accepted when the larger of
+   the two new loads is below ``load_b``; repeated until none exists or ``max_rounds``.
+   A move costs ``O(|b| · C)``, a swap scan ``O(|b| · n)``.
+
+No approximation ratio is claimed for unrelated machines (LPT has none there); quality
+is measured against :func:`packers.bounds.makespan_lower_bound` in
+``benchmarks/packers.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from packers._assign import Instance, bin_loads, build_instance, improve, solve_greedy
+from packers.types import Assignment
+from packers.validate import (
+    as_bin_capacity,
+    as_bin_type,
+    as_hint,
+    as_pp_weight,
+    as_sizes,
+    as_speed,
+    as_times,
+    check_eligible,
+)
+
+__all__ = ["lpt_makespan", "makespan_loads", "makespan_instance", "default_rounds"]
+
+
+def default_rounds(n: int, m: int) -> int:
+    """Default local-search round limit: ``4·(n + m)`` (each round lowers the bottleneck)."""
+    return 4 * (n + m)
+
+
+def makespan_instance(
+    times: np.ndarray,
+    bin_type: np.ndarray,
+    *,
+    speed: np.ndarray | None = None,
+    pp_weight: np.ndarray | None = None,
+    sizes: np.ndarray | None = None,
+    bin_capacity: np.ndarray | None = None,
+) -> Instance:
+    """Validate a makespan instance (see :func:`lpt_makespan`) and group its bins into classes."""
+    t = as_times(times)
+    n = t.shape[0]
+    bt = as_bin_type(bin_type, t.shape[1])
+    m = bt.shape[0]
+    if bin_capacity is not None and sizes is None:
+        raise ValueError("bin_capacity limits tokens per bin, so it needs sizes (tokens per item)")
+    if sizes is None:
+        sz = np.zeros(n, dtype=np.int64)
+    else:
+        sz = as_sizes(sizes)
+        if sz.shape[0] != n:
+            raise ValueError(f"sizes has {sz.shape[0]} items but times has {n} rows; give one size per item")
+    cap = as_bin_capacity(bin_capacity, m)
+    check_eligible(t, bt, sz, cap)
+    return build_instance(t, bt, as_speed(speed, m), as_pp_weight(pp_weight, m), sz, cap)
+
+
+def _assignment(inst: Instance, bin_of: np.ndarray, solver: str) -> Assignment:
+    loads = bin_loads(inst.times, inst.bin_type, inst.speed, inst.pp_weight, bin_of)
+    return Assignment(bin_of=bin_of, loads=loads, makespan=float(loads.max()), solver=solver)
+
+
+def solve_instance(
+    inst: Instance, *, require_nonempty: bool = True, local_search: bool = True, max_rounds: int | None = None
+) -> Assignment:
+    """Greedy + repair + local search on a validated instance (the body of :func:`lpt_makespan`)."""
+    if max_rounds is None:
+        max_rounds = default_rounds(inst.n, inst.m)
+    if max_rounds < 0:
+        raise ValueError(f"max_rounds={max_rounds} must be >= 0")
+    bin_of, rule = solve_greedy(inst)
+    bin_of, _, _ = improve(inst, bin_of, require_nonempty=require_nonempty, local_search=local_search, max_rounds=max_rounds)
+    return _assignment(inst, bin_of, f"{rule}+ls" if local_search else rule)
+
+
+def lpt_makespan(
+    times: np.ndarray,
+    bin_type: np.ndarray,
+    *,
+    speed: np.ndarray | None = None,
+    pp_weight: np.ndarray | None = None,
+    sizes: np.ndarray | None = None,
+    bin_capacity: np.ndarray | None = None,
+    require_nonempty: bool = True,
+    local_search: bool = True,
+    max_rounds: int | None = None,
+) -> Assignment:
+    """Assign every item to one bin, heuristically minimising the makespan (seconds).
+
+    Args:
+        times: float64[n, K], seconds of item i on a bin of type k; ``inf`` = not eligible.
+            A 1-D array means one type.
+        bin_type: int64[m], the type (column of ``times``) of every bin.
+        speed: float64[m] relative bin speeds (> 0; default 1).
+        pp_weight: float64[m] weight of a bin's largest item (>= 0; default 0; ``pp - 1``).
+        sizes: int64[n] tokens per item (needed with ``bin_capacity``).
+        bin_capacity: int64[m] most tokens a bin may take in total (default unlimited).
+        require_nonempty: when ``n >= m``, give every bin at least one item where
+            eligibility allows (bins no item may reach stay empty).
+        local_search: run move/swap local search after the greedy.
+        max_rounds: local-search round limit (default :func:`default_rounds`).
+
+    Returns:
+        :class:`Assignment` with exact loads; ``solver`` is ``"lpt+ls"`` (or the fallback
+        rule used under tight capacities: ``"lpt-by-size+ls"``, ``"best-fit+ls"``).
+
+    Raises:
+        ValueError: empty input, bad shapes or values (naming index, value and limit), an
+            item eligible for no bin, or no greedy rule fitting all items under capacities.
+    """
+    inst = makespan_instance(times, bin_type, speed=speed, pp_weight=pp_weight, sizes=sizes, bin_capacity=bin_capacity)
+    return solve_instance(inst, require_nonempty=require_nonempty, local_search=local_search, max_rounds=max_rounds)
+
+
+def makespan_loads(
+    times: np.ndarray,
+    bin_type: np.ndarray,
+    bin_of: np.ndarray,
+    speed: np.ndarray | None = None,
+    pp_weight: np.ndarray | None = None,
+) -> np.ndarray:
+    """Loads float64[m] (seconds) of any assignment ``bin_of`` (int64[n]).
+
+    A bin holding an item it is not eligible for gets load ``inf``; an empty bin 0.
+    """
+    t = as_times(times)
+    bt = as_bin_type(bin_type, t.shape[1])
+    m = bt.shape[0]
+    b = as_hint(bin_of, t.shape[0], m, name="bin_of")
+    return bin_loads(t, bt, as_speed(speed, m), as_pp_weight(pp_weight, m), b)

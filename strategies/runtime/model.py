@@ -1,0 +1,213 @@
+"""The reference GPT: decoder-only, RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+One strategy-independent parameter set (an ``nn.Module`` holding full, unsharded
+tensors) and one forward that runs it under any ``(tp, cp)`` context: the forward takes
+*views* (``Tensor.narrow``) of the full parameters for this rank's tensor-parallel
+shard, so the same master tensors serve every strategy and their gradients land in the
+full-shape ``.grad`` (zero outside the shard).
+
+Tensor parallelism (column → row, Megatron-style):
+
+* attention: ``wq``/``wk``/``wv`` split by heads (output rows), ``wo`` split by input
+  columns; ``copy_to_tp`` before, ``reduce_from_tp`` after;
+* MLP: ``w_gate``/``w_up`` split by output rows, ``w_down`` by input columns;
+* embedding, norms and LM head are **replicated** on every tp rank (the LM head computes
+  full-vocabulary logits) — simple, exact, and the vocabularies this runtime targets are
+  small next to the layers; a vocab-parallel head would cut the logits' memory by tp.
+
+Context parallelism: the rank holds its head+tail chunks of every sequence; keys and
+values are all-gathered inside the cp group after RoPE (:func:`gather_from_cp`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import causal_attention
+from .batch import IGNORE_INDEX, LocalBatch
+from .parallel import SINGLE_DEVICE, ParallelContext, copy_to_tp, gather_from_cp, reduce_from_tp
+
+__all__ = ["ModelConfig", "GPT", "COLUMN", "ROW"]
+
+COLUMN = 0
+"""Tensor-parallel split along dim 0 (output rows): ``wq, wk, wv, w_gate, w_up``."""
+ROW = 1
+"""Tensor-parallel split along dim 1 (input columns): ``wo, w_down``."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Shape of the reference GPT."""
+
+    vocab_size: int
+    """Token ids are ``0 .. vocab_size-1``."""
+    hidden_size: int
+    """Residual width (model dimension)."""
+    num_layers: int
+    """Transformer blocks."""
+    num_heads: int
+    """Query heads; ``hidden_size`` must be a multiple."""
+    num_kv_heads: int
+    """Key/value heads (grouped-query attention); must divide ``num_heads``."""
+    ffn_hidden_size: int
+    """SwiGLU inner width."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of every matrix."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ModelConfig: {name}={v!r} must be a positive integer")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ModelConfig: hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} (GQA groups)"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"ModelConfig: head size {self.hidden_size // self.num_heads} must be even for RoPE")
+        if not self.rope_theta > 0 or not self.norm_eps > 0 or not self.init_std > 0:
+            raise ValueError("ModelConfig: rope_theta, norm_eps and init_std must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def check_tp(self, tp: int) -> None:
+        """Raise ``ValueError`` unless heads, kv heads and the MLP split evenly over ``tp`` ranks."""
+        for name, n in (("num_heads", self.num_heads), ("num_kv_heads", self.num_kv_heads),
+                        ("ffn_hidden_size", self.ffn_hidden_size)):
+            if n % tp:
+                raise ValueError(
+                    f"tensor-parallel degree tp={tp} does not divide {name}={n}; drop layouts with tp={tp} "
+                    f"from the candidates or choose a model whose {name} is a multiple of {tp}"
+                )
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.attn_norm = nn.Parameter(torch.ones(h))
+        self.wq = nn.Parameter(torch.empty(cfg.num_heads * d, h))
+        self.wk = nn.Parameter(torch.empty(cfg.num_kv_heads * d, h))
+        self.wv = nn.Parameter(torch.empty(cfg.num_kv_heads * d, h))
+        self.wo = nn.Parameter(torch.empty(h, cfg.num_heads * d))
+        self.mlp_norm = nn.Parameter(torch.ones(h))
+        self.w_gate = nn.Parameter(torch.empty(cfg.ffn_hidden_size, h))
+        self.w_up = nn.Parameter(torch.empty(cfg.ffn_hidden_size, h))
+        self.w_down = nn.Parameter(torch.empty(h, cfg.ffn_hidden_size))
+
+
+_SPLITS = {"wq": COLUMN, "wk": COLUMN, "wv": COLUMN, "wo": ROW, "w_gate": COLUMN, "w_up": COLUMN, "w_down": ROW}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight · x / sqrt(mean(x²) + eps)``, computed in fp32."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``, ``sin`` (T, head_dim) for true positions (restarting per sequence), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (T, heads, head_dim) by the half-split convention (first half ↔ second half)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+class GPT(nn.Module):
+    """Strategy-independent master parameters plus a forward under any (tp, cp) context."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(_Block(config) for _ in range(config.num_layers))
+        self.final_norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) matrices, unit norm weights (uses the current torch RNG)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=self.config.init_std)
+
+    def tp_split_dims(self) -> dict[str, int | None]:
+        """Per parameter name: the dim split over tensor-parallel ranks (``None`` = replicated)."""
+        out: dict[str, int | None] = {}
+        for name, _ in self.named_parameters():
+            out[name] = _SPLITS.get(name.rsplit(".", 1)[-1]) if name.startswith("layers.") else None
+        return out
+
+    # -- forward -------------------------------------------------------------------------
+    def hidden_states(self, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
+        """Final-norm hidden states (T_local, hidden) of this rank's rows."""
+        cfg = self.config
+        x = F.embedding(batch.input_ids, self.embed)  # (T, h)
+        cos, sin = rope_tables(batch.position_ids, cfg.head_dim, cfg.rope_theta)
+        for layer in self.layers:
+            x = x + self._attention(layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), cos, sin, batch, pc)
+            x = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), pc)
+        return rms_norm(x, self.final_norm, cfg.norm_eps)
+
+    def logits(self, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
+        """Full-vocabulary logits (T_local, vocab)."""
+        return F.linear(self.hidden_states(batch, pc), self.lm_head)
+
+    def forward(self, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
+        """Sum of next-token cross-entropies (nats) over this rank's loss tokens, fp32 scalar."""
+        logits = self.logits(batch, pc).float()
+        return F.cross_entropy(logits, batch.targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    # -- blocks ----------------------------------------------------------------------------
+    @staticmethod
+    def _shard(w: torch.Tensor, dim: int, pc: ParallelContext) -> torch.Tensor:
+        if pc.tp_size == 1:
+            return w
+        size = w.shape[dim] // pc.tp_size
+        return w.narrow(dim, pc.tp_rank * size, size)
+
+    def _attention(self, layer: _Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   batch: LocalBatch, pc: ParallelContext) -> torch.Tensor:
+        cfg = self.config
+        t, d = x.shape[0], cfg.head_dim
+        x = copy_to_tp(x, pc)
+        q = F.linear(x, self._shard(layer.wq, COLUMN, pc)).view(t, -1, d)  # (T, hq/tp, d)
+        k = F.linear(x, self._shard(layer.wk, COLUMN, pc)).view(t, -1, d)  # (T, hkv/tp, d)
+        v = F.linear(x, self._shard(layer.wv, COLUMN, pc)).view(t, -1, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if pc.cp_size > 1:
+            kv = gather_from_cp(torch.cat([k, v], dim=-1), pc, batch.cp_counts,
+                                batch.cp_full_from_gathered, batch.cp_own_rows)  # (T_row, hkv/tp, 2d)
+            k, v = kv[..., :d], kv[..., d:]
+        o = causal_attention(q, k, v, batch.segments).reshape(t, -1)  # (T, hq/tp · d)
+        return reduce_from_tp(F.linear(o, self._shard(layer.wo, ROW, pc)), pc)
+
+    def _mlp(self, layer: _Block, x: torch.Tensor, pc: ParallelContext) -> torch.Tensor:
+        x = copy_to_tp(x, pc)
+        gate = F.linear(x, self._shard(layer.w_gate, COLUMN, pc))
+        up = F.linear(x, self._shard(layer.w_up, COLUMN, pc))
+        return reduce_from_tp(F.linear(F.silu(gate) * up, self._shard(layer.w_down, ROW, pc)), pc)
