@@ -6,17 +6,15 @@ replica time ``Σ_k T(m_k) + v·c + (pp−1)·max_k T(m_k)`` — applies to all 
 the :class:`~balancer.selector.Balancer`. Each is written from its published description
 (see ``docs/baselines.md`` for sources and for how each maps onto our strategies):
 
-==========================  ==============================================================
-``padded``                  random equal-count split, fixed-size micro-batches padded to
-                            their longest sequence (Hugging Face ``Trainer`` default)
-``length_grouped``          ``group_by_length``: mega-batches sorted by length, then split
-``multipack``               token first-fit-decreasing, one bin per rank per micro-step
-``bfd``                     token best-fit-decreasing packing (TRL, OLMo-core), bins dealt
-``megatron_dp_balanced``    next-fit in sampler order, equal bin counts per rank
-``megatron_hybrid_cp``      power-of-two CP per sequence, least-loaded greedy on L²/cp
-``wlb_llm``                 outlier delay queue + least-workload greedy on αL²+βL
-``hydraulis_random_restart`` 50 shuffled orders, each placed greedily; best kept
-==========================  ==============================================================
+* ``padded`` — random equal-count split, fixed-size micro-batches padded to their
+  longest sequence (the Hugging Face ``Trainer`` default);
+* ``length_grouped`` — ``group_by_length``: mega-batches sorted by length, then split;
+* ``multipack`` — token first-fit-decreasing, one bin per rank per step;
+* ``bfd`` — token best-fit-decreasing packing (TRL, OLMo-core), bins dealt to ranks;
+* ``megatron_dp_balanced`` — next-fit in sampler order, equal bin counts per rank;
+* ``megatron_hybrid_cp`` — power-of-two cp per sequence, least-loaded greedy on L²/cp;
+* ``wlb_llm`` — outlier delay queue + least-workload greedy on αL²+βL (OSDI 2025);
+* ``hydraulis_random_restart`` — 50 shuffled orders, each placed greedily; best kept.
 
 Padding. ``padded`` and ``length_grouped`` run each micro-batch as a padded rectangle:
 a micro-batch of ``v`` sequences padded to its longest sequence ``s_max`` costs
@@ -33,17 +31,19 @@ sequences into later steps (``flush=True`` at the end of an epoch empties it).
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 from numba import njit
 
 from packers.binpack import best_fit_decreasing, first_fit_decreasing, next_fit
 from packers.types import group_by_bin
+from strategies.candidates import enumerate_layouts
 from strategies.layout import ClusterSpec, Layout, Replica, Strategy
 
 from .cost import CostModel, replica_seconds
@@ -78,18 +78,6 @@ def _powers_of_two(limit: int) -> list[int]:
     return out
 
 
-def _layout_space(cluster: ClusterSpec) -> list[Layout]:
-    """Power-of-two layouts whose size divides the cluster and whose tp fits in a node."""
-    n = cluster.num_ranks
-    out = []
-    for tp in _powers_of_two(min(cluster.ranks_per_node, n)):
-        for cp in _powers_of_two(n // tp):
-            for pp in _powers_of_two(n // (tp * cp)):
-                if n % (tp * cp * pp) == 0:
-                    out.append(Layout(tp=tp, cp=cp, pp=pp))
-    return out
-
-
 def _priced(cost_model: CostModel, layout: Layout) -> bool:
     """Whether the cost model can price ``layout`` (an analytic model may refuse some)."""
     if not cost_model.supports(layout):
@@ -115,12 +103,13 @@ def static_layout(
     capacity holds one ``max_length``-token sequence. Ties (same degree) go to the layout
     that runs that sequence fastest, or with ``prefer_cp`` to the one with the largest
     ``cp`` and ``pp = 1`` (the static layout a context-parallel system such as Megatron's
-    hybrid CP starts from). ``layouts`` defaults to every power-of-two layout that fits
-    the cluster (tp inside a node) and that the cost model can price.
+    hybrid CP starts from). ``layouts`` defaults to
+    :func:`strategies.candidates.enumerate_layouts` (power-of-two tp/cp layouts that fit
+    the cluster and memory, no pipeline): the layouts the Balancer's candidates use.
     """
     if max_length < 1:
         raise ValueError(f"static_layout: max_length={max_length} must be >= 1 token")
-    pool = list(layouts) if layouts is not None else _layout_space(cluster)
+    pool = list(layouts) if layouts is not None else enumerate_layouts(cluster, cost_model)
     fits = [
         lay
         for lay in pool
@@ -445,19 +434,24 @@ def _split_largest(mbs: list[np.ndarray], lengths: np.ndarray, target: int) -> l
     the original token count (and therefore under the capacity).
     """
     mbs = [m for m in mbs if m.size]
-    while len(mbs) < target:
-        splittable = [k for k, m in enumerate(mbs) if m.size >= 2]
-        if not splittable:
-            break
-        k = max(splittable, key=lambda q: int(lengths[mbs[q]].sum()))
-        m = mbs.pop(k)
+    if len(mbs) >= target:
+        return mbs
+    heap = [(-int(lengths[m].sum()), k) for k, m in enumerate(mbs) if m.size >= 2]
+    heapq.heapify(heap)
+    while len(mbs) < target and heap:
+        _, k = heapq.heappop(heap)
+        m = mbs[k]
         halves: list[list[int]] = [[], []]
         tok = [0, 0]
         for p in m[np.argsort(-lengths[m], kind="stable")]:
             h = 0 if tok[0] <= tok[1] else 1
             halves[h].append(int(p))
             tok[h] += int(lengths[p])
-        mbs.extend(np.array(h, dtype=np.int64) for h in halves)
+        mbs[k] = np.array(halves[0], dtype=np.int64)
+        mbs.append(np.array(halves[1], dtype=np.int64))
+        for q, h in ((k, halves[0]), (len(mbs) - 1, halves[1])):
+            if len(h) >= 2:
+                heapq.heappush(heap, (-int(lengths[mbs[q]].sum()), q))
     while mbs and len(mbs) < target:
         mbs.append(np.zeros(0, dtype=np.int64))
     return mbs
@@ -702,19 +696,43 @@ class LengthGroupedPolicy(BaselinePolicy):
         return self.strategy, [_split_largest(m, lengths, pp) for m, pp in zip(out, pps)]
 
 
-class MultipackPolicy(BaselinePolicy):
-    """Multipack sampler: token first-fit-decreasing into bins of the token capacity.
+def _step_capacity(pack: Callable[[np.ndarray, int], Any], lengths: np.ndarray, num_bins: int, capacity: int) -> int:
+    """Bin size for "one bin per rank": the smallest size (found by bisection) from
+    ``max(longest, ⌈tokens / R⌉)`` up to the layout capacity for which ``pack`` needs at
+    most ``R`` bins; the layout capacity when even that needs more."""
+    lo = max(int(lengths.max()), -(-int(lengths.sum()) // num_bins))
+    if lo >= capacity or pack(lengths, capacity).num_bins > num_bins:
+        return capacity
+    hi = capacity  # invariant: hi fits in num_bins bins
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pack(lengths, mid).num_bins <= num_bins:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
 
-    The multipack sampler fills one bin per rank per step; a global batch that needs more
-    than ``R`` bins runs them as successive micro-steps, bin ``b`` on replica ``b mod R``.
+
+class MultipackPolicy(BaselinePolicy):
+    """Multipack sampler: token first-fit-decreasing, one bin per rank per step.
+
+    The bin size is the per-rank token budget of the step (see :func:`_step_capacity`):
+    FFD then fills exactly one bin per replica when the layout capacity allows. A batch
+    that needs more than ``R`` bins of the full capacity runs them as successive
+    micro-steps, bin ``b`` on replica ``b mod R``.
     """
 
     name = "multipack"
+    packer: ClassVar[Callable[[np.ndarray, int], Any]] = staticmethod(first_fit_decreasing)
+
+    def _bins(self, lengths: np.ndarray) -> list[np.ndarray]:
+        pack = type(self).packer
+        cap = _step_capacity(pack, lengths, len(self.strategy.replicas), self.capacity)
+        packing = pack(lengths, cap)
+        return group_by_bin(np.asarray(packing.bin_of), int(packing.num_bins))
 
     def _assign(self, lengths: np.ndarray, rng: np.random.Generator) -> tuple[Strategy, Assignment]:
-        packing = first_fit_decreasing(lengths, self.capacity)
-        bins = group_by_bin(np.asarray(packing.bin_of), int(packing.num_bins))
-        return self.strategy, self._finish(_deal(bins, len(self.strategy.replicas)), lengths)
+        return self.strategy, self._finish(_deal(self._bins(lengths), len(self.strategy.replicas)), lengths)
 
     def _finish(self, per_replica: Assignment, lengths: np.ndarray) -> Assignment:
         pps = [rep.layout.pp for rep in self.strategy.replicas]
@@ -724,15 +742,16 @@ class MultipackPolicy(BaselinePolicy):
 class BestFitPolicy(MultipackPolicy):
     """Best-fit-decreasing packing by tokens (TRL ``packing_strategy="bfd"``, OLMo-core).
 
-    Packed rows are then drawn in random order by the data loader: the bins are shuffled
-    with the step's seed and dealt one per replica per micro-step.
+    Bins are sized as for ``multipack``. Packed rows are drawn in random order by the data
+    loader: the bins are shuffled with the step's seed, then dealt one per replica per
+    micro-step.
     """
 
     name = "bfd"
+    packer = staticmethod(best_fit_decreasing)
 
     def _assign(self, lengths: np.ndarray, rng: np.random.Generator) -> tuple[Strategy, Assignment]:
-        packing = best_fit_decreasing(lengths, self.capacity)
-        bins = group_by_bin(np.asarray(packing.bin_of), int(packing.num_bins))
+        bins = self._bins(lengths)
         bins = [bins[k] for k in rng.permutation(len(bins))]
         return self.strategy, self._finish(_deal(bins, len(self.strategy.replicas)), lengths)
 
@@ -741,16 +760,17 @@ class MegatronDpBalancedPolicy(MultipackPolicy):
     """Megatron-Core ``dp_balanced`` packing: next-fit in sampler order, equal bins per rank.
 
     Sequences are packed in their given order, a new bin opening whenever the next one
-    does not fit. The bin count is then raised to a multiple of ``R`` (splitting the
-    fullest bins; empty micro-batches if nothing can be split) so every data-parallel rank
-    runs the same number of micro-batches; bin ``b`` goes to replica ``b mod R``.
+    does not fit (bins sized as for ``multipack``). The bin count is then raised to a
+    multiple of ``R`` (splitting the fullest bins; empty micro-batches if nothing can be
+    split) so every data-parallel rank runs the same number of micro-batches; bin ``b``
+    goes to replica ``b mod R``.
     """
 
     name = "megatron_dp_balanced"
+    packer = staticmethod(next_fit)
 
     def _assign(self, lengths: np.ndarray, rng: np.random.Generator) -> tuple[Strategy, Assignment]:
-        packing = next_fit(lengths, self.capacity)
-        bins = group_by_bin(np.asarray(packing.bin_of), int(packing.num_bins))
+        bins = self._bins(lengths)
         num = len(self.strategy.replicas)
         bins = _split_largest(bins, lengths, -(-len(bins) // num) * num)
         return self.strategy, self._finish(_deal(bins, num), lengths)

@@ -8,8 +8,10 @@ SwiGLU MLP, final norm, LM head, cross-entropy) run on one sequence at a time. A
 functions, so ``import balancer`` stays light.
 
 Timing: every length is warmed up, then the lengths are timed round-robin ``repeats``
-times (so a burst of background load hits all lengths alike) and the median per length
-is kept. On CUDA each run is bracketed by ``torch.cuda.synchronize()``.
+times (so a burst of background load hits all lengths alike) and one number per length is
+kept: the minimum by default — interference from other processes only ever adds time, so
+the fastest run is the best estimate of the work itself (the reasoning of Python's
+``timeit``) — or the median. On CUDA each run is bracketed by ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -186,16 +188,22 @@ def decoder_step_fn(
     return step
 
 
+STATISTICS = ("min", "median")
+"""How the timed runs of one length reduce to one number."""
+
+
 @dataclass(frozen=True, slots=True)
 class Measurement:
-    """Median seconds per length, and every run."""
+    """Seconds per length (minimum or median of the runs), and every run."""
 
     lengths: np.ndarray
     """int64 tokens, as given."""
     seconds: np.ndarray
-    """float64 median seconds per length."""
+    """float64 seconds per length, reduced by ``statistic``."""
     runs: np.ndarray
     """float64 seconds, shape (repeats, len(lengths))."""
+    statistic: str
+    """``"min"`` or ``"median"``."""
 
 
 def measure(
@@ -205,10 +213,12 @@ def measure(
     device: "torch.device",
     warmup: int = 1,
     repeats: int = 5,
+    statistic: str = "min",
     progress: bool | None = None,
 ) -> Measurement:
     """Time ``step_fn(length)`` for every length: ``warmup`` untimed runs each, then
-    ``repeats`` timed rounds over all lengths; the median per length is kept.
+    ``repeats`` timed rounds over all lengths; the ``statistic`` (``"min"`` or
+    ``"median"``) of each length's runs is kept.
 
     ``progress=None`` shows a tqdm bar when stderr is a terminal.
     """
@@ -222,6 +232,8 @@ def measure(
         raise ValueError(f"calibrate: length {int(lens.min())} is too short; use lengths >= 2 tokens")
     if warmup < 0 or repeats < 1:
         raise ValueError(f"calibrate: warmup={warmup} must be >= 0 and repeats={repeats} >= 1")
+    if statistic not in STATISTICS:
+        raise ValueError(f"calibrate: statistic={statistic!r} must be one of {list(STATISTICS)}")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     show = sys.stderr.isatty() if progress is None else progress
     runs = np.empty((repeats, lens.size), dtype=np.float64)
@@ -239,7 +251,8 @@ def measure(
                 sync()
                 runs[r, j] = time.perf_counter() - t0
                 bar.update()
-    return Measurement(lengths=lens, seconds=np.median(runs, axis=0), runs=runs)
+    reduce = np.min if statistic == "min" else np.median
+    return Measurement(lengths=lens, seconds=reduce(runs, axis=0), runs=runs, statistic=statistic)
 
 
 def environment(device: "torch.device") -> dict[str, Any]:

@@ -376,6 +376,7 @@ class CostModel:
         hardware: "HardwareSpec | str | None" = None,
         warmup: int = 1,
         repeats: int = 5,
+        statistic: str = "min",
         seed: int = 0,
         progress: bool | None = None,
     ) -> "CostModel":
@@ -387,8 +388,9 @@ class CostModel:
         replaces it to time your own model; it must block until the work is done.
         ``token_capacity=None`` takes the analytic memory model of ``model`` on
         ``hardware`` (default: this device's preset with its real memory size). ``a, b, c``
-        are all fitted (one sequence per micro-batch). ``meta`` records the device, torch
-        version, lengths, median times and R².
+        are all fitted (one sequence per micro-batch) to the fastest of ``repeats`` runs per
+        length (``statistic="median"`` for the median). ``meta`` records the device, torch
+        version, lengths, times and R².
         """
         import torch
 
@@ -416,7 +418,9 @@ class CostModel:
                     "by the memory model; pass token_capacity or a smaller model"
                 )
         lens = list(lengths) if lengths is not None else list(cal.default_lengths(device))
-        run = cal.measure(step_fn, lens, device=device, warmup=warmup, repeats=repeats, progress=progress)
+        run = cal.measure(
+            step_fn, lens, device=device, warmup=warmup, repeats=repeats, statistic=statistic, progress=progress
+        )
         fitted = cls.fit(run.lengths, run.seconds, token_capacity=token_capacity, layout=lay)
         meta = {
             **fitted.meta,
@@ -424,7 +428,8 @@ class CostModel:
             "model": spec.to_dict() if spec is not None else None,
             "custom_step_fn": custom_step,
             "lengths": run.lengths.tolist(),
-            "median_seconds": run.seconds.tolist(),
+            "seconds": run.seconds.tolist(),
+            "statistic": statistic,
             "warmup": warmup,
             "repeats": repeats,
         }

@@ -84,7 +84,9 @@ class ReplicaTable:
                     f"strategy {strategy.name!r} has {strategy.num_ranks} ranks but {rs.size} speeds were given; "
                     "give one relative speed per rank"
                 )
-            speed = np.array([rs[list(rep.ranks)].min() for rep in strategy.replicas], dtype=np.float64)
+            ranks = np.fromiter((r for rep in strategy.replicas for r in rep.ranks), dtype=np.int64)
+            starts = np.cumsum([0] + [len(rep.ranks) for rep in strategy.replicas[:-1]])
+            speed = np.minimum.reduceat(rs[ranks], starts)
         return cls(
             strategy=strategy,
             layouts=tuple(layouts),

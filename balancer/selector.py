@@ -62,7 +62,8 @@ class BalancerConfig:
     refine_max_variables: int = 200_000
     """Skip CP-SAT when sequences × replicas exceeds this (model building would dominate the step)."""
     switch_penalty: float = 0.0
-    """Seconds added to every candidate other than the previous step's strategy."""
+    """Added to every candidate's estimate other than the previous step's strategy, in the
+    cost model's time unit (seconds unless the model says otherwise)."""
     seed: int = 0
     """Seed of the CP-SAT search (combined with the step number)."""
     deterministic: bool = True

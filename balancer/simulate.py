@@ -349,7 +349,8 @@ def simulate(
             continue
         kw = {"seed": config.seed, "max_length": max_length, **config.baseline_options.get(name, {})}
         first = make_baseline(name, cluster, baseline_strategy, cost_model, **kw)
-        strategies[name] = first.strategy.name
+        split = name == "megatron_hybrid_cp" and first.strategy.layouts[0].cp > 1
+        strategies[name] = first.strategy.name + (" (cp groups split per step)" if split else "")
         factories[name] = (lambda n=name, k=kw, st=first.strategy: make_baseline(n, cluster, st, cost_model, **k))
     order = [p for p in config.policies]
 

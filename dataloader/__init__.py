@@ -1,3 +1,49 @@
 """Balanced, resumable data loading: length sources, the distributed sampler, collators."""
 
-__all__: list[str] = []
+from .collate import Collator, ContextParallelCollator, PackedCollator, PaddedCollator, block_causal_mask, cp_shard
+from .lengths import (
+    IGNORE_INDEX,
+    check_lengths,
+    compute_lengths,
+    compute_loss_tokens,
+    lengths_from_arrow,
+    lengths_from_callable,
+    lengths_from_dataset,
+    lengths_from_file,
+)
+from .loader import BalancedDataLoader, StepBatch
+from .loss import normalize, packed_loss, target_loss_sum, token_loss_sum
+from .planning import PlanSyncError
+from .sampler import BalancedBatchSampler, SamplerConfig, SamplerStats, SamplerStep
+from .spec import MicroBatchSpec
+from .stream import StreamingSteps
+
+__all__ = [
+    "IGNORE_INDEX",
+    "BalancedBatchSampler",
+    "BalancedDataLoader",
+    "Collator",
+    "ContextParallelCollator",
+    "MicroBatchSpec",
+    "PackedCollator",
+    "PaddedCollator",
+    "PlanSyncError",
+    "SamplerConfig",
+    "SamplerStats",
+    "SamplerStep",
+    "StepBatch",
+    "StreamingSteps",
+    "block_causal_mask",
+    "check_lengths",
+    "compute_lengths",
+    "compute_loss_tokens",
+    "cp_shard",
+    "lengths_from_arrow",
+    "lengths_from_callable",
+    "lengths_from_dataset",
+    "lengths_from_file",
+    "normalize",
+    "packed_loss",
+    "target_loss_sum",
+    "token_loss_sum",
+]

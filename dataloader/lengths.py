@@ -73,11 +73,12 @@ def check_lengths(
     arr = np.asarray(lengths)
     if arr.ndim != 1:
         raise ValueError(f"{what} must be a 1-D array of token counts, got shape {arr.shape}")
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        if np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise ValueError(f"{what} must hold integers (tokens per sample), got dtype {arr.dtype}")
+    whole_floats = (
+        np.issubdtype(arr.dtype, np.floating) and bool(np.all(np.isfinite(arr))) and bool(np.all(arr == np.round(arr)))
+    )
+    integers = np.issubdtype(arr.dtype, np.integer) and arr.dtype != bool
+    if not (integers or whole_floats or arr.size == 0):
+        raise ValueError(f"{what} must hold integers (tokens per sample), got dtype {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     if num_samples is not None and arr.size != num_samples:
         raise ValueError(

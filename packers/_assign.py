@@ -463,6 +463,70 @@ def _best_swap(b, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, 
 
 
 @njit(cache=True)
+def _best_split(b, j, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, items, keys, suf_sum, suf_max, suf_tok):
+    """Re-split the items of bins b and j (of different types) between the two.
+
+    Items sorted by the time ratio ``(t_b / v_b) / (t_j / v_j)``; a prefix goes to b, the
+    rest to j (the shape of the fractional optimum for two unrelated machines); the
+    best cut is the one minimising the larger load. Fills ``items[:p]`` in sorted order
+    and returns (p, cut, value of the best cut)."""
+    kb = bin_type[b]
+    kj = bin_type[j]
+    p = 0
+    for q in (b, j):
+        i = head[q]
+        while i >= 0:
+            tb = times[i, kb] / speed[b]
+            tj = times[i, kj] / speed[j]
+            if tb == _INF:
+                key = _INF
+            elif tj == _INF:
+                key = -_INF
+            elif tj > 0.0:
+                key = tb / tj
+            elif tb > 0.0:
+                key = _INF
+            else:
+                key = 1.0
+            items[p] = i
+            keys[p] = key
+            p += 1
+            i = nxt[i]
+    perm = np.argsort(keys[:p], kind="mergesort")
+    srt = items[:p][perm].copy()
+    items[:p] = srt
+    # suffix sums / maxima / tokens of the part that goes to j
+    suf_sum[p] = 0.0
+    suf_max[p] = 0.0
+    suf_tok[p] = 0
+    for r in range(p - 1, -1, -1):
+        t = times[srt[r], kj]
+        suf_sum[r] = suf_sum[r + 1] + t
+        suf_max[r] = max(suf_max[r + 1], t)
+        suf_tok[r] = suf_tok[r + 1] + sizes[srt[r]]
+    best = _INF
+    cut = -1
+    pre_sum = 0.0
+    pre_max = 0.0
+    pre_tok = 0
+    for c in range(p + 1):
+        if c > 0:
+            t = times[srt[c - 1], kb]
+            if t == _INF:
+                break
+            pre_sum += t
+            pre_max = max(pre_max, t)
+            pre_tok += sizes[srt[c - 1]]
+        if suf_sum[c] == _INF or pre_tok > bin_capacity[b] or suf_tok[c] > bin_capacity[j]:
+            continue
+        v = max((pre_sum + pp_weight[b] * pre_max) / speed[b], (suf_sum[c] + pp_weight[j] * suf_max[c]) / speed[j])
+        if v < best:
+            best = v
+            cut = c
+    return p, cut, best
+
+
+@njit(cache=True)
 def _improve_kernel(
     bin_of, require_nonempty, local_search, max_rounds, times, bin_type, speed, pp_weight, sizes, bin_capacity,
     cls_of, cls_pos, cls_type, cls_cap, cls_ptr, cls_bins, cls_off, cls_leaves, tree_size,
@@ -482,6 +546,12 @@ def _improve_kernel(
     rounds = 0
     if not local_search:
         return rounds, empty
+    items = np.empty(n, dtype=np.int64)  # scratch for _best_split
+    keys = np.empty(n)
+    suf_sum = np.empty(n + 1)
+    suf_max = np.empty(n + 1)
+    suf_tok = np.empty(n + 1, dtype=np.int64)
+    num_cls = cls_type.shape[0]
     while rounds < max_rounds:
         b = 0
         for j in range(1, m):
@@ -498,6 +568,25 @@ def _improve_kernel(
         if mi >= 0:
             _remove(mi, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
             _add(mi, mj, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+            continue
+        # re-split b with a bin of another type (captures comparative advantage)
+        # (candidates: the least-loaded bin of every class of another type)
+        limit = fs[3, b] * (1.0 - 1e-12)
+        best_j = -1
+        for c in range(num_cls):
+            j = tidx[cls_off[c] + 1]
+            if j < 0 or cls_type[c] == bin_type[b]:
+                continue
+            p, cut, v = _best_split(b, j, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, items, keys, suf_sum, suf_max, suf_tok)
+            if cut >= 0 and v < limit and not (keep_nonempty and (cut == 0 or cut == p)):
+                limit = v
+                best_j = j
+        if best_j >= 0:
+            p, cut, v = _best_split(b, best_j, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, items, keys, suf_sum, suf_max, suf_tok)
+            for r in range(p):
+                _remove(items[r], times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+            for r in range(p):
+                _add(items[r], b if r < cut else best_j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
             continue
         si, sk, sv = _best_swap(b, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist)
         if si < 0:

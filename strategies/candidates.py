@@ -252,9 +252,9 @@ class CandidateConfig:
 
 def _prices(cost_model: CostModelLike, layout: Layout) -> Any | None:
     supports = getattr(cost_model, "supports", None)
-    if supports is not None and not supports(layout):
-        return None
     try:
+        if supports is not None and not supports(layout):
+            return None
         cost = cost_model.cost(layout)
     except ValueError:
         return None  # the model cannot price it: e.g. weights and optimizer state do not fit
@@ -436,25 +436,24 @@ def heterogeneous_mixes(
     if num_ranks % smallest.size:
         return []
     need = hist.max_length
+    finite = np.concatenate((W[np.isfinite(W)], Q[np.isfinite(Q)]))
+    loose = max(float(finite.max()) if finite.size else 1.0, 1e-12) * 2.0  # one replica per class meets it
     mixes: list[list[tuple[Layout, int]]] = []
     for top, k_top in enumerate(classes):
         if k_top.capacity < need:
             continue
         for depth in range(1, max_classes + 1):
-            finite = np.concatenate((W[np.isfinite(W)], Q[np.isfinite(Q)]))
-            hi = max(float(finite.max()) if finite.size else 1.0, 1e-12) * 2.0
-            if _min_ranks(classes, W, Q, hi, top, depth) is None or _min_ranks(classes, W, Q, hi, top, depth)[0] > num_ranks:
-                continue
-            lo = 0.0
-            for _ in range(60):  # bisection on the target load; 60 halvings reach float precision
+            got = _min_ranks(classes, W, Q, loose, top, depth)
+            if got is None or got[0] > num_ranks:
+                continue  # these classes do not fit the cluster even with one replica each
+            lo, hi = 0.0, loose
+            while hi - lo > 1e-4 * hi:  # bisection on the target load, to 0.01%
                 mid = (lo + hi) / 2.0
-                got = _min_ranks(classes, W, Q, mid, top, depth)
-                if got is not None and got[0] <= num_ranks:
-                    hi = mid
+                trial = _min_ranks(classes, W, Q, mid, top, depth)
+                if trial is not None and trial[0] <= num_ranks:
+                    hi, got = mid, trial
                 else:
                     lo = mid
-            got = _min_ranks(classes, W, Q, hi, top, depth)
-            assert got is not None
             used, chain = got
             mixes.append(_fill_spare(classes, W, chain, num_ranks - used, smallest))
     return mixes
@@ -626,7 +625,7 @@ def generate_candidates(
         raise ValueError(
             f"the longest sequence to hold has {max_length} tokens, above the largest capacity {largest} of any "
             f"layout that fits ({', '.join(lay.name for lay in layouts)}); pass max_length<={largest} and let the "
-            "loader's overlong policy truncate, split or drop longer ones, or allow larger cp"
+            "loader's overlong policy truncate, split or drop longer ones, or allow a larger cp (max_cp) or more ranks"
         )
     hist = hist.clipped(max_length)
     per_step = (cfg.batch_tokens / hist.mean_length) if cfg.batch_tokens is not None else float(cfg.batch_size or 1)

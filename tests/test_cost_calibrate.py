@@ -49,7 +49,7 @@ def test_calibrate_tiny_on_the_local_device():
 
     Robustness against a busy machine comes from the measurement, not from loose bounds:
     every length is warmed up, lengths are timed round-robin so load bursts hit all of
-    them, and the median of 5 runs is fitted. At 2048 tokens attention is about 2/3 of
+    them, and the fastest of 5 runs is fitted (interference only adds time). At 2048 tokens attention is about 2/3 of
     the tiny model's FLOPs, so a clearly positive quadratic term is a real property.
     """
     model = CostModel.calibrate("tiny", repeats=5, progress=False)
@@ -59,7 +59,7 @@ def test_calibrate_tiny_on_the_local_device():
     assert model.fit_r2(Layout()) > 0.9
     meta = model.meta
     assert meta["device_type"] == calibration_device().type and meta["torch"] == torch.__version__
-    assert meta["lengths"] == [256, 512, 768, 1024, 1280, 1536, 2048] and len(meta["median_seconds"]) == 7
+    assert meta["lengths"] == [256, 512, 768, 1024, 1280, 1536, 2048] and len(meta["seconds"]) == 7
     assert meta["model"]["name"] == "tiny" and meta["custom_step_fn"] is False
     # the quadratic term matters at the long end: t(2048) is far more than 8 × t(256)
     t = cost.seconds(np.array([256, 2048]))
@@ -93,6 +93,22 @@ def test_calibrate_argument_errors():
         CostModel.calibrate(None, token_capacity=10)
     with pytest.raises(ValueError, match="length 1 is too short"):
         measure(lambda s: None, [1, 8], device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="statistic='mean' must be one of"):
+        measure(lambda s: None, [4, 8], device=torch.device("cpu"), statistic="mean")
+
+
+def test_measure_statistics():
+    calls = []
+
+    def step(length: int) -> None:
+        calls.append(length)
+        time.sleep(0.001 * (1 + (len(calls) % 3 == 0)))  # every third call is slow
+
+    run = measure(step, [8, 16], device=torch.device("cpu"), warmup=1, repeats=3, statistic="median")
+    assert calls == [8, 16] + [8, 16] * 3 and run.runs.shape == (3, 2) and run.statistic == "median"
+    assert np.allclose(run.seconds, np.median(run.runs, axis=0))
+    fastest = measure(step, [8, 16], device=torch.device("cpu"), warmup=0, repeats=3)
+    assert fastest.statistic == "min" and np.allclose(fastest.seconds, fastest.runs.min(axis=0))
 
 
 def test_local_hardware_uses_real_memory():

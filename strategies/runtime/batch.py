@@ -2,7 +2,9 @@
 
 A packed micro-batch is a dict of host tensors: ``input_ids``, ``labels`` and
 ``position_ids`` (1, T); ``cu_seqlens`` int32 (n+1,); optional ``seq_lens``,
-``sample_ids``, ``max_seqlen``, ``num_loss_tokens``, ``global_loss_tokens``. Labels follow
+``sample_ids``, ``max_seqlen``, ``num_loss_tokens``, ``global_loss_tokens``. A row padded to a
+multiple (``PackedCollator(pad_to_multiple_of=...)``) has one extra trailing segment in
+``cu_seqlens`` (not in ``seq_lens``), all labels −100. Labels follow
 the Hugging Face convention (labels = input ids, the model shifts, the first token of
 every sequence is −100), so shifting the whole row by one never lets a sequence predict
 the next sequence's first token.
@@ -67,6 +69,7 @@ class CheckedMicroBatch:
     labels: np.ndarray
     position_ids: np.ndarray
     seq_lens: np.ndarray
+    """Tokens of every segment of the row (a trailing padding segment included)."""
     sample_ids: np.ndarray | None
     global_loss_tokens: int | None
 
@@ -91,14 +94,23 @@ def check_micro_batch(mb: Mapping[str, Any], index: int, vocab_size: int) -> Che
         )
     if cu.size == 0 or cu[0] != 0 or cu[-1] != t:
         raise ValueError(f"micro-batch {index}: cu_seqlens must run from 0 to T={t}, got {cu.tolist()[:8]}")
-    seq_lens = np.diff(cu)
+    seq_lens = np.diff(cu)  # every segment, a trailing padding segment included
     if seq_lens.size and seq_lens.min() < 1:
         bad = int(np.flatnonzero(seq_lens < 1)[0])
         raise ValueError(f"micro-batch {index}: sequence {bad} has {int(seq_lens[bad])} tokens (cu_seqlens must increase)")
-    if "seq_lens" in mb and not np.array_equal(_row(mb, "seq_lens", index), seq_lens):
-        raise ValueError(f"micro-batch {index}: seq_lens disagree with cu_seqlens {cu.tolist()[:8]}")
+    num_sequences = seq_lens.size
+    if "seq_lens" in mb:
+        given = _row(mb, "seq_lens", index)
+        padded = given.size == seq_lens.size - 1 and np.array_equal(given, seq_lens[:-1])
+        if not (padded or np.array_equal(given, seq_lens)):
+            raise ValueError(f"micro-batch {index}: seq_lens {given.tolist()[:8]} disagree with cu_seqlens {cu.tolist()[:8]}")
+        num_sequences = given.size
+        if padded and np.any(labels[cu[-2]:] != IGNORE_INDEX):
+            raise ValueError(f"micro-batch {index}: the padding segment after the last sequence carries labels; pad with -100")
     if "max_seqlen" in mb and t and int(mb["max_seqlen"]) != int(seq_lens.max()):
-        raise ValueError(f"micro-batch {index}: max_seqlen={int(mb['max_seqlen'])} but the longest sequence has {int(seq_lens.max())}")
+        raise ValueError(
+            f"micro-batch {index}: max_seqlen={int(mb['max_seqlen'])} but the longest segment has {int(seq_lens.max())}"
+        )
     if t:
         want_pos = np.arange(t, dtype=np.int64) - np.repeat(cu[:-1], seq_lens)
         if not np.array_equal(pos, want_pos):
@@ -121,8 +133,8 @@ def check_micro_batch(mb: Mapping[str, Any], index: int, vocab_size: int) -> Che
             bad = int(np.flatnonzero(~ok)[0])
             raise ValueError(f"micro-batch {index}: labels[{bad}]={int(labels[bad])} is neither {IGNORE_INDEX} nor a token id")
     sample_ids = _row(mb, "sample_ids", index) if "sample_ids" in mb else None
-    if sample_ids is not None and sample_ids.size != seq_lens.size:
-        raise ValueError(f"micro-batch {index}: {sample_ids.size} sample_ids for {seq_lens.size} sequences")
+    if sample_ids is not None and sample_ids.size != num_sequences:
+        raise ValueError(f"micro-batch {index}: {sample_ids.size} sample_ids for {num_sequences} sequences")
     glt = int(mb["global_loss_tokens"]) if "global_loss_tokens" in mb else None
     return CheckedMicroBatch(
         input_ids=ids, labels=labels, position_ids=pos, seq_lens=seq_lens, sample_ids=sample_ids, global_loss_tokens=glt

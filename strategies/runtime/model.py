@@ -194,16 +194,17 @@ class GPT(nn.Module):
                    batch: LocalBatch, pc: ParallelContext) -> torch.Tensor:
         cfg = self.config
         t, d = x.shape[0], cfg.head_dim
+        hq, hkv = cfg.num_heads // pc.tp_size, cfg.num_kv_heads // pc.tp_size
         x = copy_to_tp(x, pc)
-        q = F.linear(x, self._shard(layer.wq, COLUMN, pc)).view(t, -1, d)  # (T, hq/tp, d)
-        k = F.linear(x, self._shard(layer.wk, COLUMN, pc)).view(t, -1, d)  # (T, hkv/tp, d)
-        v = F.linear(x, self._shard(layer.wv, COLUMN, pc)).view(t, -1, d)
+        q = F.linear(x, self._shard(layer.wq, COLUMN, pc)).view(t, hq, d)  # (T, hq/tp, d)
+        k = F.linear(x, self._shard(layer.wk, COLUMN, pc)).view(t, hkv, d)  # (T, hkv/tp, d)
+        v = F.linear(x, self._shard(layer.wv, COLUMN, pc)).view(t, hkv, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if pc.cp_size > 1:
             kv = gather_from_cp(torch.cat([k, v], dim=-1), pc, batch.cp_counts,
                                 batch.cp_full_from_gathered, batch.cp_own_rows)  # (T_row, hkv/tp, 2d)
             k, v = kv[..., :d], kv[..., d:]
-        o = causal_attention(q, k, v, batch.segments).reshape(t, -1)  # (T, hq/tp · d)
+        o = causal_attention(q, k, v, batch.segments).reshape(t, hq * d)  # (T, hq/tp · d)
         return reduce_from_tp(F.linear(o, self._shard(layer.wo, ROW, pc)), pc)
 
     def _mlp(self, layer: _Block, x: torch.Tensor, pc: ParallelContext) -> torch.Tensor:

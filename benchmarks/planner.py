@@ -1,0 +1,441 @@
+"""Planner benchmark: the Balancer against the named baselines, and fixed-instance replay.
+
+Simulation mode (default)::
+
+    python benchmarks/planner.py [--lengths PATH]... [--scenario NAME]... [--steps N] [--quick]
+
+runs :func:`balancer.simulate.simulate` for every scenario × length file (default: the
+bundled Wikipedia, code, books and SFT sets) with an analytic cost model, and writes
+``benchmarks/results/planner.json`` and ``planner.md``. It also replays the bundled
+Hydraulis instance file (below) for the comparison table.
+
+Scenarios (``a100-80g`` presets, ZeRO-1, 8 GPUs per node):
+
+=======================  ========  ======  ===========  ==================
+name                     model     GPUs    max length   tokens per step
+=======================  ========  ======  ===========  ==================
+7b-16gpu-16k             7B        16      16,384       524,288
+7b-16gpu-32k             7B        16      32,768       524,288
+13b-64gpu-32k            13B       64      32,768       2,097,152
+7b-1024gpu-1.6m          7B        1,024   32,768       1,600,000
+=======================  ========  ======  ===========  ==================
+
+The last is the scale of Hydraulis's planner test (1.6M tokens per step on 1,024 GPUs).
+Targets (fast path, all candidates): median plan latency ≤ 20 ms up to 64 GPUs and
+≤ 200 ms at 1,024 GPUs; median estimate/bound ≤ 1.03; throughput over the best
+baseline reported per scenario (goal ≥ 1.3× on long-tail sets).
+
+Instance mode::
+
+    python benchmarks/planner.py --instance FILE --out OUT.json [--solver ours|ours+cpsat|lpt|random_restart]
+
+reads stage-1 instances (``balancer/data/instances_hydraulis_13b_64gpu.json`` format:
+replicas with ``tp, pp, a, b, c, max_seqlen``; ``batches`` of lengths) and writes
+``{"batches": [{"assignment", "makespan", "lower_bound", "plan_seconds"}]}`` with the
+makespan in the file's unit by the file's formula: replica load ``Σ_i (a s_i² + b s_i) +
+(pp−1)·max_i (a s_i² + b s_i)``, makespan the largest load, a sequence eligible only
+for replicas with ``s ≤ max_seqlen``. It prints makespan/bound and latency of every
+method: plain LPT, Hydraulis's randomised-restart greedy (50 shuffled orders), ours
+(``packers.makespan.lpt_makespan`` with local search) and ours + CP-SAT.
+
+Latency depends on the machine: ``uptime`` load is recorded next to every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+from balancer.baselines import greedy_dispatch, random_restart_dispatch  # noqa: E402
+from balancer.cost import CostModel  # noqa: E402
+from balancer.data import INSTANCES_FILE, bundled_path, read_lengths  # noqa: E402
+from balancer.simulate import BALANCER, SimulationConfig, SimulationResult, simulate  # noqa: E402
+from packers.bounds import makespan_lower_bound  # noqa: E402
+from packers.makespan import lpt_makespan  # noqa: E402
+from strategies.candidates import generate_candidates  # noqa: E402
+from strategies.layout import ClusterSpec  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_SETS = ("pretrain_wikipedia_flexsp_100k", "code_kafka", "books_eltec_eng", "sft_alpaca_eval_outputs")
+LONG_TAIL_SETS = ("pretrain_wikipedia_flexsp_100k", "code_kafka")
+"""Sets whose lengths span short and long sequences (where heterogeneous strategies apply)."""
+HARDWARE = "a100-80g"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scenario:
+    name: str
+    model: str
+    """Model preset (``balancer.specs.MODEL_PRESETS``)."""
+    num_gpus: int
+    max_length: int
+    """Sequences are capped here, tokens."""
+    tokens_per_step: int
+    latency_target_ms: float
+    """Median plan latency target, milliseconds."""
+
+
+SCENARIOS = (
+    Scenario(name="7b-16gpu-16k", model="llama-7b", num_gpus=16, max_length=16_384, tokens_per_step=524_288, latency_target_ms=20),
+    Scenario(name="7b-16gpu-32k", model="llama-7b", num_gpus=16, max_length=32_768, tokens_per_step=524_288, latency_target_ms=20),
+    Scenario(name="13b-64gpu-32k", model="llama-13b", num_gpus=64, max_length=32_768, tokens_per_step=2_097_152, latency_target_ms=20),
+    Scenario(name="7b-1024gpu-1.6m", model="llama-7b", num_gpus=1024, max_length=32_768, tokens_per_step=1_600_000, latency_target_ms=200),
+)
+BOUND_TARGET = 1.03
+SPEEDUP_GOAL = 1.3
+
+
+def machine() -> dict[str, Any]:
+    """Where and under what load the numbers were taken (latency is load-sensitive)."""
+    load = os.getloadavg()
+    return {
+        "cpus": os.cpu_count(),
+        "load_avg_1_5_15": [round(x, 2) for x in load],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Fixed-instance replay
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Stage-1 instances: replicas grouped into types, batches of lengths (tokens)."""
+
+    a: np.ndarray
+    """float64[K] quadratic coefficient per type (file unit per token²)."""
+    b: np.ndarray
+    """float64[K] linear coefficient per type."""
+    max_seqlen: np.ndarray
+    """int64[K] longest sequence a replica of the type accepts, tokens."""
+    bin_type: np.ndarray
+    """int64[m] type of every replica, in file order."""
+    pp_weight: np.ndarray
+    """float64[m] ``pp − 1`` of every replica."""
+    batches: list[np.ndarray]
+    """int64 lengths of every batch, in file order."""
+
+    def times(self, lengths: np.ndarray) -> np.ndarray:
+        """float64[n, K]: ``a s² + b s`` per type, ``inf`` where ``s > max_seqlen``."""
+        s = lengths.astype(np.float64)[:, None]
+        t = self.a[None, :] * s * s + self.b[None, :] * s
+        return np.where(lengths[:, None] <= self.max_seqlen[None, :], t, np.inf)
+
+
+def load_instance(path: str | Path) -> Instance:
+    """Read an instance file; ``ValueError`` names a missing key or a bad value."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"instance file {str(p)!r} does not exist")
+    d = json.loads(p.read_text())
+    for key in ("replicas", "batches"):
+        if key not in d:
+            raise ValueError(f"{p.name}: missing key {key!r}; expected 'replicas' and 'batches'")
+    types: dict[tuple[float, float, int], int] = {}
+    bin_type, pp_weight = [], []
+    for j, r in enumerate(d["replicas"]):
+        missing = {"pp", "a", "b", "max_seqlen"} - set(r)
+        if missing:
+            raise ValueError(f"{p.name}: replica {j} lacks {sorted(missing)}")
+        if int(r["pp"]) < 1 or float(r["a"]) < 0 or float(r["b"]) < 0 or int(r["max_seqlen"]) < 1:
+            raise ValueError(f"{p.name}: replica {j} has pp={r['pp']}, a={r['a']}, b={r['b']}, max_seqlen={r['max_seqlen']}")
+        key = (float(r["a"]), float(r["b"]), int(r["max_seqlen"]))
+        bin_type.append(types.setdefault(key, len(types)))
+        pp_weight.append(int(r["pp"]) - 1)
+    keys = sorted(types, key=types.__getitem__)
+    batches = [np.asarray(b, dtype=np.int64) for b in d["batches"]]
+    for k, b in enumerate(batches):
+        if b.ndim != 1 or b.size == 0 or b.min() < 1:
+            raise ValueError(f"{p.name}: batch {k} must be a non-empty list of lengths >= 1")
+    return Instance(
+        a=np.array([x[0] for x in keys]),
+        b=np.array([x[1] for x in keys]),
+        max_seqlen=np.array([x[2] for x in keys], dtype=np.int64),
+        bin_type=np.array(bin_type, dtype=np.int64),
+        pp_weight=np.array(pp_weight, dtype=np.float64),
+        batches=batches,
+    )
+
+
+def instance_makespan(inst: Instance, lengths: np.ndarray, assignment: np.ndarray) -> float:
+    """Makespan of ``assignment`` by the file's formula (``inf`` if a sequence is ineligible)."""
+    t = inst.times(lengths)
+    m = inst.bin_type.size
+    loads = np.zeros(m)
+    for j in range(m):
+        mine = t[assignment == j, inst.bin_type[j]]
+        if mine.size:
+            loads[j] = mine.sum() + inst.pp_weight[j] * mine.max()
+    return float(loads.max())
+
+
+METHODS = ("lpt", "random_restart", "ours", "ours+cpsat")
+
+
+def solve_batch(
+    inst: Instance, lengths: np.ndarray, method: str, *, restarts: int = 50, seed: int = 0, cpsat_time_limit: float = 1.0
+) -> tuple[np.ndarray, float, str]:
+    """``(assignment, plan_seconds, solver)`` of one batch by ``method`` (see :data:`METHODS`)."""
+    t0 = time.perf_counter()
+    times = inst.times(lengths)
+    if method == "lpt":
+        got = greedy_dispatch(times, inst.bin_type, pp_weight=inst.pp_weight)
+        bins, solver = got.bin_of, got.solver
+    elif method == "random_restart":
+        got = random_restart_dispatch(times, inst.bin_type, restarts=restarts, seed=seed, pp_weight=inst.pp_weight)
+        bins, solver = got.bin_of, got.solver
+    elif method in ("ours", "ours+cpsat"):
+        res = lpt_makespan(times, inst.bin_type, pp_weight=inst.pp_weight, require_nonempty=False)
+        bins, solver = res.bin_of, res.solver
+        if method == "ours+cpsat":
+            from packers.cpsat import cpsat_makespan
+
+            res = cpsat_makespan(
+                times, inst.bin_type, pp_weight=inst.pp_weight, require_nonempty=False,
+                hint=bins, time_limit=cpsat_time_limit, seed=seed, num_workers=1,
+            )
+            bins, solver = res.bin_of, res.solver
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return np.asarray(bins, dtype=np.int64), time.perf_counter() - t0, solver
+
+
+def replay(
+    path: str | Path,
+    methods: Sequence[str] = METHODS,
+    *,
+    restarts: int = 50,
+    seed: int = 0,
+    cpsat_time_limit: float = 1.0,
+) -> dict[str, Any]:
+    """Solve every batch of an instance file with every method (JIT warmed first).
+
+    Returns ``{"lower_bounds": [...], "methods": {method: {"batches": [...], ...}}}``, each
+    batch entry ``{"assignment", "makespan", "lower_bound", "plan_seconds", "solver"}``.
+    """
+    inst = load_instance(path)
+    bounds = [
+        float(makespan_lower_bound(inst.times(b), inst.bin_type, pp_weight=inst.pp_weight)) for b in inst.batches
+    ]
+    out: dict[str, Any] = {"file": str(path), "lower_bounds": bounds, "methods": {}}
+    for method in methods:
+        solve_batch(inst, inst.batches[0], method, restarts=restarts, seed=seed, cpsat_time_limit=min(cpsat_time_limit, 0.05))
+        rows = []
+        for k, b in enumerate(inst.batches):
+            bins, secs, solver = solve_batch(inst, b, method, restarts=restarts, seed=seed + k, cpsat_time_limit=cpsat_time_limit)
+            mk = instance_makespan(inst, b, bins)
+            rows.append({
+                "assignment": bins.tolist(), "makespan": mk, "lower_bound": bounds[k],
+                "plan_seconds": secs, "solver": solver,
+            })
+        ratio = np.array([r["makespan"] / r["lower_bound"] for r in rows])
+        ms = np.array([r["plan_seconds"] * 1e3 for r in rows])
+        out["methods"][method] = {
+            "batches": rows,
+            "mean_makespan_over_bound": float(ratio.mean()),
+            "max_makespan_over_bound": float(ratio.max()),
+            "plan_ms_median": float(np.median(ms)),
+            "plan_ms_max": float(ms.max()),
+        }
+    return out
+
+
+def replay_table(rep: dict[str, Any]) -> str:
+    """Markdown: makespan / bound and latency per method (rows) and batch (columns)."""
+    methods = rep["methods"]
+    n = len(rep["lower_bounds"])
+    head = "| method | " + " | ".join(f"batch {k}" for k in range(n)) + " | mean | median ms |\n"
+    head += "|---" * (n + 3) + "|\n"
+    rows = []
+    for name, m in methods.items():
+        cells = " | ".join(f"{r['makespan'] / r['lower_bound']:.4f}" for r in m["batches"])
+        rows.append(f"| {name} | {cells} | {m['mean_makespan_over_bound']:.4f} | {m['plan_ms_median']:.2f} |")
+    bounds = " | ".join(f"{b:,.0f}" for b in rep["lower_bounds"])
+    rows.append(f"| lower bound (file unit) | {bounds} | | |")
+    return head + "\n".join(rows) + "\n"
+
+
+def run_instance(args: argparse.Namespace) -> int:
+    methods = list(dict.fromkeys([args.solver, *[m for m in METHODS if m != "ours+cpsat" or args.cpsat_time_limit > 0]]))
+    rep = replay(args.instance, methods, restarts=args.restarts, seed=args.seed, cpsat_time_limit=args.cpsat_time_limit)
+    chosen = rep["methods"][args.solver]
+    out = {
+        "batches": [
+            {k: r[k] for k in ("assignment", "makespan", "lower_bound", "plan_seconds")} for r in chosen["batches"]
+        ],
+        "solver": args.solver,
+        "machine": machine(),
+        "comparison": {
+            name: {k: v for k, v in m.items() if k != "batches"} for name, m in rep["methods"].items()
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"load average {out['machine']['load_avg_1_5_15']} on {out['machine']['cpus']} CPUs")
+    print(replay_table(rep))
+    print(f"wrote {args.out} ({args.solver})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# Simulation mode
+# ----------------------------------------------------------------------------------------
+
+
+def run_scenario(scn: Scenario, lengths: np.ndarray, steps: int, seed: int) -> SimulationResult:
+    """All candidates + every baseline on one scenario and one length file."""
+    cluster = ClusterSpec(num_ranks=scn.num_gpus, ranks_per_node=8)
+    cost = CostModel.analytic(scn.model, HARDWARE, zero_stage=1, num_ranks=scn.num_gpus)
+    capped = np.minimum(lengths, scn.max_length)
+    pool = generate_candidates(capped, cluster, cost, batch_tokens=scn.tokens_per_step, max_length=scn.max_length, seed=seed)
+    config = SimulationConfig(tokens_per_step=scn.tokens_per_step, num_steps=steps, max_length=scn.max_length, seed=seed)
+    return simulate(capped, cluster, cost, config, candidates=pool.strategies)
+
+
+def scenario_record(scn: Scenario, set_name: str, res: SimulationResult, load: list[float]) -> dict[str, Any]:
+    summ = {name: tr.summary() for name, tr in res.traces.items()}
+    best = res.best_baseline()
+    bal = summ[BALANCER]
+    speedup = bal["tokens_per_second"] / summ[best]["tokens_per_second"] if best else None
+    return {
+        "scenario": scn.name,
+        "lengths": set_name,
+        "model": scn.model,
+        "num_gpus": scn.num_gpus,
+        "max_length": scn.max_length,
+        "tokens_per_step": scn.tokens_per_step,
+        "load_avg_at_end": load,
+        "best_baseline": best,
+        "speedup_vs_best_baseline": speedup,
+        "targets": {
+            "plan_ms_median": [bal["plan_ms_median"], scn.latency_target_ms, bal["plan_ms_median"] <= scn.latency_target_ms],
+            "estimate_over_bound_median": [
+                bal["median_estimate_over_bound"], BOUND_TARGET, bal["median_estimate_over_bound"] <= BOUND_TARGET,
+            ],
+            "speedup_goal": [speedup, SPEEDUP_GOAL, bool(speedup and speedup >= SPEEDUP_GOAL)],
+        },
+        "simulation": res.to_dict(),
+    }
+
+
+def headline_table(records: list[dict[str, Any]]) -> str:
+    head = (
+        "| scenario | lengths | Balancer strategies used | plan ms median / p99 | est/bound median | "
+        "best baseline | speedup vs best | load |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in records:
+        bal = r["simulation"]["policies"][BALANCER]["summary"]
+        lat_ok = "✓" if r["targets"]["plan_ms_median"][2] else "✗"
+        bnd_ok = "✓" if r["targets"]["estimate_over_bound_median"][2] else "✗"
+        sp = r["speedup_vs_best_baseline"]
+        rows.append(
+            f"| {r['scenario']} | {r['lengths']} | {bal['strategies_used']} | "
+            f"{bal['plan_ms_median']:.1f} / {bal['plan_ms_p99']:.1f} {lat_ok} | "
+            f"{bal['median_estimate_over_bound']:.3f} {bnd_ok} | {r['best_baseline']} | "
+            f"{sp:.2f}× | {r['load_avg_at_end'][0]:.2f} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def run_simulations(args: argparse.Namespace) -> int:
+    sets = args.lengths or (["code_kafka"] if args.quick else list(DEFAULT_SETS))
+    scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
+    if args.scenario and len(scenarios) != len(set(args.scenario)):
+        known = ", ".join(s.name for s in SCENARIOS)
+        raise SystemExit(f"unknown scenario in {args.scenario}; choose from {known}")
+    steps = args.steps or (3 if args.quick else 20)
+    start = machine()
+    print(f"load average {start['load_avg_1_5_15']} on {start['cpus']} CPUs; {steps} steps per run")
+    records = []
+    md = ["# Planner benchmark\n", f"Machine: {start['cpus']} CPUs, load average at start {start['load_avg_1_5_15']}, "
+          f"{start['time']}. Cost model: analytic, {HARDWARE}, ZeRO-1. {steps} steps per run.\n"]
+    for set_name in sets:
+        path = Path(set_name)
+        lengths = read_lengths(path if path.suffix else bundled_path(set_name))
+        label = path.stem if path.suffix else set_name
+        for scn in scenarios:
+            t0 = time.perf_counter()
+            res = run_scenario(scn, lengths, steps, args.seed)
+            rec = scenario_record(scn, label, res, [round(x, 2) for x in os.getloadavg()])
+            records.append(rec)
+            print(f"\n## {scn.name} on {label} ({time.perf_counter() - t0:.0f} s, load {rec['load_avg_at_end']})")
+            print(res.summary_table())
+            md.append(f"\n## {scn.name} on {label}\n\nLoad average after the run: {rec['load_avg_at_end']}.\n\n")
+            md.append(res.summary_table())
+    head = headline_table(records)
+    print("\n" + head)
+    md.insert(2, "\n## Headline\n\nSpeedup = Balancer tokens/s over the best baseline's. ✓/✗: latency target "
+              "(20 ms up to 64 GPUs, 200 ms at 1,024) and median estimate/bound ≤ 1.03.\n\n" + head)
+    result: dict[str, Any] = {"machine": start, "steps": steps, "hardware": HARDWARE, "runs": records}
+    if not args.no_instance:
+        rep = replay(INSTANCES_FILE, [m for m in METHODS if m != "ours+cpsat" or args.cpsat_time_limit > 0],
+                     cpsat_time_limit=args.cpsat_time_limit)
+        table = replay_table(rep)
+        print(table)
+        md.append("\n## Hydraulis 13B/64-GPU instances (makespan / lower bound)\n\n" + table)
+        result["instance"] = {k: v for k, v in rep.items() if k != "methods"}
+        result["instance"]["methods"] = {
+            name: {k: v for k, v in m.items() if k != "batches"} | {
+                "makespan": [r["makespan"] for r in m["batches"]], "plan_seconds": [r["plan_seconds"] for r in m["batches"]],
+            }
+            for name, m in rep["methods"].items()
+        }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "planner_quick" if args.quick else "planner"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / f"{stem}.md").write_text("".join(md))
+    print(f"wrote {out_dir / (stem + '.json')} and {stem}.md")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", action="append", metavar="PATH",
+                   help="length file (Parquet with a 'length' column) or bundled name; repeatable")
+    p.add_argument("--scenario", action="append", metavar="NAME", help="run only these scenarios; repeatable")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default 20; 3 with --quick)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 3 steps, code_kafka only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=str(RESULTS), help="where planner.json / planner.md go")
+    p.add_argument("--no-instance", action="store_true", help="skip the instance replay in simulation mode")
+    p.add_argument("--instance", metavar="FILE", help="replay fixed stage-1 instances instead of simulating")
+    p.add_argument("--out", metavar="OUT.json", help="instance mode: where to write the assignments")
+    p.add_argument("--solver", default="ours", choices=METHODS, help="instance mode: whose assignments go to --out")
+    p.add_argument("--restarts", type=int, default=50, help="random-restart greedy: shuffled orders")
+    p.add_argument("--cpsat-time-limit", type=float, default=1.0,
+                   help="seconds per batch for ours+cpsat (0 disables it)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.instance:
+        if not args.out:
+            raise SystemExit("--instance needs --out OUT.json")
+        if args.solver == "ours+cpsat" and args.cpsat_time_limit <= 0:
+            raise SystemExit("--solver ours+cpsat needs --cpsat-time-limit > 0")
+        return run_instance(args)
+    return run_simulations(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""``BalancedDataLoader``: keep your model, framework and dataset; swap the DataLoader.
+
+Each iteration yields one :class:`StepBatch` per optimizer step: the step's plan, this
+rank's micro-batches (collated), and the global loss-token count for exact loss
+normalisation::
+
+    loader = BalancedDataLoader(dataset, balancer=balancer, tokens_per_step=1 << 20, num_workers=4)
+    for batch in loader:
+        for k, mb in enumerate(batch.micro_batches):
+            with batch.sync_context(model, k):          # no_sync() on all but the last
+                loss = packed_loss(model(**inputs(mb)).logits, mb, grad_divisor=world)
+                loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+
+Map-style datasets: planning runs ahead in a background thread (``plan_ahead`` steps)
+and real ``torch.utils.data.DataLoader`` workers fetch and collate the micro-batches
+(the micro-batches are the DataLoader's batches, so ``num_workers`` workers fetch them in
+parallel). Iterable datasets (``torch.utils.data.IterableDataset``, Hugging Face
+streaming): see :mod:`dataloader.stream`.
+
+Resuming: :meth:`BalancedDataLoader.state_dict` records the steps *consumed* by the
+training loop (not the ones prefetched). Iterating again after a ``break`` continues
+after the last consumed step, the same as loading that state into a fresh loader.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch.utils.data as tud
+
+from balancer.plan import RankPlan, StepPlan
+
+from .collate import Collator, PackedCollator
+from .lengths import IGNORE_INDEX, compute_lengths, compute_loss_tokens
+from .sampler import BalancedBatchSampler, SamplerConfig, SamplerStep
+from .spec import MicroBatchSpec
+
+__all__ = ["SEQUENCE_KEYS", "BalancedDataLoader", "StepBatch"]
+
+SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask", "token_type_ids", "position_ids", "loss_mask")
+"""Per-token sample fields cut together when a sample is truncated or split."""
+
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepBatch:
+    """One optimizer step on this rank (design.md §7)."""
+
+    step: int
+    """Global step (from the start of the run, across epochs)."""
+    epoch: int
+    step_in_epoch: int
+    plan: StepPlan
+    rank_plan: RankPlan
+    micro_batches: list[Any]
+    """Collated micro-batches in execution order (packed dicts by default)."""
+    specs: tuple[MicroBatchSpec, ...]
+    """What each micro-batch holds (sample ids, pieces, planned loss tokens)."""
+    global_loss_tokens: int
+    """Loss tokens of the whole global batch; divide summed token losses by this."""
+
+    @property
+    def num_micro_batches(self) -> int:
+        return len(self.micro_batches)
+
+    def is_last_micro_batch(self, k: int) -> bool:
+        """True for the micro-batch whose backward must synchronise gradients."""
+        if not 0 <= k < len(self.micro_batches):
+            raise IndexError(f"micro-batch {k} outside 0..{len(self.micro_batches) - 1}")
+        return k == len(self.micro_batches) - 1
+
+    def num_loss_tokens(self, k: int) -> int:
+        """Planned loss tokens of micro-batch ``k`` on this rank."""
+        return self.specs[k].num_loss_tokens
+
+    def sync_context(self, model: Any, k: int) -> contextlib.AbstractContextManager[Any]:
+        """``model.no_sync()`` for all but the last micro-batch (DDP/FSDP), else a null context."""
+        if not self.is_last_micro_batch(k) and hasattr(model, "no_sync"):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------
+# pieces of the DataLoader: what workers run
+# ---------------------------------------------------------------------------------------
+def _tokens_of(sample: Any, key: str) -> Any:
+    return sample[key] if isinstance(sample, Mapping) else sample
+
+
+def cut_sample(sample: Any, spec: MicroBatchSpec, j: int, input_key: str, keys: Sequence[str]) -> Any:
+    """Check sequence ``j`` of ``spec`` against the fetched ``sample`` and cut it to its piece."""
+    sid = spec.sample_ids[j]
+    if isinstance(sample, Mapping) and input_key not in sample:
+        raise ValueError(f"sample {sid} has no field {input_key!r}; fields: {sorted(sample)}. Set input_key=...")
+    tokens = _tokens_of(sample, input_key)
+    got = len(tokens)
+    if got != spec.full_lengths[j]:
+        raise ValueError(
+            f"sample {sid} has {got} tokens in the dataset but the length source says {spec.full_lengths[j]}; "
+            "the lengths do not match the dataset (recompute them from this dataset)"
+        )
+    lo, hi = spec.starts[j], spec.ends[j]
+    if lo == 0 and hi == got:
+        return sample
+    if not isinstance(sample, Mapping):
+        return tokens[lo:hi]
+    out = dict(sample)
+    for key in keys:
+        value = out.get(key)
+        if value is not None and hasattr(value, "__len__") and len(value) == got:
+            out[key] = value[lo:hi]
+    return out
+
+
+class _FetchDataset(tud.Dataset):  # type: ignore[type-arg]
+    """Wraps the user's dataset: one ``__getitems__(spec)`` fetches a micro-batch's samples."""
+
+    def __init__(self, dataset: Any, input_key: str, keys: Sequence[str]) -> None:
+        self.dataset = dataset
+        self.input_key = input_key
+        self.keys = tuple(keys)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, spec: MicroBatchSpec) -> tuple[MicroBatchSpec, list[Any]]:
+        ids = list(spec.sample_ids)
+        if not ids:
+            return spec, []
+        getitems = getattr(self.dataset, "__getitems__", None)
+        samples = list(getitems(ids)) if getitems is not None else [self.dataset[i] for i in ids]
+        return spec, [cut_sample(s, spec, j, self.input_key, self.keys) for j, s in enumerate(samples)]
+
+
+@dataclass(frozen=True)
+class _CollateSpec:
+    """Collate ``(spec, samples)``: hydraulis collators get the spec, plain functions the samples."""
+
+    collate: Any
+
+    def __call__(self, data: tuple[MicroBatchSpec, list[Any]]) -> tuple[MicroBatchSpec, Any]:
+        spec, samples = data
+        if isinstance(self.collate, Collator):
+            return spec, self.collate(samples, spec)
+        return spec, (self.collate(samples) if samples else None)
+
+
+class _SpecFeed:
+    """The DataLoader's batch sampler: micro-batch specs of consecutive steps, in order."""
+
+    def __init__(self, sampler: BalancedBatchSampler) -> None:
+        self.sampler = sampler
+        self.steps: collections.deque[SamplerStep] = collections.deque()
+
+    def __iter__(self) -> Iterator[MicroBatchSpec]:
+        steps: collections.deque[SamplerStep] = collections.deque()
+        self.steps = steps
+        for step in self.sampler:
+            steps.append(step)
+            yield from step.micro_batches
+
+
+# ---------------------------------------------------------------------------------------
+# the loader
+# ---------------------------------------------------------------------------------------
+def _is_iterable_dataset(dataset: Any) -> bool:
+    if isinstance(dataset, tud.IterableDataset):
+        return True
+    cls = type(dataset)
+    return cls.__name__ == "IterableDataset" and cls.__module__.startswith("datasets")
+
+
+def _labels_piece_counter(dataset: Any, labels_key: str) -> Callable[[int, np.ndarray, np.ndarray], np.ndarray]:
+    def count(sample_id: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        labels = np.asarray(dataset[int(sample_id)][labels_key])
+        carries = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
+        return (carries[ends] - carries[np.minimum(starts + 1, ends)]).astype(np.int64)
+
+    return count
+
+
+class BalancedDataLoader:
+    """One :class:`StepBatch` per optimizer step, balanced by a :class:`~balancer.selector.Balancer`.
+
+    Build from a dataset::
+
+        BalancedDataLoader(dataset, balancer=b, lengths=None, tokens_per_step=65536, num_workers=2)
+
+    or from an existing loader with :meth:`wrap`. ``lengths``: any source accepted by
+    :func:`dataloader.lengths.compute_lengths` (default: the ``input_key`` column of a
+    Hugging Face dataset). ``loss_tokens``: per-sample loss tokens, a labels column name,
+    or ``None`` — then a Hugging Face dataset with a ``labels_key`` column is counted
+    (:func:`~dataloader.lengths.compute_loss_tokens`), otherwise ``length − 1``.
+    ``collate_fn``: a hydraulis :class:`~dataloader.collate.Collator` (default
+    :class:`~dataloader.collate.PackedCollator`) or any ``fn(samples)``; an idle replica's
+    empty micro-batch is collated by hydraulis collators to ``T = 0`` and is ``None`` for
+    plain functions. Sampler options (``tokens_per_step``, ``sequences_per_step``, ``seed``,
+    ``shuffle``, ``overlong``, ``max_length``, ``drop_last``, ``plan_ahead``, ``plan_sync``)
+    go in ``config`` or as keywords. The remaining keywords are the DataLoader's own.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        balancer: Any = None,
+        lengths: Any = None,
+        loss_tokens: Any = None,
+        config: SamplerConfig | None = None,
+        sampler: BalancedBatchSampler | None = None,
+        collate_fn: Any = None,
+        input_key: str = "input_ids",
+        labels_key: str = "labels",
+        sequence_keys: Sequence[str] = SEQUENCE_KEYS,
+        rank: int | None = None,
+        world_size: int | None = None,
+        process_group: Any = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        worker_init_fn: Callable[[int], None] | None = None,
+        multiprocessing_context: Any = None,
+        timeout: float = 0,
+        **options: Any,
+    ) -> None:
+        if config is not None and options:
+            raise ValueError(f"give sampler options either in config or as keywords, not both: {sorted(options)}")
+        self.dataset = dataset
+        self.collate_fn = collate_fn if collate_fn is not None else PackedCollator(input_key=input_key, labels_key=labels_key)
+        self.input_key, self.labels_key = input_key, labels_key
+        self.streaming = _is_iterable_dataset(dataset)
+        if self.streaming:
+            from .stream import StreamingSteps
+
+            if sampler is not None:
+                raise ValueError("an iterable (streaming) dataset cannot use a BalancedBatchSampler (it needs lengths up front)")
+            if balancer is None:
+                raise ValueError("BalancedDataLoader needs balancer=... (a balancer.selector.Balancer)")
+            self._stream = StreamingSteps(
+                dataset,
+                balancer,
+                config if config is not None else SamplerConfig(**options),
+                collate=self.collate_fn,
+                input_key=input_key,
+                labels_key=labels_key,
+                sequence_keys=sequence_keys,
+                rank=rank,
+                world_size=world_size,
+                process_group=process_group,
+                pin_memory=pin_memory,
+            )
+            return
+        if sampler is None:
+            if balancer is None:
+                raise ValueError("BalancedDataLoader needs balancer=... (a balancer.selector.Balancer) or sampler=...")
+            sampler = self._build_sampler(
+                dataset, balancer, lengths, loss_tokens, config or SamplerConfig(**options), rank, world_size, process_group
+            )
+        elif len(sampler.lengths) != len(dataset):
+            raise ValueError(f"the sampler has lengths for {len(sampler.lengths)} samples but the dataset has {len(dataset)}")
+        self.sampler = sampler
+        self._feed = _SpecFeed(sampler)
+        self._loader = tud.DataLoader(
+            _FetchDataset(dataset, input_key, sequence_keys),
+            batch_sampler=self._feed,  # type: ignore[arg-type]
+            collate_fn=_CollateSpec(self.collate_fn),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers,
+            worker_init_fn=worker_init_fn,
+            multiprocessing_context=multiprocessing_context,
+            timeout=timeout,
+        )
+        self._consumed = (sampler.epoch, sampler._start_step, sampler._global_step)
+        self._broken = False
+
+    @staticmethod
+    def _build_sampler(
+        dataset: Any, balancer: Any, lengths: Any, loss_tokens: Any, config: SamplerConfig, rank: Any, world_size: Any, group: Any
+    ) -> BalancedBatchSampler:
+        lens = compute_lengths(lengths, dataset=dataset)
+        hf = hasattr(dataset, "_fingerprint") and hasattr(dataset, "column_names")
+        if isinstance(loss_tokens, str):
+            loss = compute_loss_tokens(dataset, loss_tokens)
+            labels_key = loss_tokens
+        elif loss_tokens is None and hf and "labels" in dataset.column_names:
+            loss, labels_key = compute_loss_tokens(dataset, "labels"), "labels"
+        else:
+            loss, labels_key = loss_tokens, "labels"
+        return BalancedBatchSampler(
+            lens,
+            balancer,
+            config,
+            loss_tokens=loss,
+            piece_loss_tokens=_labels_piece_counter(dataset, labels_key),
+            rank=rank,
+            world_size=world_size,
+            process_group=group,
+        )
+
+    @classmethod
+    def wrap(
+        cls,
+        loader: tud.DataLoader,  # type: ignore[type-arg]
+        *,
+        lengths: Any = None,
+        balancer: Any,
+        collate_fn: Any = "keep",
+        **kwargs: Any,
+    ) -> "BalancedDataLoader":
+        """A balanced loader over ``loader``'s dataset, keeping its worker settings and collate_fn.
+
+        Keeps ``dataset``, ``collate_fn`` (unless it is torch's default, which cannot batch
+        variable-length samples: then :class:`~dataloader.collate.PackedCollator`),
+        ``num_workers``, ``pin_memory``, ``prefetch_factor``, ``persistent_workers``,
+        ``worker_init_fn``, ``multiprocessing_context`` and ``timeout``. Its sampler and
+        batch size are replaced by the balanced plan.
+        """
+        if collate_fn == "keep":
+            keep = loader.collate_fn
+            collate_fn = None if keep in (tud.default_collate, tud.default_convert) else keep
+        kept = {
+            "num_workers": loader.num_workers,
+            "pin_memory": loader.pin_memory,
+            "prefetch_factor": loader.prefetch_factor if loader.num_workers > 0 else None,
+            "persistent_workers": loader.persistent_workers,
+            "worker_init_fn": loader.worker_init_fn,
+            "multiprocessing_context": loader.multiprocessing_context,
+            "timeout": loader.timeout,
+        }
+        kept.update({k: v for k, v in kwargs.items() if k in kept})
+        rest = {k: v for k, v in kwargs.items() if k not in kept}
+        return cls(loader.dataset, balancer=balancer, lengths=lengths, collate_fn=collate_fn, **kept, **rest)
+
+    # -- iteration ---------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[StepBatch]:
+        if self.streaming:
+            yield from self._stream
+            return
+        if self._broken and self.sampler._pending is None:
+            self.sampler.load_state_dict(self.sampler.state_at(*self._consumed))
+        self._broken = True
+        inner = iter(self._loader)
+        got: list[Any] = []
+        specs: list[MicroBatchSpec] = []
+        step: SamplerStep | None = None
+        for spec, out in inner:
+            if step is None:
+                step = self._feed.steps.popleft()
+                if step.step != spec.step:
+                    raise RuntimeError(f"micro-batch of step {spec.step} arrived while assembling step {step.step}")
+            got.append(out)
+            specs.append(spec)
+            if spec.is_last:
+                batch = StepBatch(
+                    step=step.step,
+                    epoch=step.epoch,
+                    step_in_epoch=step.step_in_epoch,
+                    plan=step.plan,
+                    rank_plan=step.rank_plan,
+                    micro_batches=got,
+                    specs=tuple(specs),
+                    global_loss_tokens=step.global_loss_tokens,
+                )
+                got, specs, step = [], [], None
+                self._consumed = (batch.epoch, batch.step_in_epoch + 1, batch.step + 1)
+                yield batch
+        self._consumed = (self.sampler.epoch, 0, self.sampler._global_step)
+        self._broken = False
+
+    def __len__(self) -> int:
+        """Steps in the current epoch (map-style datasets only)."""
+        if self.streaming:
+            raise TypeError("a streaming BalancedDataLoader has no length (the stream's size is unknown)")
+        return self.sampler.num_steps(self._consumed[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at step 0 of ``epoch``."""
+        if self.streaming:
+            self._stream.set_epoch(epoch)
+            return
+        self.sampler.set_epoch(epoch)
+        self._consumed = (self.sampler.epoch, 0, self.sampler._global_step)
+        self._broken = False
+
+    @property
+    def stats(self) -> Any:
+        """Over-long and ``drop_last`` counts (:class:`~dataloader.sampler.SamplerStats`)."""
+        return self._stream.stats if self.streaming else self.sampler.stats
+
+    # -- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last step the training loop consumed; the sampler's state nested under ``"sampler"``."""
+        if self.streaming:
+            return {"version": _STATE_VERSION, "stream": self._stream.state_dict()}
+        return {"version": _STATE_VERSION, "sampler": self.sampler.state_at(*self._consumed)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Validate now, apply at the next ``__iter__``."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"cannot resume loader state version {state.get('version')!r} (expected {_STATE_VERSION})")
+        key = "stream" if self.streaming else "sampler"
+        if key not in state:
+            other = "sampler" if self.streaming else "stream"
+            hint = f" (it is a {'map-style' if self.streaming else 'streaming'} loader's state)" if other in state else ""
+            raise ValueError(f"cannot resume: loader state has no {key!r} entry{hint}")
+        if self.streaming:
+            self._stream.load_state_dict(state["stream"])
+            return
+        inner = state["sampler"]
+        self.sampler.load_state_dict(inner)
+        self._consumed = (int(inner["epoch"]), int(inner["step_in_epoch"]), int(inner["global_step"]))
+        self._broken = False
+

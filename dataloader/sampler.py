@@ -1,0 +1,631 @@
+"""The distributed, deterministic, resumable balanced batch sampler.
+
+One epoch, on every rank alike::
+
+    order    = permutation of the kept samples from (seed, epoch)       (no shuffle: 0..n-1)
+    batches  = consecutive runs of ``order``: ``sequences_per_step`` samples each, or
+               greedily as many as fit in ``tokens_per_step`` tokens (at least one sample)
+    plan_t   = Balancer.plan(lengths of batch t, step=global step t)
+    rank r   → plan_t.for_rank(r).micro_batches  (sample ids, per micro-batch)
+
+The global batch sequence depends only on (lengths, seed, epoch, budget, over-long
+policy and its ``max_length``) — never on the world size — so a run can resume on a
+different number of ranks and continue the epoch with no sample lost or repeated; only
+the plans (which replica runs which sample) change.
+
+Over-long samples (more tokens than ``max_length``, default ``balancer.max_sequence_length``)
+follow ``overlong``:
+
+* ``"error"`` (default): raise at construction, naming the sample, its length and the limit;
+* ``"truncate"``: keep the first ``max_length`` tokens;
+* ``"split"``: cut into pieces of at most ``max_length`` tokens that overlap by one token
+  (piece ``j`` starts at ``j·(max_length−1)``), each packed as its own sequence: no
+  attention crosses a piece boundary (later pieces lose the earlier context), but every
+  next-token target of the sample is trained exactly once. Pieces after the first get
+  ids ``len(dataset) + k`` in the plan (the batch's ``MicroBatchSpec`` maps them back);
+* ``"drop"``: leave the sample out of every epoch.
+
+Truncated, split and dropped samples are counted in :attr:`BalancedBatchSampler.stats`
+and announced with one warning at construction — never silent.
+
+The final batch of an epoch: with ``drop_last=False`` (default) it is trained as a
+smaller step (loss normalisation uses its own ``global_loss_tokens``, so the gradient is
+still an exact token mean). With ``drop_last=True`` it is skipped when partial — in
+``sequences_per_step`` mode when it holds fewer samples, in ``tokens_per_step`` mode
+always (it is the one batch the budget did not close); the skipped samples are counted
+in ``stats.dropped_last_samples`` and are in the next epoch's shuffle as usual.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from numba import njit
+
+from balancer.plan import RankPlan, StepPlan
+
+from .lengths import check_lengths
+from .planning import PLAN_SYNC_MODES, PlanBatch, PlanStream
+from .spec import MicroBatchSpec
+
+__all__ = ["OVERLONG_POLICIES", "BalancedBatchSampler", "SamplerConfig", "SamplerStats", "SamplerStep"]
+
+OVERLONG_POLICIES = ("error", "truncate", "split", "drop")
+_STATE_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class SamplerConfig:
+    """How global batches are formed and planned. Give exactly one of the two budgets."""
+
+    tokens_per_step: int | None = None
+    """Global batch budget in tokens (all ranks together); batches take samples until the next would exceed it."""
+    sequences_per_step: int | None = None
+    """Global batch size in samples (all ranks together)."""
+    seed: int = 0
+    """Seed of the per-epoch shuffle (the order of epoch ``e`` comes from ``(seed, e)``)."""
+    shuffle: bool = True
+    """Shuffle every epoch; ``False`` keeps dataset order."""
+    overlong: str = "error"
+    """Policy for samples above ``max_length`` tokens: ``error``, ``truncate``, ``split`` or ``drop``."""
+    max_length: int | None = None
+    """Over-long threshold in tokens; ``None`` = the balancer's ``max_sequence_length``."""
+    drop_last: bool = False
+    """Skip a partial final batch per epoch (counted in the stats); see the module docstring."""
+    plan_ahead: int = 2
+    """Steps planned in the background ahead of the consumer."""
+    plan_sync: str = "auto"
+    """``none``, ``verify`` (all-gather plan digests), ``broadcast`` (rank 0 plans), or ``auto``:
+    ``broadcast`` under an initialised multi-rank torch.distributed, else ``none``."""
+
+    def __post_init__(self) -> None:
+        if (self.tokens_per_step is None) == (self.sequences_per_step is None):
+            raise ValueError(
+                "SamplerConfig: give exactly one of tokens_per_step (e.g. 1_048_576) or sequences_per_step (e.g. 512); "
+                f"got tokens_per_step={self.tokens_per_step}, sequences_per_step={self.sequences_per_step}"
+            )
+        for name in ("tokens_per_step", "sequences_per_step", "max_length", "plan_ahead"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"SamplerConfig: {name}={v!r} must be a positive integer")
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"SamplerConfig: overlong={self.overlong!r}; choose one of {list(OVERLONG_POLICIES)}")
+        if self.plan_sync not in (*PLAN_SYNC_MODES, "auto"):
+            raise ValueError(f"SamplerConfig: plan_sync={self.plan_sync!r}; choose one of {[*PLAN_SYNC_MODES, 'auto']}")
+        if self.overlong == "split" and self.max_length == 1:
+            raise ValueError("SamplerConfig: overlong='split' needs max_length >= 2 (pieces overlap by one token)")
+
+
+@dataclass
+class SamplerStats:
+    """What the over-long policy and ``drop_last`` did (all counts in samples unless named tokens)."""
+
+    num_samples: int = 0
+    num_kept: int = 0
+    dropped_overlong: int = 0
+    dropped_overlong_ids: list[int] = field(default_factory=list)
+    """First few dropped sample ids (at most 16)."""
+    truncated: int = 0
+    truncated_tokens: int = 0
+    split: int = 0
+    extra_pieces: int = 0
+    dropped_last_samples: int = 0
+    """Samples skipped by ``drop_last`` so far (summed over epochs iterated)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerStep:
+    """One optimizer step for this rank: the plan and this rank's micro-batches."""
+
+    step: int
+    epoch: int
+    step_in_epoch: int
+    plan: StepPlan
+    rank_plan: RankPlan
+    micro_batches: tuple[MicroBatchSpec, ...]
+    global_loss_tokens: int
+
+    @property
+    def sample_ids(self) -> list[list[int]]:
+        """Dataset indices per micro-batch (a split sample's pieces show its own id)."""
+        return [list(mb.sample_ids) for mb in self.micro_batches]
+
+
+@njit(cache=True)
+def _token_budget_bounds(tokens: np.ndarray, budget: int) -> np.ndarray:
+    """Batch boundaries: each batch takes samples in order until the next would exceed ``budget``."""
+    n = tokens.size
+    out = np.empty(n + 1, dtype=np.int64)
+    out[0] = 0
+    m = 0
+    acc = 0
+    for i in range(n):
+        t = tokens[i]
+        if acc > 0 and acc + t > budget:
+            m += 1
+            out[m] = i
+            acc = 0
+        acc += t
+    if n > 0:
+        m += 1
+        out[m] = n
+    return out[: m + 1]
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """Per-sample pieces after the over-long policy (piece id = sample id for the first piece)."""
+
+    kept: np.ndarray  # int64[k] sample ids that take part in epochs
+    first_len: np.ndarray  # int64[n] tokens of the first piece
+    first_loss: np.ndarray  # int64[n] loss tokens of the first piece
+    sample_tokens: np.ndarray  # int64[n] tokens over all pieces of the sample
+    extra_offset: np.ndarray  # int64[n+1] range of the sample's extra pieces
+    extra_sample: np.ndarray  # int64[e]
+    extra_start: np.ndarray  # int64[e]
+    extra_end: np.ndarray  # int64[e]
+    extra_loss: np.ndarray  # int64[e]
+
+
+class BalancedBatchSampler:
+    """Global batches → balanced plans → this rank's micro-batches, one step at a time.
+
+    ``lengths``: tokens per sample (``int64[n]``, index = sample id). ``balancer``: a
+    :class:`balancer.selector.Balancer` (or anything with ``plan``, ``prefetch`` and
+    ``max_sequence_length``). ``loss_tokens``: loss-carrying tokens per sample (default
+    ``lengths − 1``). ``piece_loss_tokens(sample_id, starts, ends) -> int64[k]`` counts
+    loss tokens of truncated/split pieces when ``loss_tokens`` is custom. ``rank`` /
+    ``world_size`` default to torch.distributed (else 0 / 1).
+
+    Iterating yields one :class:`SamplerStep` per optimizer step. Each ``__iter__`` runs
+    one epoch from the current position and then advances the epoch; a loaded state
+    (:meth:`load_state_dict`) applies at the next ``__iter__``.
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray | Sequence[int],
+        balancer: Any,
+        config: SamplerConfig,
+        *,
+        loss_tokens: np.ndarray | Sequence[int] | None = None,
+        piece_loss_tokens: Callable[[int, np.ndarray, np.ndarray], np.ndarray] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        process_group: Any = None,
+    ) -> None:
+        if not isinstance(config, SamplerConfig):
+            raise ValueError(f"config must be a SamplerConfig, got {type(config).__name__}")
+        self.config = config
+        self.balancer = balancer
+        self.lengths = check_lengths(lengths)
+        n = self.lengths.size
+        if loss_tokens is None:
+            self.loss_tokens = self.lengths - 1
+            self._custom_loss = False
+        else:
+            self.loss_tokens = check_lengths(np.asarray(loss_tokens) + 1, num_samples=n, what="loss_tokens + 1") - 1
+            bad = np.flatnonzero(self.loss_tokens > self.lengths - 1)
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(
+                    f"sample {i}: loss_tokens={int(self.loss_tokens[i])} but a {int(self.lengths[i])}-token sample "
+                    f"has at most {int(self.lengths[i]) - 1} (the first token carries no loss)"
+                )
+            self._custom_loss = bool(np.any(self.loss_tokens != self.lengths - 1))
+        self._piece_loss_tokens = piece_loss_tokens
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        cluster = getattr(balancer, "cluster_spec", None)
+        if cluster is not None and cluster.num_ranks != self.world_size:
+            raise ValueError(
+                f"the balancer plans for {cluster.num_ranks} ranks but world_size={self.world_size}; "
+                "build its ClusterSpec with num_ranks=world_size"
+            )
+        self._sync = _resolve_sync(config.plan_sync, self.world_size)
+        self._group = _plan_group(self._sync, process_group)
+        self.max_length = int(config.max_length or balancer.max_sequence_length)
+        if self.max_length > int(balancer.max_sequence_length):
+            raise ValueError(
+                f"max_length={self.max_length} tokens is above the balancer's largest capacity "
+                f"{int(balancer.max_sequence_length)}; lower max_length or add a candidate with more tp/cp"
+            )
+        self.stats = SamplerStats(num_samples=n)
+        self._pieces = self._build_pieces(self.max_length, announce=True)
+        self.epoch = 0
+        self._start_step = 0
+        self._global_step = 0
+        self._pending: dict[str, Any] | None = None
+        self._cached_epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._stream: PlanStream[SamplerStep] | None = None
+
+    # -- over-long policy ------------------------------------------------------------------------
+    def _build_pieces(self, cap: int, *, announce: bool) -> _Pieces:
+        lengths, loss = self.lengths, self.loss_tokens
+        n = lengths.size
+        over = lengths > cap
+        policy = self.config.overlong
+        if over.any() and policy == "error":
+            i = int(np.flatnonzero(over)[0])
+            raise ValueError(
+                f"sample {i} has {int(lengths[i])} tokens, above the largest capacity {cap} "
+                f"({int(over.sum())} sample(s) too long in all); raise the capacity (more tp/cp, more memory) or use "
+                "overlong='truncate', 'split' or 'drop'"
+            )
+        first_len = np.minimum(lengths, cap) if policy in ("truncate", "split") else lengths.copy()
+        first_loss = loss.copy()
+        kept = np.arange(n, dtype=np.int64)
+        e_sample = np.zeros(0, dtype=np.int64)
+        e_start = e_end = e_loss = e_sample
+        counts = np.zeros(n, dtype=np.int64)
+        stats = self.stats
+        if policy == "drop":
+            kept = np.flatnonzero(~over).astype(np.int64)
+            stats.dropped_overlong = int(over.sum())
+            stats.dropped_overlong_ids = np.flatnonzero(over)[:16].tolist()
+        elif policy in ("truncate", "split") and over.any():
+            ids = np.flatnonzero(over)
+            if policy == "split":
+                counts[ids] = -(-(lengths[ids] - cap) // (cap - 1))  # extra pieces per sample
+                e_sample = np.repeat(ids, counts[ids])
+                within = np.arange(e_sample.size) - np.repeat(np.cumsum(counts[ids]) - counts[ids], counts[ids])
+                e_start = (within + 1) * (cap - 1)
+                e_end = np.minimum(lengths[e_sample], e_start + cap)
+                stats.split, stats.extra_pieces = int(ids.size), int(e_sample.size)
+            else:
+                stats.truncated = int(ids.size)
+                stats.truncated_tokens = int((lengths[ids] - cap).sum())
+            first_loss[ids] = first_len[ids] - 1
+            e_loss = e_end - e_start - 1
+            if self._custom_loss:
+                first_loss, e_loss = self._custom_piece_loss(ids, first_len, first_loss, e_sample, e_start, e_end, e_loss)
+        stats.num_kept = int(kept.size)
+        offset = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=offset[1:])
+        sample_tokens = first_len + np.bincount(e_sample, weights=e_end - e_start, minlength=n).astype(np.int64)
+        if announce:
+            self._announce()
+        return _Pieces(kept, first_len, first_loss, sample_tokens, offset, e_sample, e_start, e_end, e_loss)
+
+    def _custom_piece_loss(self, ids, first_len, first_loss, e_sample, e_start, e_end, e_loss):  # type: ignore[no-untyped-def]
+        differs = ids[self.loss_tokens[ids] != self.lengths[ids] - 1]
+        if differs.size == 0:
+            return first_loss, e_loss
+        if self._piece_loss_tokens is None:
+            i = int(differs[0])
+            raise ValueError(
+                f"sample {i} is over-long ({int(self.lengths[i])} tokens) and has a custom loss-token count; "
+                f"overlong={self.config.overlong!r} needs piece_loss_tokens=... to count its pieces' loss tokens "
+                "(BalancedDataLoader supplies one from the dataset's labels)"
+            )
+        first_loss, e_loss = first_loss.copy(), e_loss.copy()
+        for i in differs.tolist():
+            lo, hi = np.searchsorted(e_sample, [i, i + 1])
+            starts = np.concatenate([[0], e_start[lo:hi]])
+            ends = np.concatenate([[first_len[i]], e_end[lo:hi]])
+            got = np.asarray(self._piece_loss_tokens(int(i), starts, ends), dtype=np.int64)
+            first_loss[i] = got[0]
+            e_loss[lo:hi] = got[1:]
+        return first_loss, e_loss
+
+    def _announce(self) -> None:
+        s = self.stats
+        parts = []
+        if s.dropped_overlong:
+            parts.append(f"dropped {s.dropped_overlong} sample(s) (e.g. ids {s.dropped_overlong_ids[:4]})")
+        if s.truncated:
+            parts.append(f"truncated {s.truncated} sample(s), losing {s.truncated_tokens} tokens")
+        if s.split:
+            parts.append(f"split {s.split} sample(s) into {s.split + s.extra_pieces} pieces (no attention across pieces)")
+        if parts:
+            warnings.warn(
+                f"overlong={self.config.overlong!r} with max_length={self.max_length} tokens: " + "; ".join(parts),
+                stacklevel=3,
+            )
+
+    # -- epochs ------------------------------------------------------------------------------------
+    def _epoch_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order, bounds) of ``epoch``: sample ids in epoch order and batch boundaries into it."""
+        if self._cached_epoch is not None and self._cached_epoch[0] == epoch:
+            return self._cached_epoch[1], self._cached_epoch[2]
+        cfg, kept = self.config, self._pieces.kept
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(kept) if cfg.shuffle else kept
+        if cfg.sequences_per_step is not None:
+            k = cfg.sequences_per_step
+            bounds = np.append(np.arange(0, order.size, k, dtype=np.int64), order.size)
+            partial = order.size % k != 0
+        else:
+            bounds = _token_budget_bounds(self._pieces.sample_tokens[order], int(cfg.tokens_per_step))
+            partial = True
+        if cfg.drop_last and partial and bounds.size > 1:
+            bounds = bounds[:-1]
+        self._cached_epoch = (epoch, order, bounds)
+        return order, bounds
+
+    def num_steps(self, epoch: int | None = None) -> int:
+        """Optimizer steps in ``epoch`` (default: the current one)."""
+        _, bounds = self._epoch_batches(self.epoch if epoch is None else epoch)
+        return int(bounds.size - 1)
+
+    def __len__(self) -> int:
+        return self.num_steps()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next ``__iter__`` at step 0 of ``epoch`` (like ``DistributedSampler.set_epoch``)."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch} must be >= 0")
+        if epoch != self.epoch:
+            self._global_step += self._steps_between(self.epoch, self._start_step, epoch)
+        self.epoch, self._start_step = int(epoch), 0
+
+    def _steps_between(self, epoch: int, step: int, new_epoch: int) -> int:
+        if new_epoch <= epoch:
+            return 0
+        return (self.num_steps(epoch) - step) + sum(self.num_steps(e) for e in range(epoch + 1, new_epoch))
+
+    def _batch(self, order: np.ndarray, lo: int, hi: int, step: int, epoch: int, in_epoch: int) -> PlanBatch:
+        p = self._pieces
+        samples = order[lo:hi]
+        cnt = p.extra_offset[samples + 1] - p.extra_offset[samples]
+        extra = np.repeat(p.extra_offset[samples], cnt) + (np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+        n = self.lengths.size
+        ids = np.concatenate([samples, n + extra])
+        lengths = np.concatenate([p.first_len[samples], p.extra_end[extra] - p.extra_start[extra]])
+        loss = np.concatenate([p.first_loss[samples], p.extra_loss[extra]])
+        return PlanBatch(step=step, lengths=lengths, ids=ids, loss_tokens=loss, meta=(epoch, in_epoch))
+
+    def _batches(self, epoch: int, start: int, global_step: int) -> Iterator[PlanBatch]:
+        order, bounds = self._epoch_batches(epoch)
+        for t in range(start, bounds.size - 1):
+            yield self._batch(order, int(bounds[t]), int(bounds[t + 1]), global_step + t - start, epoch, t)
+
+    # -- plans → this rank's work ----------------------------------------------------------------------
+    def piece(self, piece_id: int) -> tuple[int, int, int]:
+        """``(sample_id, start, end)`` of a plan sequence id (split pieces have ids ``>= len(dataset)``)."""
+        n = self.lengths.size
+        p = self._pieces
+        if piece_id < n:
+            return piece_id, 0, int(p.first_len[piece_id])
+        e = piece_id - n
+        return int(p.extra_sample[e]), int(p.extra_start[e]), int(p.extra_end[e])
+
+    def _build_step(self, batch: PlanBatch, plan: StepPlan) -> SamplerStep:
+        epoch, in_epoch = batch.meta
+        want_loss = int(batch.loss_tokens.sum())
+        if plan.global_sequences != batch.ids.size or plan.global_loss_tokens != want_loss:
+            raise ValueError(
+                f"step {batch.step}: the plan holds {plan.global_sequences} sequences / {plan.global_loss_tokens} loss "
+                f"tokens but the batch has {batch.ids.size} / {want_loss}; the plan does not belong to this batch"
+            )
+        _check_world(plan, self.world_size)
+        rank_plan = plan.for_rank(self.rank)
+        layout = rank_plan.layout
+        where = {int(pid): j for j, pid in enumerate(batch.ids.tolist())}
+        n = self.lengths.size
+        p = self._pieces
+        specs = []
+        num = len(rank_plan.micro_batches)
+        for k, mb in enumerate(rank_plan.micro_batches):
+            sids, starts, ends, full, loss = [], [], [], [], []
+            for pid in mb:
+                j = where.get(pid)
+                if j is None:
+                    raise ValueError(f"step {batch.step}: the plan names sequence {pid}, which is not in the batch")
+                if pid < n:
+                    sid, s0, s1 = pid, 0, int(p.first_len[pid])
+                else:
+                    sid, s0, s1 = self.piece(pid)
+                sids.append(sid)
+                starts.append(s0)
+                ends.append(s1)
+                full.append(int(self.lengths[sid]))
+                loss.append(int(batch.loss_tokens[j]))
+            specs.append(
+                MicroBatchSpec(
+                    step=batch.step,
+                    epoch=epoch,
+                    step_in_epoch=in_epoch,
+                    index=k,
+                    num_micro_batches=num,
+                    sample_ids=tuple(sids),
+                    starts=tuple(starts),
+                    ends=tuple(ends),
+                    full_lengths=tuple(full),
+                    loss_tokens=tuple(loss),
+                    global_loss_tokens=want_loss,
+                    cp=layout.cp,
+                    cp_rank=rank_plan.cp_rank,
+                )
+            )
+        return SamplerStep(
+            step=batch.step,
+            epoch=epoch,
+            step_in_epoch=in_epoch,
+            plan=plan,
+            rank_plan=rank_plan,
+            micro_batches=tuple(specs),
+            global_loss_tokens=want_loss,
+        )
+
+    # -- iteration ------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[SamplerStep]:
+        if self._pending is not None:
+            self._apply_state(self._pending)
+            self._pending = None
+        if self._stream is not None:
+            self._stream.close()
+        epoch, start, g0 = self.epoch, self._start_step, self._global_step
+        if start >= self.num_steps(epoch):  # a state saved right at the end of an epoch
+            epoch, start = epoch + 1, 0
+            self.epoch, self._start_step = epoch, 0
+        stream: PlanStream[SamplerStep] = PlanStream(
+            self.balancer,
+            self._batches(epoch, start, g0),
+            self._build_step,
+            depth=self.config.plan_ahead,
+            sync=self._sync,
+            group=self._group,
+            rank=self.rank,
+        )
+        self._stream = stream
+        finished = False
+        try:
+            for item in stream:
+                self._start_step = item.step_in_epoch + 1
+                self._global_step = item.step + 1
+                yield item
+            finished = True
+        finally:
+            stream.close()
+            if finished:
+                order, bounds = self._epoch_batches(epoch)
+                self.stats.dropped_last_samples += int(order.size - bounds[-1])
+                self.epoch, self._start_step = epoch + 1, 0
+            else:  # a broken-off epoch restarts from its first step at the next __iter__
+                self._global_step = g0
+                self._start_step = start
+
+    # -- state --------------------------------------------------------------------------------------
+    def state_at(self, epoch: int, step_in_epoch: int, global_step: int) -> dict[str, Any]:
+        """The state that resumes at ``step_in_epoch`` of ``epoch`` (global step ``global_step``)."""
+        cfg = self.config
+        state: dict[str, Any] = {
+            "version": _STATE_VERSION,
+            "epoch": int(epoch),
+            "step_in_epoch": int(step_in_epoch),
+            "global_step": int(global_step),
+            "seed": cfg.seed,
+            "world_size": self.world_size,
+            "num_samples": int(self.lengths.size),
+            "batching": self._batching(),
+        }
+        child = getattr(self.balancer, "state_dict", None)
+        if child is not None:
+            state["balancer"] = child()
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the next ``__iter__`` continues: torchdata's conventions (small, versioned, children nested)."""
+        return self.state_at(self.epoch, self._start_step, self._global_step)
+
+    def _batching(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "tokens_per_step": cfg.tokens_per_step,
+            "sequences_per_step": cfg.sequences_per_step,
+            "shuffle": cfg.shuffle,
+            "overlong": cfg.overlong,
+            "max_length": self.max_length,
+            "drop_last": cfg.drop_last,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Validate ``state`` now; apply it at the next ``__iter__``."""
+        version = state.get("version")
+        if version != _STATE_VERSION:
+            raise ValueError(f"cannot resume sampler state version {version!r}; this library reads version {_STATE_VERSION}")
+        missing = {"epoch", "step_in_epoch", "global_step", "seed", "world_size", "num_samples", "batching"} - set(state)
+        if missing:
+            raise ValueError(f"cannot resume: sampler state lacks {sorted(missing)}")
+        if int(state["num_samples"]) != self.lengths.size:
+            raise ValueError(
+                f"cannot resume: the dataset had {state['num_samples']} samples, now {self.lengths.size}; "
+                "resume on the same dataset"
+            )
+        if int(state["seed"]) != self.config.seed:
+            raise ValueError(f"cannot resume: seed changed {state['seed']} → {self.config.seed}; build the sampler with seed={state['seed']}")
+        mine, theirs = self._batching(), dict(state["batching"])
+        for key in mine:
+            if key == "max_length":
+                continue
+            if theirs.get(key) != mine[key]:
+                raise ValueError(
+                    f"cannot resume: {key} changed {theirs.get(key)!r} → {mine[key]!r}; the global batch sequence "
+                    f"depends on it, so build the sampler with {key}={theirs.get(key)!r}"
+                )
+        saved_cap = int(theirs["max_length"])
+        if saved_cap != self.max_length and saved_cap > int(self.balancer.max_sequence_length):
+            raise ValueError(
+                f"cannot resume: the run cut samples at max_length={saved_cap} tokens but the new balancer holds at most "
+                f"{int(self.balancer.max_sequence_length)}; add a candidate with more capacity"
+            )
+        for key in ("epoch", "step_in_epoch", "global_step"):
+            if int(state[key]) < 0:
+                raise ValueError(f"cannot resume: {key}={state[key]} must be >= 0")
+        self._pending = dict(state)
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        saved_cap = int(state["batching"]["max_length"])
+        if saved_cap != self.max_length:
+            self.max_length = saved_cap
+            self.stats = SamplerStats(num_samples=self.lengths.size)
+            self._pieces = self._build_pieces(saved_cap, announce=False)
+            self._cached_epoch = None
+        self.epoch = int(state["epoch"])
+        self._start_step = int(state["step_in_epoch"])
+        self._global_step = int(state["global_step"])
+        child = state.get("balancer")
+        loader = getattr(self.balancer, "load_state_dict", None)
+        if child is not None and loader is not None:
+            if int(state["world_size"]) == self.world_size:
+                loader(child)
+            else:
+                warnings.warn(
+                    f"resuming on {self.world_size} ranks (was {state['world_size']}): the epoch continues with the same "
+                    "global batches; the balancer's per-rank state (straggler speeds) starts fresh",
+                    stacklevel=3,
+                )
+
+
+# -------------------------------------------------------------------------------------------------
+# torch.distributed defaults
+# -------------------------------------------------------------------------------------------------
+def _dist_ready() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return False
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if _dist_ready():
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if rank is None else rank
+        world_size = dist.get_world_size() if world_size is None else world_size
+    rank = 0 if rank is None else int(rank)
+    world_size = 1 if world_size is None else int(world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in 0..world_size-1 with world_size={world_size} >= 1")
+    return rank, world_size
+
+
+def _resolve_sync(mode: str, world_size: int) -> str:
+    if mode == "auto":
+        return "broadcast" if world_size > 1 and _dist_ready() else "none"
+    if mode != "none" and not _dist_ready():
+        raise ValueError(f"plan_sync={mode!r} needs an initialised torch.distributed process group; use plan_sync='none'")
+    return mode
+
+
+def _plan_group(sync: str, process_group: Any) -> Any:
+    """A dedicated gloo group for plan exchange (created collectively: every rank builds the sampler)."""
+    if sync == "none":
+        return None
+    import torch.distributed as dist
+
+    if process_group is not None:
+        return process_group
+    return dist.new_group(backend="gloo")
+
+
+def _check_world(plan: StepPlan, world_size: int) -> None:
+    if plan.num_ranks != world_size:
+        raise ValueError(
+            f"plan for step {plan.step} covers {plan.num_ranks} ranks but the sampler runs on {world_size}; "
+            "build the balancer's ClusterSpec with num_ranks=world_size"
+        )
+

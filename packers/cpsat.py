@@ -1,0 +1,479 @@
+"""OR-tools CP-SAT models for makespan and min-max packing, warm-started by the greedy.
+
+One model serves both problems (min-max packing is the one-type, speed-1 case). It is
+built in the order data → variables → constraints → objective → hint → solve → decode.
+
+Data: times are turned into integers ``cost_ij = floor(scale · times[i, k_j] / v_j)``
+(and ``floor(scale · w_j · times[i, k_j] / v_j)`` for the pipeline term), with ``scale``
+putting the greedy makespan at 10^7 units. Rounding *down* makes the integer model a
+relaxation of the real one, so the solver's proven bound divided by ``scale`` is a valid
+lower bound in seconds; the decoded answer is re-scored in exact float arithmetic.
+
+Model (per bin class, bins are interchangeable, so their loads are ordered to break
+symmetry; the greedy answer is relabelled to satisfy that order):
+
+    x[i, j] ∈ {0, 1}   item i runs on bin j            (only for eligible pairs)
+    top[j] >= wcost_ij · x[i, j]                         (pipeline term, bins with w_j > 0)
+    load[j] = Σ_i cost_ij · x[i, j] + top[j]             (explicit load variables)
+    makespan >= load[j];  minimise makespan
+    Σ_j x[i, j] = 1                                      (every item exactly once)
+    Σ_i sizes_i · x[i, j] <= capacity_j                  (where the capacity can bind)
+    Σ_i x[i, j] >= 1                                     (require_nonempty: the bins the
+                                                          greedy filled, i.e. all that
+                                                          eligibility allows)
+
+Large instances (more eligible pairs than ``max_model_pairs``) are not modelled whole:
+a large-neighbourhood search repeatedly frees the items of the bottleneck bins plus a
+few other bins (half the least-loaded, half random), solves that sub-model with the
+other bins fixed, and keeps the answer when the freed bins' largest load drops. No
+global bound is proven then (``bound=None``).
+
+Every status is handled: OPTIMAL / FEASIBLE are decoded; INFEASIBLE, MODEL_INVALID and
+UNKNOWN (time out before a solution) fall back to the greedy answer. The returned
+answer is never worse than the hint: both are re-scored exactly and the better kept.
+``.solver`` is ``"cpsat:<STATUS>"`` (``"cpsat-lns:<STATUS>"``) when CP-SAT's answer is
+returned and ``"<greedy>;cpsat:<STATUS>"`` when the hint is kept; ``.status`` is the
+solver status. With ``num_workers=1`` the search is sequential, but a wall-clock time
+limit can still cut it at different points on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from packers._assign import Instance, bin_loads, build_instance, improve
+from packers.makespan import makespan_instance, solve_instance
+from packers.minmax import minmax_greedy, minmax_instance
+from packers.types import Assignment
+from packers.validate import UNLIMITED_TOKENS, as_hint
+
+__all__ = ["cpsat_makespan", "cpsat_minmax_pack", "MAX_MODEL_PAIRS"]
+
+MAX_MODEL_PAIRS = 6000
+"""Default largest number of eligible (item, bin) pairs modelled whole; above it, LNS."""
+_UNITS = 10_000_000
+"""Integer units the reference makespan is scaled to (fine enough: one unit = 1e-7 of it)."""
+_LNS_MAX_BINS = 8
+"""Most bins freed per LNS round."""
+_LNS_MIN_ROUND = 0.01
+"""Seconds: stop the LNS when less time than this is left."""
+
+
+# ----------------------------------------------------------------------------------------
+# data
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CpsatData:
+    """Integer data of one model (full instance or LNS sub-instance)."""
+
+    inst: Instance
+    scale: float
+    """Integer units per second."""
+    pair_item: np.ndarray
+    """int64[p]: item of every eligible pair."""
+    pair_bin: np.ndarray
+    """int64[p]: bin of every eligible pair."""
+    cost: np.ndarray
+    """int64[p]: floor(scale · t / v) of the pair."""
+    wcost: np.ndarray
+    """int64[p]: floor(scale · w · t / v) of the pair (0 where w = 0)."""
+    hint: np.ndarray | None
+    """int64[n]: starting assignment, relabelled so loads are non-increasing within classes."""
+    upper: int
+    """Upper bound on the makespan in units (the hint's, else a trivial one)."""
+    nonempty: np.ndarray
+    """int64[]: bins that must receive an item."""
+    capacity_bins: np.ndarray
+    """int64[]: bins whose token capacity can bind."""
+
+
+def _eligible_pairs(inst: Instance) -> tuple[np.ndarray, np.ndarray]:
+    t = inst.times[:, inst.bin_type]  # (n, m) — only called for models small enough
+    ok = np.isfinite(t) & (inst.sizes[:, None] <= inst.bin_capacity[None, :])
+    item, b = np.nonzero(ok)
+    return item.astype(np.int64), b.astype(np.int64)
+
+
+def _count_pairs(inst: Instance) -> int:
+    """Eligible pairs, counted per class without an (n, m) temporary."""
+    total = 0
+    for c in range(inst.cls_type.shape[0]):
+        ok = np.isfinite(inst.times[:, inst.cls_type[c]]) & (inst.sizes <= inst.cls_cap[c])
+        total += int(ok.sum()) * int(inst.cls_ptr[c + 1] - inst.cls_ptr[c])
+    return total
+
+
+def _scaled_loads(data_cost: np.ndarray, data_wcost: np.ndarray, pair_of: np.ndarray, pair_bin: np.ndarray, m: int) -> np.ndarray:
+    """Integer loads of the assignment given by the chosen pair of every item."""
+    s = np.bincount(pair_bin[pair_of], weights=data_cost[pair_of], minlength=m)
+    top = np.zeros(m)
+    np.maximum.at(top, pair_bin[pair_of], data_wcost[pair_of])
+    return (s + top).astype(np.int64)
+
+
+def _relabel_by_class(inst: Instance, hint: np.ndarray, loads: np.ndarray) -> np.ndarray:
+    """Permute bins inside each class so that loads are non-increasing along the class."""
+    counts = np.bincount(hint, minlength=inst.m)
+    new_of_old = np.arange(inst.m)
+    for c in range(inst.cls_type.shape[0]):
+        bins = inst.cls_bins[inst.cls_ptr[c] : inst.cls_ptr[c + 1]]
+        order = bins[np.lexsort((bins, -counts[bins], -loads[bins]))]
+        new_of_old[order] = bins
+    return new_of_old[hint]
+
+
+def model_data(inst: Instance, hint: np.ndarray | None, *, require_nonempty: bool, reference: float) -> CpsatData:
+    """Integer data: eligible pairs, floored costs, relabelled hint, forced-nonempty bins.
+
+    ``reference`` (seconds, > 0) is mapped to ``_UNITS`` integer units.
+    """
+    item, b = _eligible_pairs(inst)
+    scale = _UNITS / reference if reference > 0 else 1.0
+    t = inst.times[item, inst.bin_type[b]] / inst.speed[b]
+    cost = np.floor(scale * t).astype(np.int64)
+    wcost = np.floor(scale * inst.pp_weight[b] * t).astype(np.int64)
+    m = inst.m
+    upper = int(cost.sum() + wcost.max(initial=0))  # no load can exceed every pair's cost
+    nonempty = np.zeros(0, dtype=np.int64)
+    if hint is not None:
+        key = item * m + b  # increasing: np.nonzero walks row by row
+        pair_of = lambda h: np.searchsorted(key, np.arange(inst.n) * m + h)  # noqa: E731
+        hint = _relabel_by_class(inst, hint, _scaled_loads(cost, wcost, pair_of(hint), b, m))
+        upper = int(_scaled_loads(cost, wcost, pair_of(hint), b, m).max())
+        if require_nonempty and inst.n >= m:
+            nonempty = np.flatnonzero(np.bincount(hint, minlength=m) > 0).astype(np.int64)
+    token_room = np.bincount(b, weights=inst.sizes[item], minlength=m)
+    capacity_bins = np.flatnonzero((inst.bin_capacity < UNLIMITED_TOKENS) & (token_room > inst.bin_capacity)).astype(np.int64)
+    return CpsatData(
+        inst=inst, scale=scale, pair_item=item, pair_bin=b, cost=cost, wcost=wcost, hint=hint,
+        upper=max(upper, 0), nonempty=nonempty, capacity_bins=capacity_bins,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# model
+
+
+@dataclass(frozen=True, slots=True)
+class CpsatVars:
+    x: list[cp_model.IntVar]
+    """x[p] = 1 if pair p is used: item pair_item[p] runs on bin pair_bin[p]."""
+    load: list[cp_model.IntVar]
+    """load[j] = integer load of bin j (units)."""
+    top: dict[int, cp_model.IntVar]
+    """top[j] = weighted largest item time on pipeline bin j (units), bins with w_j > 0."""
+    makespan: cp_model.IntVar
+    """The largest load (units)."""
+
+
+def new_variables(model: cp_model.CpModel, data: CpsatData) -> CpsatVars:
+    m = data.inst.m
+    x = [model.new_bool_var(f"x{p}") for p in range(data.pair_item.shape[0])]
+    load = [model.new_int_var(0, data.upper, f"load{j}") for j in range(m)]
+    top = {int(j): model.new_int_var(0, data.upper, f"top{j}") for j in np.flatnonzero(data.inst.pp_weight > 0)}
+    makespan = model.new_int_var(0, data.upper, "makespan")
+    return CpsatVars(x=x, load=load, top=top, makespan=makespan)
+
+
+def add_constraints(model: cp_model.CpModel, data: CpsatData, v: CpsatVars) -> None:
+    inst = data.inst
+    by_item = np.argsort(data.pair_item, kind="stable")
+    item_ptr = np.searchsorted(data.pair_item[by_item], np.arange(inst.n + 1))
+    by_bin = np.argsort(data.pair_bin, kind="stable")
+    bin_ptr = np.searchsorted(data.pair_bin[by_bin], np.arange(inst.m + 1))
+    # every item runs on exactly one of its eligible bins
+    for i in range(inst.n):
+        model.add_exactly_one([v.x[p] for p in by_item[item_ptr[i] : item_ptr[i + 1]]])
+    for j in range(inst.m):
+        pairs = by_bin[bin_ptr[j] : bin_ptr[j + 1]]
+        xs = [v.x[p] for p in pairs]
+        # load[j] is the bin's summed cost plus its pipeline term; the makespan covers it
+        expr = cp_model.LinearExpr.weighted_sum(xs, data.cost[pairs].tolist())
+        if j in v.top:
+            for p in pairs:  # top[j] is at least the weighted cost of every item on j
+                if data.wcost[p] > 0:
+                    model.add(v.top[j] >= int(data.wcost[p]) * v.x[p])
+            expr = expr + v.top[j]
+        model.add(v.load[j] == expr)
+        model.add(v.load[j] <= v.makespan)
+    # token capacity, only where the eligible items could exceed it
+    for j in data.capacity_bins:
+        pairs = by_bin[bin_ptr[j] : bin_ptr[j + 1]]
+        model.add(
+            cp_model.LinearExpr.weighted_sum([v.x[p] for p in pairs], inst.sizes[data.pair_item[pairs]].tolist())
+            <= int(inst.bin_capacity[j])
+        )
+    # bins the greedy could fill stay non-empty
+    for j in data.nonempty:
+        model.add_at_least_one([v.x[p] for p in by_bin[bin_ptr[j] : bin_ptr[j + 1]]])
+    # symmetry: interchangeable bins (one class) carry non-increasing loads
+    for c in range(inst.cls_type.shape[0]):
+        bins = inst.cls_bins[inst.cls_ptr[c] : inst.cls_ptr[c + 1]]
+        for a, b in zip(bins[:-1], bins[1:]):
+            model.add(v.load[int(a)] >= v.load[int(b)])
+
+
+def set_objective(model: cp_model.CpModel, v: CpsatVars) -> None:
+    model.minimize(v.makespan)
+
+
+def add_hint(model: cp_model.CpModel, data: CpsatData, v: CpsatVars) -> None:
+    """Hint every variable with the (relabelled) greedy answer."""
+    if data.hint is None:
+        return
+    chosen = data.hint[data.pair_item] == data.pair_bin
+    for p, var in enumerate(v.x):
+        model.add_hint(var, bool(chosen[p]))
+    used = np.flatnonzero(chosen)
+    m = data.inst.m
+    cost_sum = np.bincount(data.pair_bin[used], weights=data.cost[used], minlength=m).astype(np.int64)
+    top = np.zeros(m, dtype=np.int64)
+    np.maximum.at(top, data.pair_bin[used], data.wcost[used])
+    loads = cost_sum + np.where(data.inst.pp_weight > 0, top, 0)
+    for j in range(m):
+        model.add_hint(v.load[j], int(loads[j]))
+    for j, var in v.top.items():
+        model.add_hint(var, int(top[j]))
+    model.add_hint(v.makespan, int(loads.max()))
+
+
+def solve(model: cp_model.CpModel, *, time_limit: float, seed: int, num_workers: int) -> tuple[cp_model.CpSolver, str]:
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(float(time_limit), 0.0)
+    solver.parameters.random_seed = int(seed)
+    solver.parameters.num_workers = int(num_workers)
+    solver.parameters.log_search_progress = False
+    status = solver.solve(model)
+    return solver, solver.status_name(status)
+
+
+def decode(solver: cp_model.CpSolver, data: CpsatData, v: CpsatVars) -> np.ndarray:
+    bin_of = np.full(data.inst.n, -1, dtype=np.int64)
+    for p, var in enumerate(v.x):
+        if solver.boolean_value(var):
+            bin_of[data.pair_item[p]] = data.pair_bin[p]
+    assert (bin_of >= 0).all(), "CP-SAT returned an item without a bin"
+    return bin_of
+
+
+def run_model(data: CpsatData, *, time_limit: float, seed: int, num_workers: int) -> tuple[np.ndarray | None, str, float | None]:
+    """Build, solve, decode. Returns (bin_of or None, status name, proven bound in seconds or None)."""
+    model = cp_model.CpModel()
+    v = new_variables(model, data)
+    add_constraints(model, data, v)
+    set_objective(model, v)
+    add_hint(model, data, v)
+    solver, status = solve(model, time_limit=time_limit, seed=seed, num_workers=num_workers)
+    if status in ("OPTIMAL", "FEASIBLE"):
+        return decode(solver, data, v), status, float(solver.best_objective_bound) / data.scale
+    return None, status, None
+
+
+# ----------------------------------------------------------------------------------------
+# large instances: large-neighbourhood search
+
+
+def _sub_instance(inst: Instance, items: np.ndarray, bins: np.ndarray) -> Instance:
+    return build_instance(
+        np.ascontiguousarray(inst.times[items]), inst.bin_type[bins], inst.speed[bins], inst.pp_weight[bins],
+        inst.sizes[items], inst.bin_capacity[bins],
+    )
+
+
+def _neighbourhood(inst: Instance, bin_of: np.ndarray, loads: np.ndarray, rng: np.random.Generator, max_pairs: int) -> np.ndarray:
+    """Bottleneck bins, then alternately the least-loaded and a random other bin, within the pair budget."""
+    counts = np.bincount(bin_of, minlength=inst.m)
+    top = float(loads.max())
+    chosen = [int(j) for j in np.flatnonzero(loads >= top * (1.0 - 1e-9))][:_LNS_MAX_BINS]
+    rest = [int(j) for j in np.argsort(loads, kind="stable") if int(j) not in set(chosen)]
+    pick_low = True
+    while rest and len(chosen) < _LNS_MAX_BINS:
+        j = rest.pop(0) if pick_low else rest.pop(int(rng.integers(len(rest))))
+        pick_low = not pick_low
+        if (counts[chosen].sum() + counts[j]) * (len(chosen) + 1) > max_pairs and len(chosen) >= 2:
+            break
+        chosen.append(j)
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def _lns(inst: Instance, start: np.ndarray, *, require_nonempty: bool, time_limit: float, seed: int, num_workers: int, max_pairs: int) -> tuple[np.ndarray, str, int]:
+    """Returns (best bin_of, status summary, rounds improved)."""
+    deadline = time.perf_counter() + time_limit
+    rng = np.random.default_rng(seed)
+    cur = start.copy()
+    loads = bin_loads(inst.times, inst.bin_type, inst.speed, inst.pp_weight, cur)
+    keep_nonempty = require_nonempty and inst.n >= inst.m
+    statuses: list[str] = []
+    improved = 0
+    while True:
+        left = deadline - time.perf_counter()
+        if left < _LNS_MIN_ROUND:
+            break
+        bins = _neighbourhood(inst, cur, loads, rng, max_pairs)
+        items = np.flatnonzero(np.isin(cur, bins))
+        if items.size == 0:
+            break
+        sub = _sub_instance(inst, items, bins)
+        local_of = np.searchsorted(bins, cur[items]).astype(np.int64)
+        old = float(loads[bins].max())
+        data = model_data(sub, local_of, require_nonempty=keep_nonempty, reference=old)
+        got, status, _ = run_model(
+            data, time_limit=min(left, max(0.02, time_limit / 4)), seed=seed + len(statuses), num_workers=num_workers
+        )
+        statuses.append(status)
+        if got is None:
+            continue
+        new_loads = bin_loads(sub.times, sub.bin_type, sub.speed, sub.pp_weight, got)
+        if new_loads.max() < old * (1.0 - 1e-12):
+            cur[items] = bins[got]
+            loads[bins] = new_loads
+            improved += 1
+    if any(s in ("OPTIMAL", "FEASIBLE") for s in statuses):
+        summary = "FEASIBLE"
+    else:
+        summary = statuses[-1] if statuses else "UNKNOWN"
+    return cur, summary, improved
+
+
+# ----------------------------------------------------------------------------------------
+# entry points
+
+
+def _check_hint(inst: Instance, hint: object) -> np.ndarray:
+    h = as_hint(hint, inst.n, inst.m)
+    t = inst.times[np.arange(inst.n), inst.bin_type[h]]
+    bad = np.flatnonzero(~np.isfinite(t) | (inst.sizes > inst.bin_capacity[h]))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"hint[{i}] = {int(h[i])}: item {i} ({int(inst.sizes[i])} tokens) may not run on bin {int(h[i])} "
+            f"(time {float(t[i])!r}, capacity {int(inst.bin_capacity[h[i]])} tokens); give an eligible bin"
+        )
+    used = np.bincount(h, weights=inst.sizes, minlength=inst.m)
+    over = np.flatnonzero(used > inst.bin_capacity)
+    if over.size:
+        j = int(over[0])
+        raise ValueError(f"the hint puts {int(used[j])} tokens on bin {j}, above its capacity {int(inst.bin_capacity[j])}")
+    return h
+
+
+def _solve(
+    inst: Instance, hint: np.ndarray | None, hint_solver: str, *, require_nonempty: bool, time_limit: float,
+    seed: int, num_workers: int, max_model_pairs: int,
+) -> Assignment:
+    if time_limit < 0:
+        raise ValueError(f"time_limit={time_limit} s must be >= 0")
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers} must be >= 0 (0 = all cores)")
+
+    def exact(b: np.ndarray) -> np.ndarray:
+        return bin_loads(inst.times, inst.bin_type, inst.speed, inst.pp_weight, b)
+
+    hint_loads = exact(hint) if hint is not None else None
+    if _count_pairs(inst) <= max_model_pairs or hint is None:
+        reference = float(hint_loads.max()) if hint_loads is not None else float(
+            np.where(np.isfinite(inst.times), inst.times, 0.0).max(initial=0.0)
+        )
+        data = model_data(inst, hint, require_nonempty=require_nonempty, reference=reference)
+        got, status, bound = run_model(data, time_limit=time_limit, seed=seed, num_workers=num_workers)
+        name = "cpsat"
+        if got is not None and hint is None and require_nonempty and inst.n >= inst.m:
+            got, _, _ = improve(inst, got, require_nonempty=True, local_search=False, max_rounds=0)
+    else:
+        got, status, _ = _lns(
+            inst, hint, require_nonempty=require_nonempty, time_limit=time_limit, seed=seed,
+            num_workers=num_workers, max_pairs=max_model_pairs,
+        )
+        bound = None
+        name = "cpsat-lns"
+    if got is None and hint is None:
+        raise ValueError(f"CP-SAT found no assignment (status {status}) and no greedy start exists; the instance may be infeasible")
+    if got is not None:
+        got_loads = exact(got)
+        # exact float comparison: the full model's answer may tie the hint, LNS must beat it
+        if hint_loads is None or got_loads.max() < hint_loads.max() or (name == "cpsat" and got_loads.max() == hint_loads.max()):
+            return Assignment(bin_of=got, loads=got_loads, makespan=float(got_loads.max()), solver=f"{name}:{status}", bound=bound, status=status)
+    return Assignment(
+        bin_of=hint.copy(), loads=hint_loads, makespan=float(hint_loads.max()), solver=f"{hint_solver};{name}:{status}",
+        bound=bound, status=status,
+    )
+
+
+def cpsat_makespan(
+    times: np.ndarray,
+    bin_type: np.ndarray,
+    *,
+    speed: np.ndarray | None = None,
+    pp_weight: np.ndarray | None = None,
+    sizes: np.ndarray | None = None,
+    bin_capacity: np.ndarray | None = None,
+    require_nonempty: bool = True,
+    hint: np.ndarray | None = None,
+    time_limit: float = 0.2,
+    seed: int = 0,
+    num_workers: int = 1,
+    max_model_pairs: int = MAX_MODEL_PAIRS,
+) -> Assignment:
+    """Makespan assignment by CP-SAT, warm-started and never worse than the hint.
+
+    Same instance arguments as :func:`packers.makespan.lpt_makespan`. ``hint`` (int64[n])
+    defaults to the ``lpt_makespan`` answer. ``time_limit`` is in seconds (the whole call's
+    solver time; model building adds to it), ``seed`` the solver's random seed,
+    ``num_workers`` its threads (1 = sequential). Instances with more than
+    ``max_model_pairs`` eligible (item, bin) pairs are improved by LNS (module docstring).
+
+    Returns an :class:`Assignment`; ``bound`` is CP-SAT's proven lower bound in seconds
+    (full model only). Raises ``ValueError`` for bad input or an invalid hint.
+    """
+    inst = makespan_instance(times, bin_type, speed=speed, pp_weight=pp_weight, sizes=sizes, bin_capacity=bin_capacity)
+    if hint is None:
+        try:
+            start = solve_instance(inst, require_nonempty=require_nonempty)
+            h, hint_solver = start.bin_of, start.solver
+        except ValueError:  # the greedy could not fit the capacities: let CP-SAT search alone
+            h, hint_solver = None, "none"
+    else:
+        h, hint_solver = _check_hint(inst, hint), "hint"
+    return _solve(
+        inst, h, hint_solver, require_nonempty=require_nonempty, time_limit=time_limit, seed=seed,
+        num_workers=num_workers, max_model_pairs=max_model_pairs,
+    )
+
+
+def cpsat_minmax_pack(
+    times: np.ndarray,
+    sizes: np.ndarray,
+    num_bins: int,
+    capacity: int,
+    *,
+    hint: np.ndarray | None = None,
+    time_limit: float = 0.2,
+    seed: int = 0,
+    num_workers: int = 1,
+    require_nonempty: bool = False,
+    max_model_pairs: int = MAX_MODEL_PAIRS,
+) -> Assignment:
+    """Min-max packing (see :func:`packers.minmax.minmax_pack`) by CP-SAT, never worse than the hint.
+
+    ``hint`` defaults to the ``minmax_pack`` answer. Raises ``ValueError`` for bad input,
+    an invalid hint, or an instance no method can fit.
+    """
+    inst = minmax_instance(times, sizes, num_bins, capacity)
+    if hint is None:
+        try:
+            start, rule = minmax_greedy(inst)
+            h, _, _ = improve(inst, start, require_nonempty=require_nonempty, local_search=True, max_rounds=4 * (inst.n + inst.m))
+            hint_solver = f"{rule}+ls"
+        except ValueError:
+            h, hint_solver = None, "none"
+    else:
+        h, hint_solver = _check_hint(inst, hint), "hint"
+    return _solve(
+        inst, h, hint_solver, require_nonempty=require_nonempty, time_limit=time_limit, seed=seed,
+        num_workers=num_workers, max_model_pairs=max_model_pairs,
+    )

@@ -1,0 +1,163 @@
+"""strategies.candidates: layouts, heterogeneous mixes (DP), scoring and the pool's JSON."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from balancer.cost import CostModel, LayoutCost
+from balancer.selector import Balancer
+from strategies import ClusterSpec, Layout
+from strategies.candidates import (
+    CandidateConfig,
+    CandidatePool,
+    LengthHistogram,
+    enumerate_layouts,
+    generate_candidates,
+    heterogeneous_mixes,
+    load_candidates,
+    save_candidates,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _resolver(layout: Layout) -> LayoutCost:
+    """tp splits work with 10% loss per doubling and frees weight memory (capacity ×2.4 per
+    doubling); cp loses 3% per doubling and doubles capacity; pp splits layers (capacity ×2).
+    cp above 8 is not modelled (raises, as a model that cannot price a layout does)."""
+    if layout.cp > 8:
+        raise ValueError(f"{layout.name}: cp above 8 is not modelled")
+    ltp, lcp, lpp = (math.log2(x) for x in (layout.tp, layout.cp, layout.pp))
+    eff = (1.0 + 0.1 * ltp) * (1.0 + 0.03 * lcp) * (1.0 + 0.05 * lpp)
+    d = layout.tp * layout.cp * layout.pp
+    return LayoutCost(
+        a=4e-9 * eff / d,
+        b=1e-4 * eff / d,
+        c=0.01 * (1 + 0.2 * (layout.pp - 1)),
+        token_capacity=int(4096 * 2.4**ltp * 2**lcp * 2**lpp),
+    )
+
+
+def _model() -> CostModel:
+    return CostModel(resolver=_resolver, source="test")
+
+
+def _long_tail(n: int = 4000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    body = rng.lognormal(mean=6.3, sigma=0.8, size=n)
+    return np.clip(body, 16, 24_000).astype(np.int64)
+
+
+def test_enumerate_layouts_respects_cluster_and_pp_opt_in():
+    cluster = ClusterSpec(num_ranks=16, ranks_per_node=4)
+    lays = enumerate_layouts(cluster, _model())
+    assert all(lay.pp == 1 for lay in lays)
+    assert all(lay.tp <= 4 and 16 % lay.size == 0 and lay.cp <= 8 for lay in lays)
+    assert Layout(1) in lays and Layout(4) in lays and Layout(1, cp=8) in lays
+    with_pp = enumerate_layouts(cluster, _model(), allow_pp=True, max_pp=2)
+    assert any(lay.pp == 2 for lay in with_pp) and all(lay.pp <= 2 for lay in with_pp)
+    assert set(lays) <= set(with_pp)
+    assert enumerate_layouts(cluster, _model(), max_cp=1) == [Layout(1), Layout(2), Layout(4)]
+
+
+def test_dominated_layouts_are_dropped():
+    model = CostModel.from_coefficients(
+        {
+            Layout(2): LayoutCost(a=1e-9, b=1e-5, c=0.01, token_capacity=8192),
+            Layout(1, cp=2): LayoutCost(a=2e-9, b=2e-5, c=0.01, token_capacity=8192),  # same size, slower
+            Layout(1): LayoutCost(a=2e-9, b=2e-5, c=0.01, token_capacity=4096),
+        }
+    )
+    lays = enumerate_layouts(ClusterSpec(num_ranks=8), model)
+    assert lays == [Layout(1), Layout(2)]
+
+
+def test_histogram_from_lengths_and_counts():
+    lengths = _long_tail()
+    h = LengthHistogram.from_lengths(lengths, num_buckets=16)
+    assert h.counts.sum() == lengths.size and h.max_length == lengths.max()
+    assert h.sum_tokens.sum() == pytest.approx(lengths.sum())
+    assert h.mean_length == pytest.approx(lengths.mean())
+    again = LengthHistogram.from_dict(h.to_dict())
+    assert np.array_equal(again.counts, h.counts) and np.array_equal(again.edges, h.edges)
+    c = LengthHistogram.from_counts([0, 100, 1000], [3, 1])
+    assert c.max_length == 1000 and c.mean_length == pytest.approx((3 * 50.5 + 550.5) / 4)
+    clipped = h.clipped(5000)
+    assert clipped.max_length == 5000 and clipped.counts.sum() == h.counts.sum()
+    with pytest.raises(ValueError, match="lengths\\[1\\] = 0"):
+        LengthHistogram.from_lengths([5, 0])
+
+
+def test_heterogeneous_mixes_use_every_rank_and_hold_the_longest():
+    lengths = _long_tail()
+    hist = LengthHistogram.from_lengths(lengths)
+    cluster = ClusterSpec(num_ranks=32, ranks_per_node=8)
+    lays = enumerate_layouts(cluster, _model())
+    mixes = heterogeneous_mixes(hist, 32, _model(), lays, sequences_per_step=200, max_classes=3)
+    assert mixes
+    for mix in mixes:
+        assert sum(lay.size * n for lay, n in mix) == 32 and all(n >= 1 for _, n in mix)
+        assert max(_model().token_capacity(lay) for lay, _ in mix) >= hist.max_length
+    assert any(len({lay for lay, _ in mix}) >= 2 for mix in mixes)
+    # short sequences dominate the work, so some mix spends most ranks on layouts too small for the longest
+    small_ranks = [
+        sum(lay.size * n for lay, n in mix if _model().token_capacity(lay) < hist.max_length) for mix in mixes
+    ]
+    assert max(small_ranks) >= 24
+
+
+def test_generate_scores_selects_and_round_trips(tmp_path):
+    cluster = ClusterSpec(num_ranks=16, ranks_per_node=8)
+    lengths = _long_tail()
+    pool = generate_candidates(lengths, cluster, _model(), batch_tokens=200_000, num_candidates=4, num_sample_batches=3)
+    assert 1 <= len(pool.strategies) <= 4
+    assert len({s.name for s in pool.strategies}) == len(pool.strategies)
+    caps = [max(_model().token_capacity(r.layout) for r in s.replicas) for s in pool.strategies]
+    assert caps[0] >= lengths.max() and pool.max_length == lengths.max()
+    assert pool.expected_seconds[0] is not None
+    for s in pool.strategies:
+        s.check_cluster(cluster)
+    assert not pool.strategies[0].is_homogeneous or any(not s.is_homogeneous for s in pool.strategies)
+    path = tmp_path / "cands.json"
+    save_candidates(pool, path)
+    again = load_candidates(path, cluster)
+    assert again.to_dict() == pool.to_dict()
+    # the pool drives the selector directly
+    bal = Balancer(cluster, pool.strategies, _model())
+    plan = bal.plan(np.array([lengths.max(), 100, 200, 300]))
+    assert plan.global_sequences == 4
+    with pytest.raises(ValueError, match="covers 16 ranks but the cluster has 8"):
+        load_candidates(path, ClusterSpec(num_ranks=8))
+
+
+def test_generate_from_histogram_with_pipelines_is_deterministic():
+    cluster = ClusterSpec(num_ranks=8, ranks_per_node=8)
+    hist = LengthHistogram.from_counts([0, 512, 2048, 8192, 30000], [500, 300, 60, 4])
+    cfg = CandidateConfig(batch_size=64, num_candidates=3, num_sample_batches=2, allow_pp=True, max_pp=2, seed=3)
+    a = generate_candidates(hist, cluster, _model(), cfg)
+    b = generate_candidates(hist, cluster, _model(), cfg)
+    assert a.to_dict() == b.to_dict()
+    assert max(_model().token_capacity(r.layout) for r in a.strategies[0].replicas) >= 30000
+    assert CandidatePool.from_dict(a.to_dict()).strategies == a.strategies
+
+
+def test_errors_name_the_fix():
+    cluster = ClusterSpec(num_ranks=8)
+    with pytest.raises(ValueError, match="above the largest capacity 56623"):
+        generate_candidates(np.array([10, 300_000]), cluster, _model(), batch_size=8)
+    with pytest.raises(ValueError, match="exactly one of batch_tokens"):
+        CandidateConfig()
+    with pytest.raises(ValueError, match="either config or keyword"):
+        generate_candidates(np.array([10]), cluster, _model(), CandidateConfig(batch_size=2), seed=1)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_candidates("/nonexistent/cands.json")
+
+
+def test_module_does_not_import_balancer():
+    code = "import sys, strategies.candidates; assert 'balancer' not in sys.modules, sorted(sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr

@@ -1,0 +1,107 @@
+"""benchmarks/planner.py --instance: output format, eligibility, makespan by the file's formula."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from balancer.data import INSTANCES_FILE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _planner():
+    spec = importlib.util.spec_from_file_location("planner_bench", ROOT / "benchmarks" / "planner.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+planner = _planner()
+
+
+def _write_instance(path: Path, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    replicas = (
+        [{"tp": 4, "pp": 1, "a": 1e-6, "b": 0.05, "c": 40.0, "max_seqlen": 8000}]
+        + [{"tp": 2, "pp": 2, "a": 1.5e-6, "b": 0.09, "c": 30.0, "max_seqlen": 3000}] * 2
+        + [{"tp": 1, "pp": 1, "a": 1e-5, "b": 0.3, "c": 90.0, "max_seqlen": 1000}] * 3
+    )
+    batches = [sorted(rng.integers(1, 8001, 3).tolist() + rng.integers(1, 1001, 25).tolist()) for _ in range(3)]
+    d = {"source": "test", "stage1_cost": "as in the bundled file", "replicas": replicas, "batches": batches}
+    path.write_text(json.dumps(d))
+    return d
+
+
+def _makespan(d: dict, lengths: list[int], assignment: list[int]) -> float:
+    """The file's stage-1 formula, written out independently of the benchmark."""
+    loads = []
+    for j, r in enumerate(d["replicas"]):
+        t = [r["a"] * s * s + r["b"] * s for s, a in zip(lengths, assignment) if a == j]
+        loads.append(sum(t) + (r["pp"] - 1) * max(t) if t else 0.0)
+    return max(loads)
+
+
+def _check_output(d: dict, out: dict) -> None:
+    assert set(out) >= {"batches"}
+    assert len(out["batches"]) == len(d["batches"])
+    for lengths, row in zip(d["batches"], out["batches"]):
+        assert set(row) == {"assignment", "makespan", "lower_bound", "plan_seconds"}
+        a = row["assignment"]
+        assert len(a) == len(lengths) and all(isinstance(j, int) for j in a)
+        for s, j in zip(lengths, a):
+            assert 0 <= j < len(d["replicas"]) and s <= d["replicas"][j]["max_seqlen"]
+        assert math.isclose(row["makespan"], _makespan(d, lengths, a), rel_tol=1e-12)
+        assert 0 < row["lower_bound"] <= row["makespan"] * (1 + 1e-9)
+        assert row["plan_seconds"] >= 0
+
+
+@pytest.mark.parametrize("solver", ["ours", "lpt", "random_restart"])
+def test_instance_output_is_eligible_and_recomputable(tmp_path: Path, solver: str) -> None:
+    d = _write_instance(tmp_path / "inst.json")
+    out_path = tmp_path / "out" / "result.json"
+    rc = planner.main(["--instance", str(tmp_path / "inst.json"), "--out", str(out_path),
+                       "--solver", solver, "--cpsat-time-limit", "0", "--restarts", "5"])
+    assert rc == 0
+    out = json.loads(out_path.read_text())
+    _check_output(d, out)
+    assert out["solver"] == solver and solver in out["comparison"]
+
+
+def test_bundled_instances_replay() -> None:
+    d = json.loads(Path(INSTANCES_FILE).read_text())
+    rep = planner.replay(INSTANCES_FILE, ["lpt", "ours"])
+    for name in ("lpt", "ours"):
+        _check_output(d, {"batches": [{k: r[k] for k in ("assignment", "makespan", "lower_bound", "plan_seconds")}
+                                      for r in rep["methods"][name]["batches"]]})
+    # local search starts from LPT and only accepts improvements
+    for ours, lpt in zip(rep["methods"]["ours"]["batches"], rep["methods"]["lpt"]["batches"]):
+        assert ours["makespan"] <= lpt["makespan"] * (1 + 1e-12)
+    assert "| ours |" in planner.replay_table(rep)
+
+
+def test_random_restart_keeps_the_best_of_its_orders(tmp_path: Path) -> None:
+    d = _write_instance(tmp_path / "inst.json", seed=4)
+    inst = planner.load_instance(tmp_path / "inst.json")
+    lengths = np.asarray(d["batches"][0])
+    few, _, _ = planner.solve_batch(inst, lengths, "random_restart", restarts=1, seed=9)
+    many, _, solver = planner.solve_batch(inst, lengths, "random_restart", restarts=50, seed=9)
+    assert solver == "random_restart50"
+    assert planner.instance_makespan(inst, lengths, many) <= planner.instance_makespan(inst, lengths, few)
+
+
+def test_bad_instance_files_are_named(tmp_path: Path) -> None:
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps({"replicas": [{"pp": 1, "a": 1, "b": 1}], "batches": [[1]]}))
+    with pytest.raises(ValueError, match=r"replica 0 lacks \['max_seqlen'\]"):
+        planner.load_instance(p)
+    p.write_text(json.dumps({"replicas": [{"pp": 1, "a": 1, "b": 1, "max_seqlen": 10}], "batches": [[]]}))
+    with pytest.raises(ValueError, match="batch 0 must be a non-empty list"):
+        planner.load_instance(p)
+    with pytest.raises(SystemExit, match="--instance needs --out"):
+        planner.main(["--instance", str(p)])

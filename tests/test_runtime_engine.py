@@ -1,0 +1,297 @@
+"""strategies.runtime.Engine on 4 gloo processes: exact heterogeneous training, faults, no late groups.
+
+One 4-process run (module fixture) trains the reference GPT for 5 AdamW steps, switching
+strategy every step — tp2+tp1×2 (one replica idle), cp2+tp1×2, tp1×4, tp2×2, tp2cp2 —
+and, between the steps, feeds the engine bad plans and batches. The tests below check
+that run against a single-process reference trained on the same global batches.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from balancer.plan import ReplicaPlan, StepPlan
+from strategies import Layout, Strategy
+from strategies.runtime import (
+    GPT,
+    SINGLE_DEVICE,
+    Engine,
+    EngineConfig,
+    ModelConfig,
+    StepError,
+    check_micro_batch,
+    prepare_micro_batch,
+    run_local,
+)
+
+WORLD = 4
+MODEL = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128)
+TP1, TP2, CP2, TP2CP2 = Layout(1), Layout(2), Layout(1, 2), Layout(2, 2)
+CAPACITY = {"tp1": 64, "tp2": 128, "tp1cp2": 128, "tp2cp2": 256}
+
+
+def candidates() -> list[Strategy]:
+    return [
+        Strategy.homogeneous(TP1, WORLD),                 # tp1x4
+        Strategy.homogeneous(TP2, WORLD),                 # tp2x2
+        Strategy.from_counts([(TP2, 1), (TP1, 2)]),       # tp2x1+tp1x2: (0,1) (2) (3)
+        Strategy.from_counts([(CP2, 1), (TP1, 2)]),       # tp1cp2x1+tp1x2: (0,1) (2) (3)
+        Strategy.homogeneous(TP2CP2, WORLD),              # tp2cp2x1
+    ]
+
+
+SCHEDULE = ["tp2x1+tp1x2", "tp1cp2x1+tp1x2", "tp1x4", "tp2x2", "tp2cp2x1"]
+"""Strategy of each optimizer step."""
+IDLE = {0: 2}
+"""step → replica that gets no sequence (one explicit empty micro-batch)."""
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    # eps=1e-6: Adam divides by sqrt(v)+eps, which multiplies a gradient's rounding error
+    # by up to lr/eps. A few elements per step have gradients near 1e-8 (cancellation);
+    # with eps=1e-8 their fp32 rounding (~1e-11, from a different summation order)
+    # becomes a ~5e-6 parameter difference after one step, with eps=1e-6 ~1e-8.
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
+
+
+def make_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**MODEL))
+
+
+def global_batch(step: int) -> list[np.ndarray]:
+    """Ten sequences of 1..30 tokens (lengths 1–3 exercise empty cp chunks)."""
+    rng = np.random.default_rng(100 + step)
+    lengths = [1, 2, 3, *rng.integers(4, 31, size=7)]
+    rng.shuffle(lengths)
+    return [rng.integers(0, MODEL["vocab_size"], size=int(s)) for s in lengths]
+
+
+def loss_tokens(seqs: list[np.ndarray]) -> int:
+    return sum(len(s) - 1 for s in seqs)
+
+
+def pack(seqs: list[np.ndarray], sample_ids: list[int], glt: int) -> dict:
+    """A packed micro-batch in the design.md §7 format (the test's own packer)."""
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    ids = torch.from_numpy(np.concatenate(seqs).astype(np.int64) if seqs else np.zeros(0, np.int64))[None]
+    labels = ids.clone()
+    labels[0, cu[:-1].astype(np.int64)] = -100
+    pos = torch.from_numpy(np.concatenate([np.arange(s) for s in lens]) if seqs else np.zeros(0, np.int64))[None]
+    return dict(
+        input_ids=ids, labels=labels, position_ids=pos, cu_seqlens=torch.from_numpy(cu),
+        max_seqlen=int(lens.max()) if len(lens) else 0, seq_lens=torch.from_numpy(lens),
+        sample_ids=torch.tensor(sample_ids, dtype=torch.int64), num_loss_tokens=int((lens - 1).sum()),
+        global_loss_tokens=glt,
+    )
+
+
+def plan_from(step: int, strategy: Strategy, seqs: list[np.ndarray], assignment: list[list[list[int]]]) -> StepPlan:
+    """A StepPlan placing sequence indices ``assignment[replica][micro_batch]`` (sample id = step·1000 + index)."""
+    reps = []
+    for rep, mbs in zip(strategy.replicas, assignment):
+        ids = tuple(tuple(step * 1000 + i for i in mb) for mb in mbs) or ((),)
+        reps.append(ReplicaPlan(rep.ranks, rep.layout, ids, 0.0))
+    used = [i for mbs in assignment for mb in mbs for i in mb]
+    return StepPlan(
+        step=step, strategy=strategy.name, replicas=tuple(reps), est_step_seconds=0.0, lower_bound_seconds=0.0,
+        global_sequences=len(used), global_tokens=sum(len(seqs[i]) for i in used),
+        global_loss_tokens=loss_tokens([seqs[i] for i in used]), solver="test",
+    )
+
+
+def make_plan(step: int, strategy: Strategy, seqs: list[np.ndarray], idle: int | None = None) -> StepPlan:
+    """Round-robin sequences over the (non-idle) replicas, two micro-batches where possible."""
+    busy = [j for j in range(len(strategy.replicas)) if j != idle]
+    per: list[list[int]] = [[] for _ in strategy.replicas]
+    for i in range(len(seqs)):
+        per[busy[i % len(busy)]].append(i)
+    assignment = [[ids[0::2], ids[1::2]] if len(ids) >= 2 else ([ids] if ids else []) for ids in per]
+    return plan_from(step, strategy, seqs, assignment)
+
+
+def rank_batches(plan: StepPlan, rank: int, seqs: list[np.ndarray]) -> list[dict]:
+    glt = loss_tokens(seqs)
+    return [pack([seqs[i % 1000] for i in mb], list(mb), glt) for mb in plan.for_rank(rank).micro_batches]
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+def flat_grads(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+def _expect_step_error(engine: Engine, plan: StepPlan, batch) -> str:
+    try:
+        engine.step(plan, batch)
+    except StepError as e:
+        return str(e)
+    return "no error"
+
+
+def _worker(rank: int, world: int) -> dict:
+    by_name = {s.name: s for s in candidates()}
+    out: dict = {"losses": [], "rank_seconds": [], "snapshots": {}, "grads": [], "errors": {}}
+
+    # pp > 1 is refused at construction, on every rank, before any group exists
+    try:
+        Engine([Strategy.homogeneous(Layout(1, 1, 2), world)], ModelConfig(**MODEL), make_optimizer)
+    except ValueError as e:
+        out["errors"]["pp"] = str(e)
+
+    engine = Engine(candidates(), make_model, make_optimizer, config=EngineConfig(token_capacity=CAPACITY))
+    out["groups_created"] = engine.groups_created
+    late_groups: list = []
+    real_new_group = torch.distributed.new_group
+
+    def spy(*args, **kwargs):
+        late_groups.append(args)
+        return real_new_group(*args, **kwargs)
+
+    torch.distributed.new_group = spy
+    try:
+        for step, name in enumerate(SCHEDULE):
+            seqs = global_batch(step)
+            plan = make_plan(step, by_name[name], seqs, IDLE.get(step))
+            mbs = rank_batches(plan, rank, seqs)
+            if step == 1:
+                out["errors"].update(_bad_steps(engine, rank, seqs, mbs, plan))
+            batch = mbs if step == 2 else SimpleNamespace(micro_batches=mbs, global_loss_tokens=loss_tokens(seqs), plan=plan)
+            result = engine.step(plan, batch)
+            out["losses"].append(result.loss)
+            out["rank_seconds"].append(result.rank_seconds)
+            out["grads"].append(flat_grads(engine.model))  # the synchronised global gradient
+            if step + 1 in (3, len(SCHEDULE)):
+                out["snapshots"][step + 1] = flat_params(engine.model)
+    finally:
+        torch.distributed.new_group = real_new_group
+    out["late_groups"] = len(late_groups)
+    return out
+
+
+def _bad_steps(engine: Engine, rank: int, seqs, mbs, plan: StepPlan) -> dict[str, str]:
+    """Faulty plans and batches; each must raise StepError on every rank and change nothing."""
+    errors = {}
+    glt = loss_tokens(seqs)
+    unknown = make_plan(plan.step, Strategy.homogeneous(Layout(4), WORLD), seqs)
+    errors["unknown"] = _expect_step_error(engine, unknown, mbs)
+
+    moved = Strategy("tp2x1+tp1x2", (
+        Strategy.homogeneous(TP2, WORLD).replicas[1],  # tp2 on ranks (2, 3) instead of (0, 1)
+        *Strategy.homogeneous(TP1, WORLD).replicas[:2],
+    ))
+    errors["ranks"] = _expect_step_error(engine, make_plan(plan.step, moved, seqs), mbs)
+
+    # three 30-token sequences in one micro-batch of rank 1: 90 tokens, above tp1's 64
+    long = [np.arange(30) % 128] * 3 + seqs[3:]
+    over = plan_from(plan.step, Strategy.homogeneous(TP1, WORLD), long,
+                     [[[3, 4], [5]], [[0, 1, 2]], [[6, 7]], [[8, 9]]])
+    errors["capacity"] = _expect_step_error(engine, over, rank_batches(over, rank, long))
+
+    # tp peers given different rows: the replica's fingerprints differ
+    tp2 = make_plan(plan.step, Strategy.homogeneous(TP2, WORLD), seqs)
+    bad = rank_batches(tp2, rank, seqs)
+    if rank == 1:
+        bad[0]["input_ids"] = (bad[0]["input_ids"] + 1) % 128
+    errors["peers"] = _expect_step_error(engine, tp2, bad)
+
+    errors["loss_tokens"] = _expect_step_error(
+        engine, plan, SimpleNamespace(micro_batches=[dict(mb, global_loss_tokens=glt + 1) for mb in mbs],
+                                      global_loss_tokens=glt + 1))
+    return errors
+
+
+def _reference() -> tuple[dict[int, torch.Tensor], list[float], list[torch.Tensor]]:
+    """Single-process training on the same global batches (one packed row per step)."""
+    model = make_model()
+    opt = make_optimizer(model)
+    snapshots, losses, grads = {}, [], []
+    for step in range(len(SCHEDULE)):
+        seqs = global_batch(step)
+        glt = loss_tokens(seqs)
+        mb = check_micro_batch(pack(seqs, list(range(len(seqs))), glt), 0, MODEL["vocab_size"])
+        opt.zero_grad()
+        loss = model(prepare_micro_batch(mb, SINGLE_DEVICE, torch.device("cpu"))) / glt
+        loss.backward()
+        grads.append(flat_grads(model))
+        opt.step()
+        losses.append(loss.item())
+        if step + 1 in (3, len(SCHEDULE)):
+            snapshots[step + 1] = flat_params(model)
+    return snapshots, losses, grads
+
+
+@pytest.fixture(scope="module")
+def run() -> list[dict]:
+    torch.set_num_threads(1)
+    return run_local(_worker, WORLD, timeout_s=150, collective_timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[dict[int, torch.Tensor], list[float], list[torch.Tensor]]:
+    return _reference()
+
+
+def test_gradients_equal_single_device(run, reference):
+    _, _, want = reference
+    for step, g in enumerate(want):
+        for rank, out in enumerate(run):
+            torch.testing.assert_close(out["grads"][step], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()),
+                                       msg=lambda m: f"rank {rank} step {step} ({SCHEDULE[step]}): {m}")
+
+
+def test_parameters_equal_single_device_adamw(run, reference):
+    want, _, _ = reference
+    for n_steps in (3, len(SCHEDULE)):
+        for rank, out in enumerate(run):
+            got = out["snapshots"][n_steps]
+            torch.testing.assert_close(got, want[n_steps], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"rank {rank} after {n_steps} steps: {m}")
+        # the training actually moved the parameters (the comparison is not vacuous)
+        assert (want[n_steps] - flat_params(make_model())).abs().max() > 1e-3
+
+
+def test_ranks_hold_bitwise_identical_masters(run):
+    for n_steps in (3, len(SCHEDULE)):
+        for out in run[1:]:
+            assert torch.equal(out["snapshots"][n_steps], run[0]["snapshots"][n_steps])
+
+
+def test_loss_is_global_token_mean_and_seconds_are_shared(run, reference):
+    _, want, _ = reference
+    for out in run:
+        np.testing.assert_allclose(out["losses"], want, rtol=1e-5)
+        assert out["rank_seconds"] == run[0]["rank_seconds"]
+        assert all(len(s) == WORLD and min(s) > 0 for s in out["rank_seconds"])
+
+
+def test_no_process_group_after_startup(run):
+    for out in run:
+        assert out["late_groups"] == 0
+        # tp (0,1) (2,3); cp (0,2) (1,3) = tp2 buckets; tp2+tp1x2 buckets (0,2,3) (1,2,3); cp2 (0,1)
+        assert set(out["groups_created"]) == {(0, 1), (2, 3), (0, 2), (1, 3), (0, 2, 3), (1, 2, 3)}
+        assert len(out["groups_created"]) == len(set(out["groups_created"]))
+
+
+@pytest.mark.parametrize(
+    "case, text",
+    [
+        ("unknown", "names strategy 'tp4x1', which was not built"),
+        ("ranks", "has replicas"),
+        ("capacity", "rank 1: ValueError: rank 1 micro-batch 0 holds 90 tokens, above the capacity 64 of layout tp1"),
+        ("peers", "hold different micro-batches"),
+        ("loss_tokens", "but the ranks' labels hold"),
+        ("pp", "no pipeline parallelism"),
+    ],
+)
+def test_bad_input_fails_on_every_rank(run, case, text):
+    for out in run:
+        assert text in out["errors"][case], out["errors"][case]
+

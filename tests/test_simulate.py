@@ -1,0 +1,120 @@
+"""balancer.simulate: the sampler, the per-step traces, the result and the plan dump."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from balancer.baselines import BASELINES
+from balancer.cost import CostModel, LayoutCost
+from balancer.plan import validate
+from balancer.simulate import (
+    BALANCER,
+    SimulationConfig,
+    global_batches,
+    load_jsonl_plans,
+    simulate,
+)
+from strategies import ClusterSpec, Layout, Strategy
+
+MODEL = CostModel.from_coefficients(
+    {
+        Layout(1): LayoutCost(a=4e-9, b=2e-5, c=2e-3, token_capacity=2048),
+        Layout(2): LayoutCost(a=2.2e-9, b=1.1e-5, c=2e-3, token_capacity=4096),
+        Layout(4): LayoutCost(a=1.2e-9, b=6e-6, c=2e-3, token_capacity=8192),
+        Layout(1, 2): LayoutCost(a=2.2e-9, b=1.1e-5, c=2e-3, token_capacity=4096),
+        Layout(1, 4): LayoutCost(a=1.2e-9, b=6e-6, c=2e-3, token_capacity=8192),
+    }
+)
+CLUSTER = ClusterSpec(num_ranks=8, ranks_per_node=4)
+LENGTHS = np.random.default_rng(0).lognormal(6.5, 1.2, 600).astype(np.int64).clip(1, 20000)
+CANDIDATES = [
+    Strategy.homogeneous(Layout(4), 8),
+    Strategy.homogeneous(Layout(2), 8),
+    Strategy.from_counts([(Layout(4), 1), (Layout(1), 4)]),
+]
+
+
+def test_global_batches_cover_each_epoch_once_within_budget() -> None:
+    lengths = np.array([5, 9, 3, 7, 1, 8, 2, 6, 4, 30])
+    it = global_batches(lengths, 12, seed=1)
+    epoch0 = []
+    while True:
+        b = next(it)
+        assert b.epoch == 0
+        assert lengths[b.sample_ids].sum() <= 12 or b.sample_ids.size == 1
+        epoch0.append(b)
+        if b.last_in_epoch:
+            break
+    assert sorted(np.concatenate([b.sample_ids for b in epoch0]).tolist()) == list(range(10))
+    assert [b.step for b in epoch0] == list(range(len(epoch0)))
+    nxt = next(it)
+    assert nxt.epoch == 1 and nxt.step == len(epoch0)
+    again = [next(global_batches(lengths, 12, seed=1)).sample_ids.tolist()]
+    assert again[0] == epoch0[0].sample_ids.tolist()
+    # greedy cut: the next sequence would overflow the budget
+    for b in epoch0[:-1]:
+        order = np.concatenate([x.sample_ids for x in epoch0])
+        after = order[list(order).index(b.sample_ids[-1]) + 1]
+        assert lengths[b.sample_ids].sum() + lengths[after] > 12
+
+
+def test_baselines_only_simulation(tmp_path) -> None:
+    dump = tmp_path / "plans.jsonl"
+    cfg = SimulationConfig(tokens_per_step=30_000, num_steps=6, max_length=8192, dump_plans=str(dump), seed=2,
+                           policies=tuple(BASELINES), baseline_options={"padded": {"micro_batch_size": 1}})
+    res = simulate(LENGTHS, CLUSTER, MODEL, cfg)
+    assert set(res.traces) == set(BASELINES) and res.max_length == 8192
+    capped = np.minimum(LENGTHS, 8192)
+    batches = global_batches(capped, 30_000, seed=2)
+    want_tokens = sum(int(capped[next(batches).sample_ids].sum()) for _ in range(6))
+    for name, tr in res.traces.items():
+        assert tr.step_seconds.shape == (6,) and np.all(tr.step_seconds > 0)
+        assert int(tr.tokens.sum()) == want_tokens, name  # wlb_llm moves tokens, never loses them
+        assert np.all(tr.imbalance >= 1 - 1e-12)
+        assert np.all(tr.lower_bound <= tr.step_seconds * (1 + 1e-9))
+        s = tr.summary()
+        assert math.isclose(s["tokens_per_second"], want_tokens / tr.step_seconds.sum())
+    assert res.traces["bfd"].padding_tokens.sum() == 0
+    assert res.best_baseline() in BASELINES
+    text = json.dumps(res.to_dict())
+    assert '"wlb_llm"' in text
+    table = res.summary_table()
+    assert table.count("\n") == 2 + len(BASELINES)
+    lines = list(load_jsonl_plans(dump))
+    assert len(lines) == 6 * len(BASELINES)
+    for name, step, plan in lines:
+        validate(plan, capped, cost_model=MODEL, cluster=CLUSTER)
+        assert plan.step == step
+
+
+def test_balancer_against_baselines() -> None:
+    cfg = SimulationConfig(tokens_per_step=40_000, num_steps=4, seed=1,
+                           policies=(BALANCER, "multipack", "hydraulis_random_restart"))
+    res = simulate(LENGTHS, CLUSTER, MODEL, cfg, candidates=CANDIDATES)
+    assert res.max_length == 8192 and res.num_candidates == 3
+    bal = res.traces[BALANCER]
+    assert set(bal.strategy) <= {c.name for c in CANDIDATES}
+    assert np.all(bal.step_seconds >= bal.lower_bound * (1 - 1e-9))
+    up = res.speedup()
+    assert set(up) == {"multipack", "hydraulis_random_restart"} and all(v > 0 for v in up.values())
+    d = res.to_dict()
+    assert d["best_baseline"] in up and "speedup_vs" in d
+    assert "| balancer |" in res.summary_table()
+
+
+def test_config_and_input_errors() -> None:
+    with pytest.raises(ValueError, match="unknown policy 'fast'"):
+        SimulationConfig(tokens_per_step=10, policies=("fast",))
+    with pytest.raises(ValueError, match="tokens_per_step=0 must be an integer >= 1"):
+        SimulationConfig(tokens_per_step=0)
+    with pytest.raises(ValueError, match="name one policy twice"):
+        SimulationConfig(tokens_per_step=10, policies=("bfd", "bfd"))
+    with pytest.raises(ValueError, match="needs candidates"):
+        simulate(LENGTHS, CLUSTER, MODEL, SimulationConfig(tokens_per_step=1000))
+    with pytest.raises(ValueError, match="set SimulationConfig.max_length"):
+        simulate(LENGTHS, CLUSTER, MODEL, SimulationConfig(tokens_per_step=1000, policies=("bfd",)))
+    with pytest.raises(ValueError, match="above the longest sequence any candidate holds"):
+        simulate(LENGTHS, CLUSTER, MODEL, SimulationConfig(tokens_per_step=1000, max_length=9000),
+                 candidates=CANDIDATES)
