@@ -12,16 +12,22 @@ times (so a burst of background load hits all lengths alike) and one number per 
 kept: the minimum by default — interference from other processes only ever adds time, so
 the fastest run is the best estimate of the work itself (the reasoning of Python's
 ``timeit``) — or the median. On CUDA each run is bracketed by ``torch.cuda.synchronize()``.
+
+The clock is wall time by default. On a shared CPU, ``clock="process"`` measures the
+process's CPU time instead (``time.process_time``): time spent preempted by other
+processes does not count, so with one torch thread it is the work itself. (With several
+threads it adds up their CPU time, spin-waits included, so use it with ``num_threads=1``.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -41,6 +47,7 @@ __all__ = [
     "device_memory_bytes",
     "environment",
     "local_hardware",
+    "cpu_threads",
 ]
 
 CPU_LENGTHS = (256, 512, 768, 1024, 1280, 1536, 2048)
@@ -190,6 +197,8 @@ def decoder_step_fn(
 
 STATISTICS = ("min", "median")
 """How the timed runs of one length reduce to one number."""
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+"""``wall``: elapsed time; ``process``: CPU time of this process (CPU device only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +213,8 @@ class Measurement:
     """float64 seconds, shape (repeats, len(lengths))."""
     statistic: str
     """``"min"`` or ``"median"``."""
+    clock: str
+    """``"wall"`` or ``"process"``."""
 
 
 def measure(
@@ -214,11 +225,13 @@ def measure(
     warmup: int = 1,
     repeats: int = 5,
     statistic: str = "min",
+    clock: str = "wall",
     progress: bool | None = None,
 ) -> Measurement:
     """Time ``step_fn(length)`` for every length: ``warmup`` untimed runs each, then
     ``repeats`` timed rounds over all lengths; the ``statistic`` (``"min"`` or
-    ``"median"``) of each length's runs is kept.
+    ``"median"``) of each length's runs is kept. ``clock`` is ``"wall"`` or, on the CPU,
+    ``"process"`` (CPU time; see the module docstring).
 
     ``progress=None`` shows a tqdm bar when stderr is a terminal.
     """
@@ -234,6 +247,11 @@ def measure(
         raise ValueError(f"calibrate: warmup={warmup} must be >= 0 and repeats={repeats} >= 1")
     if statistic not in STATISTICS:
         raise ValueError(f"calibrate: statistic={statistic!r} must be one of {list(STATISTICS)}")
+    if clock not in CLOCKS:
+        raise ValueError(f"calibrate: clock={clock!r} must be one of {list(CLOCKS)}")
+    if clock == "process" and device.type != "cpu":
+        raise ValueError(f"calibrate: clock='process' counts CPU time and cannot time {device.type} work; use clock='wall'")
+    now = CLOCKS[clock]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     show = sys.stderr.isatty() if progress is None else progress
     runs = np.empty((repeats, lens.size), dtype=np.float64)
@@ -246,13 +264,31 @@ def measure(
         for r in range(repeats):
             for j, s in enumerate(lens):
                 sync()
-                t0 = time.perf_counter()
+                t0 = now()
                 step_fn(int(s))
                 sync()
-                runs[r, j] = time.perf_counter() - t0
+                runs[r, j] = now() - t0
                 bar.update()
     reduce = np.min if statistic == "min" else np.median
-    return Measurement(lengths=lens, seconds=reduce(runs, axis=0), runs=runs, statistic=statistic)
+    return Measurement(lengths=lens, seconds=reduce(runs, axis=0), runs=runs, statistic=statistic, clock=clock)
+
+
+@contextlib.contextmanager
+def cpu_threads(num_threads: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op CPU threads set to ``num_threads`` (``None``: unchanged)."""
+    import torch
+
+    if num_threads is None:
+        yield
+        return
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"calibrate: num_threads={num_threads!r} must be a positive integer or None")
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def environment(device: "torch.device") -> dict[str, Any]:

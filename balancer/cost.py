@@ -377,6 +377,8 @@ class CostModel:
         warmup: int = 1,
         repeats: int = 5,
         statistic: str = "min",
+        clock: str = "wall",
+        num_threads: int | None = None,
         seed: int = 0,
         progress: bool | None = None,
     ) -> "CostModel":
@@ -389,8 +391,10 @@ class CostModel:
         ``token_capacity=None`` takes the analytic memory model of ``model`` on
         ``hardware`` (default: this device's preset with its real memory size). ``a, b, c``
         are all fitted (one sequence per micro-batch) to the fastest of ``repeats`` runs per
-        length (``statistic="median"`` for the median). ``meta`` records the device, torch
-        version, lengths, times and R².
+        length (``statistic="median"`` for the median). ``num_threads`` sets torch's CPU
+        threads for the calibration (restored afterwards; on a shared machine one thread
+        keeps the timings proportional to the work). ``meta`` records the device, torch
+        version, threads, lengths, times and R².
         """
         import torch
 
@@ -418,18 +422,22 @@ class CostModel:
                     "by the memory model; pass token_capacity or a smaller model"
                 )
         lens = list(lengths) if lengths is not None else list(cal.default_lengths(device))
-        run = cal.measure(
-            step_fn, lens, device=device, warmup=warmup, repeats=repeats, statistic=statistic, progress=progress
-        )
+        with cal.cpu_threads(num_threads):
+            env = cal.environment(device)
+            run = cal.measure(
+                step_fn, lens, device=device, warmup=warmup, repeats=repeats,
+                statistic=statistic, clock=clock, progress=progress,
+            )
         fitted = cls.fit(run.lengths, run.seconds, token_capacity=token_capacity, layout=lay)
         meta = {
             **fitted.meta,
-            **cal.environment(device),
+            **env,
             "model": spec.to_dict() if spec is not None else None,
             "custom_step_fn": custom_step,
             "lengths": run.lengths.tolist(),
             "seconds": run.seconds.tolist(),
             "statistic": statistic,
+            "clock": clock,
             "warmup": warmup,
             "repeats": repeats,
         }

@@ -123,6 +123,8 @@ class Dispatch:
     stage1_makespan: float
     """Makespan of the anticipated stage-1 objective, seconds (not the final estimate)."""
     solver: str
+    status: str = "heuristic"
+    """``"heuristic"`` for the greedy; CP-SAT's status name (``OPTIMAL``, ``FEASIBLE``, ...) otherwise."""
 
 
 def item_seconds(table: ReplicaTable, lengths: np.ndarray) -> np.ndarray:
@@ -192,7 +194,12 @@ def refine_dispatch(
         seed=seed,
         num_workers=num_workers,
     )
-    return Dispatch(bin_of=np.asarray(res.bin_of, dtype=np.int64), stage1_makespan=float(res.makespan), solver=str(res.solver))
+    return Dispatch(
+        bin_of=np.asarray(res.bin_of, dtype=np.int64),
+        stage1_makespan=float(res.makespan),
+        solver=str(res.solver),
+        status=str(res.status),
+    )
 
 
 def lower_bound(table: ReplicaTable, lengths: np.ndarray, t: np.ndarray | None = None) -> float:

@@ -17,7 +17,10 @@ proportionally less work from the next plan on.
 Determinism: planning uses no clock and no unseeded randomness, so the same (config,
 candidates, speeds, previous strategy, step, batch) give byte-identical
 ``plan.canonical_json()`` in any process; CP-SAT refinement runs with one worker and a
-fixed seed derived from ``(seed, step)`` when ``deterministic`` is set. Every rank must
+fixed seed derived from ``(seed, step)`` when ``deterministic`` is set, and its answer is
+used only when CP-SAT proves it optimal within the time limit (a sequential search
+reaches its optimum along the same path on every machine; a solution cut off by the
+wall clock would depend on machine load). Every rank must
 call :meth:`Balancer.observe` with the same numbers (the runtime all-gathers them) in
 the same order relative to :meth:`Balancer.plan` / ``next()`` on :meth:`Balancer.prefetch`.
 """
@@ -364,6 +367,10 @@ class Balancer:
             seed=seed,
             num_workers=1 if cfg.deterministic else cfg.cpsat_workers,
         )
+        if cfg.deterministic and d2.status != "OPTIMAL":
+            # A wall-clock limit stops the search at load-dependent points; only a proven
+            # optimum is the same on every rank, so anything else keeps the greedy plan.
+            return sol, "greedy (cpsat: no proof in time)"
         if not np.array_equal(d2.bin_of, sol.dispatch.bin_of):
             micro = _stage2(sol.table, lengths, sol.item_seconds, d2, cfg)
             if micro.step_seconds < sol.est_step_seconds:

@@ -47,13 +47,19 @@ class Collator(ABC):
 
     @abstractmethod
     def __call__(self, samples: Sequence[Mapping[str, Any]], spec: MicroBatchSpec | None = None) -> Any:
-        """Collate ``samples`` (already cut to their pieces) in the order of ``spec.sample_ids``."""
+        """Collate ``samples`` (already cut to their pieces) in the order of ``spec.sample_ids``.
+
+        A sample is a dict with the token field (and optionally labels), or the token ids themselves.
+        """
 
 
-def _tokens(sample: Mapping[str, Any], key: str, i: int) -> np.ndarray:
-    if key not in sample:
-        raise ValueError(f"sample {i} has no field {key!r}; fields: {sorted(sample)}. Set input_key=... on the collator")
-    arr = np.asarray(sample[key])
+def _tokens(sample: Any, key: str, i: int) -> np.ndarray:
+    """Token ids of a sample: ``sample[key]`` for dicts, the sample itself for plain sequences/tensors."""
+    if isinstance(sample, Mapping):
+        if key not in sample:
+            raise ValueError(f"sample {i} has no field {key!r}; fields: {sorted(sample)}. Set input_key=... on the collator")
+        sample = sample[key]
+    arr = np.asarray(sample)
     if arr.ndim != 1:
         raise ValueError(f"sample {i}: field {key!r} has shape {arr.shape}; expected a 1-D list of token ids")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
@@ -123,7 +129,7 @@ class PackedCollator(Collator):
         seq_lens = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids))
         if spec is not None:
             _check_seq_lens(seq_lens, spec)
-        has_labels = [self.labels_key in s for s in samples]
+        has_labels = [isinstance(s, Mapping) and self.labels_key in s for s in samples]
         if any(has_labels) and not all(has_labels):
             i = has_labels.index(False)
             raise ValueError(f"sample {i} has no {self.labels_key!r} while others do; give labels for every sample or none")

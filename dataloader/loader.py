@@ -283,7 +283,11 @@ class BalancedDataLoader:
             timeout=timeout,
         )
         self._consumed = (sampler.epoch, sampler._start_step, sampler._global_step)
+        self._consumed_strategy: str | None = sampler._last_strategy
         self._broken = False
+
+    def _consumed_state(self) -> dict[str, Any]:
+        return self.sampler.state_at(*self._consumed, previous_strategy=self._consumed_strategy)
 
     @staticmethod
     def _build_sampler(
@@ -348,9 +352,10 @@ class BalancedDataLoader:
         if self.streaming:
             yield from self._stream
             return
-        if self._broken and self.sampler._pending is None:
-            self.sampler.load_state_dict(self.sampler.state_at(*self._consumed))
+        if self._broken:  # continue after the last step the loop consumed
+            self.sampler.load_state_dict(self._consumed_state())
         self._broken = True
+        completed = self.sampler.completed_epochs
         inner = iter(self._loader)
         got: list[Any] = []
         specs: list[MicroBatchSpec] = []
@@ -375,9 +380,11 @@ class BalancedDataLoader:
                 )
                 got, specs, step = [], [], None
                 self._consumed = (batch.epoch, batch.step_in_epoch + 1, batch.step + 1)
+                self._consumed_strategy = batch.plan.strategy
                 yield batch
-        self._consumed = (self.sampler.epoch, 0, self.sampler._global_step)
-        self._broken = False
+        if self.sampler.completed_epochs > completed:
+            self._consumed = (self.sampler.epoch, 0, self.sampler._global_step)
+            self._broken = False
 
     def __len__(self) -> int:
         """Steps in the current epoch (map-style datasets only)."""
@@ -394,6 +401,14 @@ class BalancedDataLoader:
         self._consumed = (self.sampler.epoch, 0, self.sampler._global_step)
         self._broken = False
 
+    def close(self) -> None:
+        """Stop background planning (and tell the peer ranks); call on every rank before
+        ``torch.distributed.destroy_process_group`` when an iteration was left unfinished."""
+        if self.streaming:
+            self._stream.close()
+        else:
+            self.sampler.close()
+
     @property
     def stats(self) -> Any:
         """Over-long and ``drop_last`` counts (:class:`~dataloader.sampler.SamplerStats`)."""
@@ -404,7 +419,7 @@ class BalancedDataLoader:
         """Position after the last step the training loop consumed; the sampler's state nested under ``"sampler"``."""
         if self.streaming:
             return {"version": _STATE_VERSION, "stream": self._stream.state_dict()}
-        return {"version": _STATE_VERSION, "sampler": self.sampler.state_at(*self._consumed)}
+        return {"version": _STATE_VERSION, "sampler": self._consumed_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Validate now, apply at the next ``__iter__``."""
@@ -421,5 +436,6 @@ class BalancedDataLoader:
         inner = state["sampler"]
         self.sampler.load_state_dict(inner)
         self._consumed = (int(inner["epoch"]), int(inner["step_in_epoch"]), int(inner["global_step"]))
+        self._consumed_strategy = dict(inner.get("balancer") or {}).get("previous_strategy")
         self._broken = False
 

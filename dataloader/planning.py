@@ -86,6 +86,8 @@ class PlanStream(Generic[T]):
         self._rank = rank
         self._out: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
         self._abandoned = threading.Event()
+        self.completed = False
+        """True once every batch was planned and consumed (not after :meth:`close`)."""
         self._thread = threading.Thread(target=self._run, name="hydraulis-plan-stream", daemon=True)
         self._thread.start()
 
@@ -94,16 +96,37 @@ class PlanStream(Generic[T]):
         return self
 
     def __next__(self) -> T:
-        kind, value = self._out.get()
+        while True:
+            try:
+                kind, value = self._out.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._abandoned.is_set() or not self._thread.is_alive():
+                    if self._out.empty():
+                        raise StopIteration from None
         if kind == "item":
             return value
         if kind == "error":
             raise value
+        self.completed = True
         raise StopIteration
 
     def close(self) -> None:
         """Stop planning; peers are told at the next exchange. Does not wait for the thread."""
         self._abandoned.set()
+
+    def join(self, timeout: float = 120.0) -> None:
+        """Wait until the thread has stopped (after :meth:`close`, or at the end of the batches).
+
+        Needed before a new stream plans on the same balancer and process group: the old
+        thread may still be exchanging its ``stop`` message with the peers.
+        """
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise PlanSyncError(
+                f"the previous planning thread did not stop within {timeout:.0f} s; a peer rank is probably "
+                "still iterating its previous epoch (every rank must stop and restart iteration together)"
+            )
 
     # -- background thread --------------------------------------------------------------------
     def _emit(self, kind: str, value: Any) -> None:

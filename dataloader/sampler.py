@@ -51,10 +51,12 @@ from .lengths import check_lengths
 from .planning import PLAN_SYNC_MODES, PlanBatch, PlanStream
 from .spec import MicroBatchSpec
 
-__all__ = ["OVERLONG_POLICIES", "BalancedBatchSampler", "SamplerConfig", "SamplerStats", "SamplerStep"]
+__all__ = ["OVERLONG_POLICIES", "BalancedBatchSampler", "SamplerConfig", "SamplerStats", "SamplerStep", "balancer_state"]
 
 OVERLONG_POLICIES = ("error", "truncate", "split", "drop")
 _STATE_VERSION = 1
+_LAST = object()
+"""Sentinel: "the strategy of the last step yielded"."""
 
 
 @dataclass(kw_only=True)
@@ -240,6 +242,10 @@ class BalancedBatchSampler:
         self._pending: dict[str, Any] | None = None
         self._cached_epoch: tuple[int, np.ndarray, np.ndarray] | None = None
         self._stream: PlanStream[SamplerStep] | None = None
+        self._last_strategy: str | None = getattr(balancer, "previous_strategy", None)
+        self._iteration = 0
+        self.completed_epochs = 0
+        """Epochs iterated to their end by this object (a broken-off or closed one does not count)."""
 
     # -- over-long policy ------------------------------------------------------------------------
     def _build_pieces(self, cap: int, *, announce: bool) -> _Pieces:
@@ -451,15 +457,21 @@ class BalancedBatchSampler:
 
     # -- iteration ------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[SamplerStep]:
+        if self._stream is not None:  # an earlier iteration that was broken off
+            self._stream.close()
+            self._stream.join()
+            self._stream = None
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
-        if self._stream is not None:
-            self._stream.close()
         epoch, start, g0 = self.epoch, self._start_step, self._global_step
-        if start >= self.num_steps(epoch):  # a state saved right at the end of an epoch
+        if start > 0 and start >= self.num_steps(epoch):  # a state saved right at the end of an epoch
             epoch, start = epoch + 1, 0
             self.epoch, self._start_step = epoch, 0
+        previous0 = getattr(self.balancer, "previous_strategy", None)
+        self._last_strategy = previous0
+        self._iteration += 1
+        mine = self._iteration
         stream: PlanStream[SamplerStep] = PlanStream(
             self.balancer,
             self._batches(epoch, start, g0),
@@ -475,21 +487,42 @@ class BalancedBatchSampler:
             for item in stream:
                 self._start_step = item.step_in_epoch + 1
                 self._global_step = item.step + 1
+                self._last_strategy = item.plan.strategy
                 yield item
-            finished = True
+            finished = stream.completed
         finally:
             stream.close()
             if finished:
+                self.completed_epochs += 1
+                self._stream = None
                 order, bounds = self._epoch_batches(epoch)
                 self.stats.dropped_last_samples += int(order.size - bounds[-1])
                 self.epoch, self._start_step = epoch + 1, 0
-            else:  # a broken-off epoch restarts from its first step at the next __iter__
+            elif self._pending is None and self._iteration == mine:
+                # Broken off (and nothing loaded or restarted since): the next __iter__ restarts
+                # from where this one started, with the balancer's record put back accordingly.
                 self._global_step = g0
                 self._start_step = start
+                self._last_strategy = previous0
+                self._pending = self.state_at(epoch, start, g0, previous_strategy=previous0)
+
+    def close(self) -> None:
+        """Stop background planning now and wait for it (peers are told; call on every rank,
+        e.g. before ``destroy_process_group``). The next ``__iter__`` starts planning again."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream.join()
 
     # -- state --------------------------------------------------------------------------------------
-    def state_at(self, epoch: int, step_in_epoch: int, global_step: int) -> dict[str, Any]:
-        """The state that resumes at ``step_in_epoch`` of ``epoch`` (global step ``global_step``)."""
+    def state_at(
+        self, epoch: int, step_in_epoch: int, global_step: int, *, previous_strategy: str | None | object = _LAST
+    ) -> dict[str, Any]:
+        """The state that resumes at ``step_in_epoch`` of ``epoch`` (global step ``global_step``).
+
+        ``previous_strategy``: strategy of the step before the resume point (the Balancer's
+        switch penalty depends on it); default: the last step this sampler yielded. Planning
+        runs ahead, so the Balancer's own record is usually a few steps further.
+        """
         cfg = self.config
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
@@ -501,9 +534,10 @@ class BalancedBatchSampler:
             "num_samples": int(self.lengths.size),
             "batching": self._batching(),
         }
-        child = getattr(self.balancer, "state_dict", None)
+        previous = self._last_strategy if previous_strategy is _LAST else previous_strategy
+        child = balancer_state(self.balancer, previous)  # type: ignore[arg-type]
         if child is not None:
-            state["balancer"] = child()
+            state["balancer"] = child
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -577,6 +611,21 @@ class BalancedBatchSampler:
                     "global batches; the balancer's per-rank state (straggler speeds) starts fresh",
                     stacklevel=3,
                 )
+
+
+def balancer_state(balancer: Any, previous_strategy: str | None) -> dict[str, Any] | None:
+    """The balancer's state with ``previous_strategy`` set to the last *consumed* step's strategy.
+
+    The balancer plans ahead, so its own record names a step the training loop has not
+    reached; resuming with it could change the switch penalty of the next plan.
+    """
+    get = getattr(balancer, "state_dict", None)
+    if get is None:
+        return None
+    state = dict(get())
+    if "previous_strategy" in state:
+        state["previous_strategy"] = previous_strategy
+    return state
 
 
 # -------------------------------------------------------------------------------------------------

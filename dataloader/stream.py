@@ -35,7 +35,7 @@ from .collate import Collator
 from .lengths import IGNORE_INDEX
 from .loader import StepBatch, cut_sample
 from .planning import PlanBatch, PlanStream
-from .sampler import SamplerConfig, SamplerStats, _plan_group, _rank_and_world, _resolve_sync
+from .sampler import SamplerConfig, SamplerStats, _plan_group, _rank_and_world, _resolve_sync, balancer_state
 from .spec import MicroBatchSpec
 
 __all__ = ["PIECE_ID_BASE", "StreamingSteps"]
@@ -84,6 +84,7 @@ class StreamingSteps:
         self._step_in_epoch = 0
         self._global_step = 0
         self._stream: PlanStream[tuple[StepBatch, int]] | None = None
+        self._last_strategy: str | None = getattr(balancer, "previous_strategy", None)
 
     # -- reading --------------------------------------------------------------------------------
     def _source(self, epoch: int, skip: int) -> Iterator[Any]:
@@ -233,8 +234,13 @@ class StreamingSteps:
 
     # -- iteration ------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[StepBatch]:
-        if self._stream is not None:
+        if self._stream is not None:  # broken off: stop its planning, then undo what it planned ahead
             self._stream.close()
+            self._stream.join()
+            self._stream = None
+            state = balancer_state(self.balancer, self._last_strategy)
+            if state is not None:
+                self.balancer.load_state_dict(state)
         epoch, skip, in_epoch, g0 = self.epoch, self._consumed, self._step_in_epoch, self._global_step
         stream = PlanStream(
             self.balancer,
@@ -249,10 +255,19 @@ class StreamingSteps:
         try:
             for item, end in stream:
                 self._consumed, self._step_in_epoch, self._global_step = end, item.step_in_epoch + 1, item.step + 1
+                self._last_strategy = item.plan.strategy
                 yield item
-            self.epoch, self._consumed, self._step_in_epoch = epoch + 1, 0, 0
+            if stream.completed:
+                self.epoch, self._consumed, self._step_in_epoch = epoch + 1, 0, 0
+                self._stream = None
         finally:
             stream.close()
+
+    def close(self) -> None:
+        """Stop background reading and planning now and wait for it (call on every rank)."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream.join()
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:
@@ -282,9 +297,9 @@ class StreamingSteps:
             "world_size": self.world_size,
             "batching": self._batching(),
         }
-        child = getattr(self.balancer, "state_dict", None)
+        child = balancer_state(self.balancer, self._last_strategy)
         if child is not None:
-            state["balancer"] = child()
+            state["balancer"] = child
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -310,3 +325,4 @@ class StreamingSteps:
         child, loader = state.get("balancer"), getattr(self.balancer, "load_state_dict", None)
         if child is not None and loader is not None and int(state["world_size"]) == self.world_size:
             loader(child)
+            self._last_strategy = child.get("previous_strategy")

@@ -423,9 +423,8 @@ def _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_c
 
 
 @njit(cache=True)
-def _best_swap(b, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist):
-    """Best exchange of an item of bin b with an item of another bin: (item in b, other item, value)."""
-    m = bin_type.shape[0]
+def _best_swap(b, partners, num_partners, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist):
+    """Best exchange of an item of bin b with an item of a partner bin: (item in b, other item, value)."""
     lb = fs[3, b]
     best = lb * (1.0 - 1e-12)
     bi = -1
@@ -436,7 +435,8 @@ def _best_swap(b, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, 
         tb = times[i, kb]
         rest_b = fs[2, b] if tb == fs[1, b] else fs[1, b]
         sum_b = fs[0, b] - tb
-        for j in range(m):
+        for q in range(num_partners):
+            j = partners[q]
             if j == b:
                 continue
             kj = bin_type[j]
@@ -552,6 +552,8 @@ def _improve_kernel(
     suf_max = np.empty(n + 1)
     suf_tok = np.empty(n + 1, dtype=np.int64)
     num_cls = cls_type.shape[0]
+    partners = np.empty(m, dtype=np.int64)
+    everyone = np.arange(m)
     while rounds < max_rounds:
         b = 0
         for j in range(1, m):
@@ -560,42 +562,57 @@ def _improve_kernel(
         if fs[3, b] <= 0.0:
             break
         rounds += 1
-        # hide b from its class tree so move targets are other bins
+        # hide b from its class tree: class roots are then the least-loaded *other* bins
         cb = cls_of[b]
         _tree_set(tval, tidx, cls_off[cb], cls_leaves[cb], cls_pos[b], _INF, b)
-        mi, mj, mv = _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist, tval, tidx, cls_type, cls_cap, cls_off, cls_ptr, cls_bins)
+        num_partners = 0
+        for c in range(num_cls):
+            j = tidx[cls_off[c] + 1]
+            if j >= 0:
+                partners[num_partners] = j
+                num_partners += 1
+        # 1. move one item of b to the least-loaded bin of some class
+        mi, mj, _ = _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist, tval, tidx, cls_type, cls_cap, cls_off, cls_ptr, cls_bins)
         _tree_set(tval, tidx, cls_off[cb], cls_leaves[cb], cls_pos[b], fs[3, b], b)
         if mi >= 0:
             _remove(mi, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
             _add(mi, mj, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
             continue
-        # re-split b with a bin of another type (captures comparative advantage)
-        # (candidates: the least-loaded bin of every class of another type)
-        limit = fs[3, b] * (1.0 - 1e-12)
-        best_j = -1
-        for c in range(num_cls):
-            j = tidx[cls_off[c] + 1]
-            if j < 0 or cls_type[c] == bin_type[b]:
-                continue
-            p, cut, v = _best_split(b, j, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, items, keys, suf_sum, suf_max, suf_tok)
-            if cut >= 0 and v < limit and not (keep_nonempty and (cut == 0 or cut == p)):
-                limit = v
-                best_j = j
-        if best_j >= 0:
-            p, cut, v = _best_split(b, best_j, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, items, keys, suf_sum, suf_max, suf_tok)
-            for r in range(p):
-                _remove(items[r], times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
-            for r in range(p):
-                _add(items[r], b if r < cut else best_j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
-            continue
-        si, sk, sv = _best_swap(b, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist)
-        if si < 0:
+        # 2. re-split b with a class root of another type, 3. swap with a class root;
+        #    only when both fail, try every bin (once, before giving up)
+        done = False
+        for wide in range(2):
+            cand = partners if wide == 0 else everyone
+            num_cand = num_partners if wide == 0 else m
+            limit = fs[3, b] * (1.0 - 1e-12)
+            best_j = -1
+            for q in range(num_cand):
+                j = cand[q]
+                if j == b or bin_type[j] == bin_type[b]:
+                    continue
+                p, cut, v = _best_split(b, j, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, items, keys, suf_sum, suf_max, suf_tok)
+                if cut >= 0 and v < limit and not (keep_nonempty and (cut == 0 or cut == p)):
+                    limit = v
+                    best_j = j
+            if best_j >= 0:
+                p, cut, v = _best_split(b, best_j, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, items, keys, suf_sum, suf_max, suf_tok)
+                for r in range(p):
+                    _remove(items[r], times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+                for r in range(p):
+                    _add(items[r], b if r < cut else best_j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+                done = True
+                break
+            si, sk, _ = _best_swap(b, cand, num_cand, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist)
+            if si >= 0:
+                j = bin_of[sk]
+                _remove(si, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+                _remove(sk, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+                _add(si, j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+                _add(sk, b, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+                done = True
+                break
+        if not done:
             break
-        j = bin_of[sk]
-        _remove(si, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
-        _remove(sk, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
-        _add(si, j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
-        _add(sk, b, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
     return rounds, empty
 
 
@@ -618,30 +635,40 @@ def _cls_args(inst: Instance) -> tuple:
     )
 
 
-def difficulty(inst: Instance) -> np.ndarray:
+def difficulty(inst: Instance, times: np.ndarray) -> np.ndarray:
     """Per item: its smallest single-item load ``t·(1 + w)/v`` over the bins it may go to."""
-    t = inst.times[:, inst.cls_type]  # (n, C)
+    t = times[:, inst.cls_type]  # (n, C)
     rep = inst.cls_bins[inst.cls_ptr[:-1]]  # one bin per class
     scale = (1.0 + inst.pp_weight[rep]) / inst.speed[rep]
     ok = np.isfinite(t) & (inst.sizes[:, None] <= inst.cls_cap[None, :])
     return np.where(ok, t * scale[None, :], np.inf).min(axis=1)
 
 
-def solve_greedy(inst: Instance) -> tuple[np.ndarray, str]:
-    """Greedy placement: LPT by difficulty with least-resulting-load; with token
-    capacities, fall back to largest-size-first, then to best fit by tokens.
+def solve_greedy(inst: Instance, allowed: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """Greedy placement, trying rules in turn until one places every item:
 
-    Returns (bin_of, rule name); raises :class:`GreedyFailure` when all rules fail.
+    1. with ``allowed`` (bool[n, K], e.g. the LP's type split): LPT restricted to the
+       allowed types (``"lp-lpt"``);
+    2. LPT by difficulty, least resulting load (``"lpt"``);
+    3. with token capacities: largest size first, least resulting load (``"lpt-by-size"``);
+       then largest size first, best fit by tokens (``"best-fit"``).
+
+    Returns (bin_of, rule name); raises :class:`GreedyFailure` when every rule fails.
     """
-    diff = difficulty(inst)
-    attempts = [(np.lexsort((np.arange(inst.n), -diff)), 0, "lpt")]
+    ids = np.arange(inst.n)
+    attempts = []
+    if allowed is not None:
+        guided = np.ascontiguousarray(np.where(allowed, inst.times, np.inf))
+        attempts.append((np.lexsort((ids, -difficulty(inst, guided))), 0, "lp-lpt", guided))
+    diff = difficulty(inst, inst.times)
+    attempts.append((np.lexsort((ids, -diff)), 0, "lpt", inst.times))
     if inst.has_capacity:
-        by_size = np.lexsort((np.arange(inst.n), -diff, -inst.sizes))
-        attempts += [(by_size, 0, "lpt-by-size"), (by_size, 1, "best-fit")]
+        by_size = np.lexsort((ids, -diff, -inst.sizes))
+        attempts += [(by_size, 0, "lpt-by-size", inst.times), (by_size, 1, "best-fit", inst.times)]
     failed = -1
-    for order, rule, name in attempts:
+    for order, rule, name, times in attempts:
         bin_of, failed = _greedy_kernel(
-            order.astype(np.int64), rule, inst.times, inst.bin_type, inst.speed, inst.pp_weight,
+            order.astype(np.int64), rule, times, inst.bin_type, inst.speed, inst.pp_weight,
             inst.sizes, inst.bin_capacity, *_cls_args(inst),
         )
         if failed < 0:

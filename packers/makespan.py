@@ -32,9 +32,13 @@ is measured against :func:`packers.bounds.makespan_lower_bound` in
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from packers._assign import Instance, bin_loads, build_instance, improve, solve_greedy
+from packers._lp import type_lp
+from packers.bounds import combined_makespan_bound
 from packers.types import Assignment
 from packers.validate import (
     as_bin_capacity,
@@ -87,17 +91,42 @@ def _assignment(inst: Instance, bin_of: np.ndarray, solver: str) -> Assignment:
     return Assignment(bin_of=bin_of, loads=loads, makespan=float(loads.max()), solver=solver)
 
 
+def lp_allowed(inst: Instance, x: np.ndarray) -> np.ndarray:
+    """Types each item may use in the LP-guided greedy: the support of the LP's
+    fractional split, kept to types whose bins can hold the item's tokens (all
+    eligible types for an item left with none)."""
+    type_cap = np.full(inst.times.shape[1], -1, dtype=np.int64)
+    np.maximum.at(type_cap, inst.bin_type, inst.bin_capacity)
+    eligible = np.isfinite(inst.times) & (inst.sizes[:, None] <= type_cap[None, :])
+    allowed = (x > 1e-9) & eligible
+    none = ~allowed.any(axis=1)
+    allowed[none] = eligible[none]
+    return allowed
+
+
 def solve_instance(
-    inst: Instance, *, require_nonempty: bool = True, local_search: bool = True, max_rounds: int | None = None
+    inst: Instance,
+    *,
+    require_nonempty: bool = True,
+    local_search: bool = True,
+    max_rounds: int | None = None,
+    lp_guide: bool = True,
 ) -> Assignment:
     """Greedy + repair + local search on a validated instance (the body of :func:`lpt_makespan`)."""
     if max_rounds is None:
         max_rounds = default_rounds(inst.n, inst.m)
     if max_rounds < 0:
         raise ValueError(f"max_rounds={max_rounds} must be >= 0")
-    bin_of, rule = solve_greedy(inst)
+    allowed = None
+    bound = None
+    if lp_guide and np.unique(inst.bin_type).shape[0] > 1:
+        value, x, _ = type_lp(inst.times, inst.bin_type, inst.speed)
+        allowed = lp_allowed(inst, x)
+        bound = combined_makespan_bound(inst.times, inst.bin_type, inst.speed, inst.pp_weight, value)
+    bin_of, rule = solve_greedy(inst, allowed)
     bin_of, _, _ = improve(inst, bin_of, require_nonempty=require_nonempty, local_search=local_search, max_rounds=max_rounds)
-    return _assignment(inst, bin_of, f"{rule}+ls" if local_search else rule)
+    result = _assignment(inst, bin_of, f"{rule}+ls" if local_search else rule)
+    return replace(result, bound=bound)
 
 
 def lpt_makespan(
@@ -111,6 +140,7 @@ def lpt_makespan(
     require_nonempty: bool = True,
     local_search: bool = True,
     max_rounds: int | None = None,
+    lp_guide: bool = True,
 ) -> Assignment:
     """Assign every item to one bin, heuristically minimising the makespan (seconds).
 
@@ -136,7 +166,9 @@ def lpt_makespan(
             item eligible for no bin, or no greedy rule fitting all items under capacities.
     """
     inst = makespan_instance(times, bin_type, speed=speed, pp_weight=pp_weight, sizes=sizes, bin_capacity=bin_capacity)
-    return solve_instance(inst, require_nonempty=require_nonempty, local_search=local_search, max_rounds=max_rounds)
+    return solve_instance(
+        inst, require_nonempty=require_nonempty, local_search=local_search, max_rounds=max_rounds, lp_guide=lp_guide
+    )
 
 
 def makespan_loads(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections import Counter
 
@@ -11,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balancer.cost import CostModel
-from balancer.selector import Balancer
+from balancer.selector import Balancer, BalancerConfig
 from dataloader.sampler import BalancedBatchSampler, SamplerConfig
 from strategies.layout import ClusterSpec, Layout, Strategy
 
@@ -19,14 +20,14 @@ CAP = 64
 """Token capacity of a tp1 micro-batch in these tests (tp2 holds twice as many)."""
 
 
-def make_balancer(world: int, *, hetero: bool = True, cap: int = CAP) -> Balancer:
+def make_balancer(world: int, *, hetero: bool = True, cap: int = CAP, switch_penalty: float = 0.0) -> Balancer:
     cost = CostModel.from_coefficients({"tp1": (1e-6, 1e-4, 1e-3, cap), "tp2": (0.6e-6, 0.6e-4, 1e-3, 2 * cap)})
     cands = [Strategy.homogeneous(Layout(tp=1), world)]
     if world % 2 == 0:
         cands.append(Strategy.homogeneous(Layout(tp=2), world))
     if hetero and world >= 3:
         cands.append(Strategy.from_counts([(Layout(tp=2), 1), (Layout(tp=1), world - 2)]))
-    return Balancer(ClusterSpec(num_ranks=world), cands, cost)
+    return Balancer(ClusterSpec(num_ranks=world), cands, cost, BalancerConfig(switch_penalty=switch_penalty))
 
 
 def samplers(lengths, world, config, **kw):  # type: ignore[no-untyped-def]
@@ -166,6 +167,15 @@ def test_bad_inputs_are_named() -> None:
         BalancedBatchSampler(np.array([3]), make_balancer(1), SamplerConfig(sequences_per_step=1), loss_tokens=[5], world_size=1)
 
 
+def wait_until_planned_ahead(sampler: BalancedBatchSampler) -> None:
+    stream = sampler._stream
+    if stream is None:
+        return
+    deadline = time.monotonic() + 30
+    while not stream._out.full() and stream._thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _pieces_of(steps):  # type: ignore[no-untyped-def]
     return [[(mb.sample_ids, mb.starts, mb.ends) for mb in s.micro_batches] for s in steps]
 
@@ -174,21 +184,31 @@ def _pieces_of(steps):  # type: ignore[no-untyped-def]
 def test_resume_at_step_k_yields_exactly_the_rest(k: int) -> None:
     rng = np.random.default_rng(1)
     lens = rng.integers(1, CAP, size=90)
-    cfg = dict(tokens_per_step=400, seed=3)
-    full = BalancedBatchSampler(lens, make_balancer(2), SamplerConfig(**cfg), rank=1, world_size=2)
+    lens[rng.random(90) < 0.08] = 100  # a few sequences only tp2 can hold: the best strategy varies
+
+    def build() -> BalancedBatchSampler:
+        # A switch penalty makes each plan depend on the previous step's strategy.
+        bal = make_balancer(4, switch_penalty=2e-3)
+        return BalancedBatchSampler(lens, bal, SamplerConfig(tokens_per_step=400, seed=3, plan_ahead=3), rank=1, world_size=4)
+
+    full = build()
     reference = list(full) + list(full)  # two epochs
-    first = BalancedBatchSampler(lens, make_balancer(2), SamplerConfig(**cfg), rank=1, world_size=2)
+    assert len({s.plan.strategy for s in reference}) > 1, "the test needs strategy switches"
+    first = build()
     it = iter(first)
     for _ in range(k):
         next(it)
-    state = first.state_dict() if k else BalancedBatchSampler(lens, make_balancer(2), SamplerConfig(**cfg), rank=1, world_size=2).state_dict()
+    wait_until_planned_ahead(first)  # the balancer's own record is now steps ahead of the consumer
+    state = first.state_dict()
     it.close()
-    resumed = BalancedBatchSampler(lens, make_balancer(2), SamplerConfig(**cfg), rank=1, world_size=2)
+    resumed = build()
     resumed.load_state_dict(state)
     rest = list(resumed) + list(resumed)
     assert [s.step for s in rest] == [s.step for s in reference[k:]]
     assert _pieces_of(rest) == _pieces_of(reference[k:])
     assert [s.plan.digest for s in rest] == [s.plan.digest for s in reference[k:]]
+    again = list(first)  # a broken-off epoch restarts from its first step
+    assert [s.plan.digest for s in again] == [s.plan.digest for s in reference[: len(again)]]
 
 
 def test_state_at_epoch_end_continues_with_the_next_epoch() -> None:

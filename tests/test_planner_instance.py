@@ -89,8 +89,8 @@ def test_random_restart_keeps_the_best_of_its_orders(tmp_path: Path) -> None:
     d = _write_instance(tmp_path / "inst.json", seed=4)
     inst = planner.load_instance(tmp_path / "inst.json")
     lengths = np.asarray(d["batches"][0])
-    few, _, _ = planner.solve_batch(inst, lengths, "random_restart", restarts=1, seed=9)
-    many, _, solver = planner.solve_batch(inst, lengths, "random_restart", restarts=50, seed=9)
+    few, _, _, _ = planner.solve_batch(inst, lengths, "random_restart", restarts=1, seed=9)
+    many, _, solver, _ = planner.solve_batch(inst, lengths, "random_restart", restarts=50, seed=9)
     assert solver == "random_restart50"
     assert planner.instance_makespan(inst, lengths, many) <= planner.instance_makespan(inst, lengths, few)
 
@@ -105,3 +105,13 @@ def test_bad_instance_files_are_named(tmp_path: Path) -> None:
         planner.load_instance(p)
     with pytest.raises(SystemExit, match="--instance needs --out"):
         planner.main(["--instance", str(p)])
+
+
+def test_cpsat_never_worse_than_its_hint_and_tightens_the_bound(tmp_path: Path) -> None:
+    d = _write_instance(tmp_path / "inst.json", seed=2)
+    rep = planner.replay(tmp_path / "inst.json", ["ours", "ours+cpsat"], cpsat_time_limit=0.2)
+    ours, exact = rep["methods"]["ours"]["batches"], rep["methods"]["ours+cpsat"]["batches"]
+    for a, b, lengths in zip(ours, exact, d["batches"]):
+        assert b["makespan"] <= a["makespan"] * (1 + 1e-12)
+        assert a["lower_bound"] == b["lower_bound"] <= b["makespan"] * (1 + 1e-9)
+        assert math.isclose(b["makespan"], _makespan(d, lengths, b["assignment"]), rel_tol=1e-12)

@@ -163,7 +163,8 @@ def _worker(rank: int, world: int) -> dict:
             mbs = rank_batches(plan, rank, seqs)
             if step == 1:
                 out["errors"].update(_bad_steps(engine, rank, seqs, mbs, plan))
-            batch = mbs if step == 2 else SimpleNamespace(micro_batches=mbs, global_loss_tokens=loss_tokens(seqs), plan=plan)
+            glt = loss_tokens(seqs)
+            batch = mbs if step == 2 else SimpleNamespace(micro_batches=mbs, global_loss_tokens=glt, plan=plan)
             result = engine.step(plan, batch)
             out["losses"].append(result.loss)
             out["rank_seconds"].append(result.rank_seconds)
@@ -244,7 +245,7 @@ def test_gradients_equal_single_device(run, reference):
     for step, g in enumerate(want):
         for rank, out in enumerate(run):
             torch.testing.assert_close(out["grads"][step], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()),
-                                       msg=lambda m: f"rank {rank} step {step} ({SCHEDULE[step]}): {m}")
+                                       msg=lambda m, r=rank, s=step: f"rank {r} step {s} ({SCHEDULE[s]}): {m}")
 
 
 def test_parameters_equal_single_device_adamw(run, reference):
@@ -253,7 +254,7 @@ def test_parameters_equal_single_device_adamw(run, reference):
         for rank, out in enumerate(run):
             got = out["snapshots"][n_steps]
             torch.testing.assert_close(got, want[n_steps], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"rank {rank} after {n_steps} steps: {m}")
+                                       msg=lambda m, r=rank, n=n_steps: f"rank {r} after {n} steps: {m}")
         # the training actually moved the parameters (the comparison is not vacuous)
         assert (want[n_steps] - flat_params(make_model())).abs().max() > 1e-3
 

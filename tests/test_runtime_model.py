@@ -56,7 +56,8 @@ def test_matches_hugging_face_llama():
     names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "wq": "self_attn.q_proj",
              "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
              "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
-    state = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.final_norm, "lm_head.weight": model.lm_head}
+    state = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.final_norm,
+             "lm_head.weight": model.lm_head}
     for i, layer in enumerate(model.layers):
         for ours, theirs in names.items():
             state[f"model.layers.{i}.{theirs}.weight"] = getattr(layer, ours)
@@ -82,7 +83,8 @@ def test_packing_never_crosses_a_sequence():
     offset = 0
     logits = model.logits(packed)
     for s in seqs:
-        torch.testing.assert_close(logits[offset : offset + len(s)], model.logits(_local(_pack([s]))), rtol=1e-5, atol=1e-5)
+        alone_logits = model.logits(_local(_pack([s])))
+        torch.testing.assert_close(logits[offset : offset + len(s)], alone_logits, rtol=1e-5, atol=1e-5)
         offset += len(s)
     assert packed.num_loss_tokens == sum(len(s) - 1 for s in seqs)
 

@@ -29,7 +29,9 @@ from strategies.context import cp_token_index
 from .attention import AttentionSegments, build_segments
 from .parallel import ParallelContext
 
-__all__ = ["IGNORE_INDEX", "CheckedMicroBatch", "LocalBatch", "check_micro_batch", "prepare_micro_batch", "shift_labels"]
+__all__ = [
+    "IGNORE_INDEX", "CheckedMicroBatch", "LocalBatch", "check_micro_batch", "prepare_micro_batch", "shift_labels",
+]
 
 IGNORE_INDEX = -100
 """Label value that carries no loss (Hugging Face / PyTorch convention)."""
@@ -97,16 +99,22 @@ def check_micro_batch(mb: Mapping[str, Any], index: int, vocab_size: int) -> Che
     seq_lens = np.diff(cu)  # every segment, a trailing padding segment included
     if seq_lens.size and seq_lens.min() < 1:
         bad = int(np.flatnonzero(seq_lens < 1)[0])
-        raise ValueError(f"micro-batch {index}: sequence {bad} has {int(seq_lens[bad])} tokens (cu_seqlens must increase)")
+        raise ValueError(
+            f"micro-batch {index}: sequence {bad} has {int(seq_lens[bad])} tokens (cu_seqlens must increase)"
+        )
     num_sequences = seq_lens.size
     if "seq_lens" in mb:
         given = _row(mb, "seq_lens", index)
         padded = given.size == seq_lens.size - 1 and np.array_equal(given, seq_lens[:-1])
         if not (padded or np.array_equal(given, seq_lens)):
-            raise ValueError(f"micro-batch {index}: seq_lens {given.tolist()[:8]} disagree with cu_seqlens {cu.tolist()[:8]}")
+            raise ValueError(
+                f"micro-batch {index}: seq_lens {given.tolist()[:8]} disagree with cu_seqlens {cu.tolist()[:8]}"
+            )
         num_sequences = given.size
         if padded and np.any(labels[cu[-2]:] != IGNORE_INDEX):
-            raise ValueError(f"micro-batch {index}: the padding segment after the last sequence carries labels; pad with -100")
+            raise ValueError(
+                f"micro-batch {index}: the padding segment after the last sequence carries labels; pad with -100"
+            )
     if "max_seqlen" in mb and t and int(mb["max_seqlen"]) != int(seq_lens.max()):
         raise ValueError(
             f"micro-batch {index}: max_seqlen={int(mb['max_seqlen'])} but the longest segment has {int(seq_lens.max())}"
@@ -131,7 +139,9 @@ def check_micro_batch(mb: Mapping[str, Any], index: int, vocab_size: int) -> Che
         ok = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab_size))
         if not ok.all():
             bad = int(np.flatnonzero(~ok)[0])
-            raise ValueError(f"micro-batch {index}: labels[{bad}]={int(labels[bad])} is neither {IGNORE_INDEX} nor a token id")
+            raise ValueError(
+                f"micro-batch {index}: labels[{bad}]={int(labels[bad])} is neither {IGNORE_INDEX} nor a token id"
+            )
     sample_ids = _row(mb, "sample_ids", index) if "sample_ids" in mb else None
     if sample_ids is not None and sample_ids.size != num_sequences:
         raise ValueError(f"micro-batch {index}: {sample_ids.size} sample_ids for {num_sequences} sequences")

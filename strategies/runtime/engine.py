@@ -121,9 +121,8 @@ class StrategyView:
 
 
 def _digest60(plan: StepPlan) -> int:
-    """First 60 bits of the plan digest (fits an int64 collective)."""
-    text = plan.digest or hashlib.sha256(plan.canonical_json().encode()).hexdigest()
-    return int(text.split(":")[-1][:15], 16)
+    """First 60 bits of the plan digest (``sha256:<hex>``), to fit an int64 collective."""
+    return int(plan.digest.split(":")[-1][:15], 16)
 
 
 class Engine:
@@ -194,7 +193,8 @@ class Engine:
             for rep in s.replicas:
                 if rep.layout.pp > 1:
                     raise ValueError(
-                        f"Engine: strategy {s.name!r} has a replica with layout {rep.layout.name} (pp={rep.layout.pp}); "
+                        f"Engine: strategy {s.name!r} has a replica with layout {rep.layout.name} "
+                        f"(pp={rep.layout.pp}); "
                         "this runtime has no pipeline parallelism — configure the planner's candidates with pp=1"
                     )
         return out
@@ -215,7 +215,9 @@ class Engine:
     def _build_optimizer(self, optimizer_builder: Callable[[GPT], torch.optim.Optimizer]) -> torch.optim.Optimizer:
         opt = optimizer_builder(self.model)
         if not isinstance(opt, torch.optim.Optimizer):
-            raise ValueError(f"Engine: optimizer_builder returned {type(opt).__name__}, expected a torch.optim.Optimizer")
+            raise ValueError(
+                f"Engine: optimizer_builder returned {type(opt).__name__}, expected a torch.optim.Optimizer"
+            )
         master = {id(p) for p in self.model.parameters()}
         for group in opt.param_groups:
             for p in group["params"]:
@@ -370,10 +372,13 @@ class Engine:
             raise ValueError(
                 f"plan for step {plan.step}: strategy {plan.strategy!r} has replicas "
                 f"{[(lay.name, list(rk)) for lay, rk in planned]} but the built one has "
-                f"{[(lay.name, list(rk)) for lay, rk in built]}; plan with the same candidate list the engine was built with"
+                f"{[(lay.name, list(rk)) for lay, rk in built]}; "
+                "plan with the same candidate list the engine was built with"
             )
         if batch_plan is not None and batch_plan.digest != plan.digest:
-            raise ValueError(f"step batch was built for plan {batch_plan.digest}, not for the plan passed ({plan.digest})")
+            raise ValueError(
+                f"step batch was built for plan {batch_plan.digest}, not for the plan passed ({plan.digest})"
+            )
         rank_plan = plan.for_rank(self.rank)
         if len(micro_batches) != len(rank_plan.micro_batches):
             raise ValueError(
@@ -399,7 +404,8 @@ class Engine:
                     normaliser = mb.global_loss_tokens
                 elif mb.global_loss_tokens != normaliser:
                     raise ValueError(
-                        f"micro-batch {k} says global_loss_tokens={mb.global_loss_tokens} but the step batch says {normaliser}"
+                        f"micro-batch {k} says global_loss_tokens={mb.global_loss_tokens} "
+                        f"but the step batch says {normaliser}"
                     )
         if normaliser is None:
             normaliser = int(plan.global_loss_tokens)
@@ -416,7 +422,9 @@ class Engine:
         """One all-gather; every rank raises :class:`StepError` if any rank failed or they disagree."""
         digest = _digest60(plan) if isinstance(plan, StepPlan) else 0
         mine = torch.tensor(
-            [int(error is not None), loss_tokens, digest, normaliser, fingerprint], dtype=torch.int64, device=self.device
+            [int(error is not None), loss_tokens, digest, normaliser, fingerprint],
+            dtype=torch.int64,
+            device=self.device,
         )
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine)
@@ -467,4 +475,6 @@ def _unpack(step_batch: Any) -> tuple[list[Any], int | None, StepPlan | None]:
         return [step_batch], None, None  # the local check reports the wrong type
     glt = getattr(step_batch, "global_loss_tokens", None)
     plan = getattr(step_batch, "plan", None)
-    return list(step_batch.micro_batches), None if glt is None else int(glt), plan if isinstance(plan, StepPlan) else None
+    if not isinstance(plan, StepPlan):
+        plan = None
+    return list(step_batch.micro_batches), None if glt is None else int(glt), plan

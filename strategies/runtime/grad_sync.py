@@ -56,7 +56,9 @@ class GradientSync:
         self.sharded = [(p.param, p.split_dim) for p in params if p.split_dim is not None]
         for p, dim in self.sharded:
             if p.shape[dim] % num_blocks:
-                raise ValueError(f"parameter of shape {tuple(p.shape)} cannot be cut into {num_blocks} blocks on dim {dim}")
+                raise ValueError(
+                    f"parameter of shape {tuple(p.shape)} cannot be cut into {num_blocks} blocks on dim {dim}"
+                )
         self.buckets = buckets
         """This rank's buckets with their groups, in the global order."""
         self.num_blocks = num_blocks

@@ -60,7 +60,9 @@ def block_holders(strategy: Strategy, block: int, num_blocks: int) -> tuple[int,
     for rep in strategy.replicas:
         lay = rep.layout
         if lay.pp > 1:
-            raise ValueError(f"strategy {strategy.name!r}: layout {lay.name} has pp={lay.pp}; the runtime has no pipeline stages")
+            raise ValueError(
+                f"strategy {strategy.name!r}: layout {lay.name} has pp={lay.pp}; the runtime has no pipeline stages"
+            )
         t = block // (num_blocks // lay.tp)
         ranks.extend(rep.rank_at(t, c) for c in range(lay.cp))
     return tuple(sorted(ranks))

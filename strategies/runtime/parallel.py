@@ -59,7 +59,9 @@ class ParallelContext:
         if self.cp_size > 1 and self.cp_group is None:
             raise ValueError(f"ParallelContext: cp_size={self.cp_size} needs a cp_group")
         if sorted(self.cp_order) != list(range(self.cp_size)):
-            raise ValueError(f"ParallelContext: cp_order={self.cp_order} must be a permutation of 0..{self.cp_size - 1}")
+            raise ValueError(
+                f"ParallelContext: cp_order={self.cp_order} must be a permutation of 0..{self.cp_size - 1}"
+            )
 
 
 SINGLE_DEVICE = ParallelContext()

@@ -1,0 +1,175 @@
+"""Train the reference GPT with per-step balanced plans and heterogeneous strategies.
+
+    torchrun --nproc_per_node 4 examples/train_gpt_balanced.py --steps 8
+
+Runs unchanged on CPU (gloo) and on GPUs (NCCL + bf16 autocast): the device is chosen in
+one place, :func:`strategies.runtime.init_distributed`. Tokens are synthetic; the sequence
+lengths come from a bundled real length file (capped at ``--max-length``). One step:
+
+    BalancedDataLoader ── sampler → Balancer.plan (rank 0, broadcast) → PackedCollator
+        → Engine.step(plan, batch)      strategy of the plan, exact gradient sync, AdamW
+        → Balancer.observe(per-rank measured seconds)       stragglers get less work
+
+The cost model: rank 0 times the reference GPT's forward + backward at a few lengths on
+its device and fits ``a·s² + b·s + c`` for ``tp1`` (:meth:`CostModel.fit`); other layouts
+are derived from it by ideal scaling over ``tp·cp`` ranks at ``--scaling-efficiency`` per
+doubling — a rough model for a demo. Pass ``--cost-model FILE`` (``CostModel.save`` JSON)
+for a measured one. Candidates come from :func:`strategies.candidates.generate_candidates`
+(no pipeline parallelism: the bundled runtime has none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from balancer.cost import CostModel, LayoutCost
+from balancer.data import bundled_names, read_lengths
+from balancer.selector import Balancer, BalancerConfig
+from dataloader import BalancedDataLoader
+from strategies import ClusterSpec, Layout
+from strategies.candidates import generate_candidates
+from strategies.runtime import (
+    GPT,
+    SINGLE_DEVICE,
+    Engine,
+    EngineConfig,
+    ModelConfig,
+    check_micro_batch,
+    init_distributed,
+    prepare_micro_batch,
+)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", default="sft_alpaca_eval_outputs",
+                   help=f"bundled name ({', '.join(bundled_names())}) or a Parquet file")
+    p.add_argument("--max-length", type=int, default=256, help="cap every sequence at this many tokens")
+    p.add_argument("--tokens-per-step", type=int, default=8192, help="global batch budget in tokens")
+    p.add_argument("--micro-batch-tokens", type=int, default=1024, help="token capacity of one tp1 micro-batch")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--num-candidates", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scaling-efficiency", type=float, default=0.85,
+                   help="derived cost model: fraction of ideal speed-up kept per doubling of tp·cp")
+    p.add_argument("--cost-model", default=None, help="JSON from CostModel.save instead of the start-up fit")
+    return p.parse_args()
+
+
+class SyntheticTokens(torch.utils.data.Dataset):
+    """Sample ``i`` = ``lengths[i]`` random token ids, the same on every rank and every epoch."""
+
+    def __init__(self, lengths: np.ndarray, vocab: int, seed: int) -> None:
+        self.lengths, self.vocab, self.seed = lengths, vocab, seed
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng((self.seed, int(i)))
+        return {"input_ids": rng.integers(0, self.vocab, size=int(self.lengths[i]), dtype=np.int64)}
+
+
+def time_tp1(cfg: ModelConfig, device: torch.device, lengths: list[int], repeats: int = 3) -> list[float]:
+    """Forward + backward seconds of the reference GPT on one sequence of each length (min of repeats)."""
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    out = []
+    for s in lengths:
+        ids = torch.randint(0, cfg.vocab_size, (1, s))
+        labels = ids.clone()
+        labels[0, 0] = -100
+        mb = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(s)[None],
+              "cu_seqlens": torch.tensor([0, s], dtype=torch.int32)}
+        batch = prepare_micro_batch(check_micro_batch(mb, 0, cfg.vocab_size), SINGLE_DEVICE, device)
+        best = math.inf
+        for k in range(repeats + 1):  # the first run warms up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            model(batch).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if k:
+                best = min(best, time.perf_counter() - t0)
+        out.append(best)
+    return out
+
+
+def build_cost_model(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) -> CostModel:
+    """Rank 0 fits tp1 and broadcasts it; other layouts scale from it (see the module docstring)."""
+    if args.cost_model:
+        return CostModel.load(args.cost_model)
+    box: list[object] = [None]
+    if dist.get_rank() == 0:
+        lengths = sorted({max(8, args.max_length * k // 8) for k in (1, 2, 4, 6, 8)})
+        fit = CostModel.fit(lengths, time_tp1(cfg, device, lengths), token_capacity=args.micro_batch_tokens)
+        box[0] = fit.cost(Layout(1)).to_dict()
+    dist.broadcast_object_list(box, src=0)
+    base = LayoutCost.from_dict(box[0])  # type: ignore[arg-type]
+
+    def derive(layout: Layout) -> LayoutCost:
+        if layout.pp > 1:
+            raise ValueError(f"layout {layout.name}: the bundled runtime has no pipeline parallelism")
+        cfg.check_tp(layout.tp)  # ValueError: the model cannot be split this way → not a candidate
+        n = layout.tp * layout.cp
+        speedup = n * args.scaling_efficiency ** math.log2(n)
+        return LayoutCost(a=base.a / speedup, b=base.b / speedup, c=base.c,
+                          token_capacity=base.token_capacity * n)
+
+    return CostModel({Layout(1): base}, source="fit+scaled", resolver=derive)
+
+
+def main() -> None:
+    args = parse_args()
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                      num_kv_heads=args.kv_heads, ffn_hidden_size=args.ffn)
+    lengths = np.minimum(read_lengths(args.lengths), args.max_length)
+    cluster = ClusterSpec(num_ranks=world, ranks_per_node=world)
+    cost = build_cost_model(args, cfg, device)
+    pool = generate_candidates(lengths, cluster, cost, batch_tokens=args.tokens_per_step,
+                               num_candidates=args.num_candidates, max_length=args.max_length)
+    candidates = list(pool.strategies)
+    balancer = Balancer(cluster, candidates, cost, BalancerConfig(seed=args.seed))
+    engine = Engine(
+        candidates, cfg, lambda m: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.1),
+        config=EngineConfig(token_capacity=cost.token_capacity,
+                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None),
+        device=device,
+    )
+    loader = BalancedDataLoader(SyntheticTokens(lengths, args.vocab, args.seed), balancer=balancer,
+                                lengths=lengths, tokens_per_step=args.tokens_per_step, seed=args.seed)
+    if rank == 0:
+        params = sum(p.numel() for p in engine.model.parameters())
+        print(f"{world} ranks on {device.type}; {len(lengths):,} sequences of {args.lengths} capped at "
+              f"{args.max_length} tokens; model {params:,} parameters; {args.tokens_per_step:,} tokens per step")
+        print("candidates: " + ", ".join(s.name for s in candidates))
+        print(f"{'step':>4}  {'strategy':<24} {'est s':>8} {'measured s':>10} {'step s':>8} {'loss':>7}")
+    for k, batch in enumerate(loader):
+        if k == args.steps:
+            break
+        result = engine.step(batch.plan, batch)
+        balancer.observe(result.rank_seconds, batch.plan)
+        if rank == 0:
+            print(f"{batch.step:>4}  {batch.plan.strategy:<24} {batch.plan.est_step_seconds:>8.4f} "
+                  f"{max(result.rank_seconds):>10.4f} {result.step_seconds:>8.4f} {result.loss:>7.4f}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
