@@ -107,7 +107,8 @@ class CostModel:
     """Per-layout cost coefficients from one source.
 
     ``table`` holds explicitly known layouts; ``resolver`` (analytic models) derives any
-    other layout on demand and caches it. ``source`` names where the numbers came from
+    other layout on demand and caches it; a resolver refuses a layout by raising
+    ``ValueError`` (best: :class:`UnsupportedLayoutError`). ``source`` names where the numbers came from
     (``"coefficients"``, ``"analytic"``, ``"fit"``, ``"calibrated"``); ``meta`` holds what is
     needed to rebuild the model from JSON (specs, fit quality, device name) and the time
     unit (``meta["time_unit"]``, ``"s"`` unless stated, ``"ms"`` for Hydraulis files).
@@ -178,9 +179,11 @@ class CostModel:
             )
         try:
             got = self._resolver(layout)
-        except UnsupportedLayoutError as e:
+        except ValueError as e:  # a resolver's way of saying "cannot price this layout"
             self._unsupported[layout] = str(e)
-            raise
+            if isinstance(e, UnsupportedLayoutError):
+                raise
+            raise UnsupportedLayoutError(str(e)) from e
         self._table[layout] = got
         return got
 
@@ -392,9 +395,10 @@ class CostModel:
         ``hardware`` (default: this device's preset with its real memory size). ``a, b, c``
         are all fitted (one sequence per micro-batch) to the fastest of ``repeats`` runs per
         length (``statistic="median"`` for the median). ``num_threads`` sets torch's CPU
-        threads for the calibration (restored afterwards; on a shared machine one thread
-        keeps the timings proportional to the work). ``meta`` records the device, torch
-        version, threads, lengths, times and R².
+        threads for the calibration (restored afterwards); ``clock="process"`` times CPU work
+        by the process's CPU time, which other processes cannot inflate — with
+        ``num_threads=1`` the robust choice on a shared machine. ``meta`` records the
+        device, torch version, threads, clock, lengths, times and R².
         """
         import torch
 

@@ -152,7 +152,14 @@ def _check_eligible(table: ReplicaTable, lengths: np.ndarray) -> None:
         )
 
 
-def dispatch(table: ReplicaTable, lengths: np.ndarray, w: np.ndarray | None = None, *, local_search: bool = True) -> Dispatch:
+def dispatch(
+    table: ReplicaTable,
+    lengths: np.ndarray,
+    w: np.ndarray | None = None,
+    *,
+    local_search: bool = True,
+    max_rounds: int | None = None,
+) -> Dispatch:
     """Greedy stage 1 (heterogeneous LPT + local search) on anticipated times ``w``.
 
     Every replica gets at least one sequence when there are at least as many sequences as
@@ -168,6 +175,7 @@ def dispatch(table: ReplicaTable, lengths: np.ndarray, w: np.ndarray | None = No
         pp_weight=table.pp_weight,
         require_nonempty=lengths.size >= table.num_replicas,
         local_search=local_search,
+        max_rounds=max_rounds,
     )
     return Dispatch(bin_of=np.asarray(res.bin_of, dtype=np.int64), stage1_makespan=float(res.makespan), solver="greedy")
 

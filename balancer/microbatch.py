@@ -90,18 +90,23 @@ class MicroBatches:
         mountain = np.where(rank % 2 == 0, rank // 2, v_of_mb - 1 - rank // 2)
         return np.where(pp_of_mb > 1, mountain, rank)
 
-    def micro_batches(self) -> list[list[np.ndarray]]:
-        """Per replica, its micro-batches in execution order as int64 arrays of batch positions."""
+    def flat_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(order, bounds)``: batch positions sorted by (replica, execution slot, position), and
+        int64[Σ v + 1] offsets of every micro-batch in ``order`` (replica-major, execution order)."""
         slot = self.execution_order()
         g = self.mb_start[self.bin_of] + self.mb_of
         flat_slot = self.mb_start[self.bin_of] + slot[g]
         order = np.lexsort((np.arange(self.bin_of.size), flat_slot))
         sizes = np.bincount(flat_slot, minlength=self.mb_seconds.size)
-        chunks = np.split(order, np.cumsum(sizes)[:-1])
-        out: list[list[np.ndarray]] = []
-        for j in range(self.table.num_replicas):
-            out.append(chunks[self.mb_start[j] : self.mb_start[j + 1]])
-        return out
+        return order, np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+
+    def micro_batches(self) -> list[list[np.ndarray]]:
+        """Per replica, its micro-batches in execution order as int64 arrays of batch positions."""
+        order, bounds = self.flat_order()
+        return [
+            [order[bounds[k] : bounds[k + 1]] for k in range(self.mb_start[j], self.mb_start[j + 1])]
+            for j in range(self.table.num_replicas)
+        ]
 
 
 def _pipeline_search(
@@ -126,7 +131,7 @@ def _pipeline_search(
             mb, max_t = np.arange(n, dtype=np.int64), t_max
         else:
             try:
-                res = packers.minmax_pack(times, sizes, v, capacity)
+                res = packers.minmax_pack(times, sizes, v, capacity, require_nonempty=True)
             except ValueError:
                 continue  # the heuristic found no packing into v bins under the cap
             mb = np.asarray(res.bin_of, dtype=np.int64)
@@ -164,7 +169,7 @@ def pack_replica(
     mb, v = np.asarray(ffd.bin_of, dtype=np.int64), int(ffd.num_bins)
     if balance_times and v > 1:
         try:
-            mb = np.asarray(packers.minmax_pack(times, sizes, v, capacity).bin_of, dtype=np.int64)
+            mb = np.asarray(packers.minmax_pack(times, sizes, v, capacity, require_nonempty=True).bin_of, dtype=np.int64)
         except ValueError:
             pass  # keep the bin-packing answer: same number of micro-batches, same estimate
     return mb, v

@@ -1,4 +1,11 @@
-"""Balanced, resumable data loading: length sources, the distributed sampler, collators."""
+"""Balanced, resumable data loading: length sources, the distributed sampler, collators.
+
+See ``docs/dataloader.md``. Typical use::
+
+    loader = BalancedDataLoader(dataset, balancer=balancer, tokens_per_step=1 << 20, num_workers=4)
+    for batch in loader:                 # one StepBatch per optimizer step
+        ...
+"""
 
 from .collate import Collator, ContextParallelCollator, PackedCollator, PaddedCollator, block_causal_mask, cp_shard
 from .lengths import (

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,16 +86,22 @@ def _default_spec(seq_lens: np.ndarray, loss_per_seq: np.ndarray) -> MicroBatchS
     )
 
 
+def _first_mismatch(got: np.ndarray, want: Sequence[int]) -> int | None:
+    """Index of the first entry where ``got`` differs from ``want`` (same length), or None."""
+    bad = np.flatnonzero(got != np.asarray(want, dtype=np.int64))
+    return int(bad[0]) if bad.size else None
+
+
 def _check_seq_lens(seq_lens: np.ndarray, spec: MicroBatchSpec) -> None:
     want = spec.seq_lens
     if len(want) != len(seq_lens):
         raise ValueError(f"collator got {len(seq_lens)} samples but the micro-batch plans {len(want)}")
-    for i, (got, exp) in enumerate(zip(seq_lens.tolist(), want)):
-        if got != exp:
-            raise ValueError(
-                f"sample {spec.sample_ids[i]} has {got} tokens in the micro-batch but the plan expects {exp}; "
-                "the length source does not match the dataset (recompute the lengths from this dataset)"
-            )
+    i = _first_mismatch(seq_lens, want)
+    if i is not None:
+        raise ValueError(
+            f"sample {spec.sample_ids[i]} has {int(seq_lens[i])} tokens in the micro-batch but the plan expects "
+            f"{want[i]}; the length source does not match the dataset (recompute the lengths from this dataset)"
+        )
 
 
 @dataclass(kw_only=True)
@@ -151,14 +158,12 @@ class PackedCollator(Collator):
         loss_per_seq = carries[cu[1:]] - carries[cu[:-1]]  # loss tokens per sequence
         if spec is None:
             spec = _default_spec(seq_lens, loss_per_seq)
-        elif self.check_loss_tokens:
-            for i, (got, exp) in enumerate(zip(loss_per_seq.tolist(), spec.loss_tokens)):
-                if got != exp:
-                    raise ValueError(
-                        f"sample {spec.sample_ids[i]} has {got} loss tokens (labels != -100 after the first token) "
-                        f"but the plan counted {exp}; pass loss_tokens=compute_loss_tokens(dataset) to the sampler "
-                        "so the global loss normalisation is exact"
-                    )
+        elif self.check_loss_tokens and (i := _first_mismatch(loss_per_seq, spec.loss_tokens)) is not None:
+            raise ValueError(
+                f"sample {spec.sample_ids[i]} has {int(loss_per_seq[i])} loss tokens (labels != -100 after the first "
+                f"token) but the plan counted {spec.loss_tokens[i]}; pass loss_tokens=compute_loss_tokens(dataset) to "
+                "the sampler so the global loss normalisation is exact"
+            )
         position_ids = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], seq_lens)
         pad = (-total) % self.pad_to_multiple_of
         cu_seqlens = cu

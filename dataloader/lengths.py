@@ -398,14 +398,13 @@ def compute_lengths(
     num_samples = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
     if source is None or (isinstance(source, str) and Path(source).suffix not in (".parquet", ".arrow", ".feather")):
         col = source if isinstance(source, str) else (column or "input_ids")
+        what = f"lengths={source!r} names a column" if source is not None else f"no lengths were given (default: column {col!r})"
         if dataset is None:
-            raise ValueError(
-                f"lengths={source!r} names a column, but no dataset was given; pass dataset=... or an array of lengths"
-            )
+            raise ValueError(f"{what}, but no dataset was given; pass dataset=... or an array of lengths")
         if not _is_hf_dataset(dataset):
             raise ValueError(
-                f"lengths={source!r} names a column, but {type(dataset).__name__} is not a Hugging Face "
-                "datasets.Dataset; pass the lengths as an array, a file or a callable (index -> tokens)"
+                f"{what}, but {type(dataset).__name__} is not a Hugging Face datasets.Dataset; pass the lengths "
+                "as an array, a Parquet/Arrow file or a callable (index -> tokens)"
             )
         return lengths_from_dataset(dataset, col, cache=cache)
     if isinstance(source, (str, Path)):

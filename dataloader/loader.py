@@ -27,16 +27,21 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 import torch.utils.data as tud
 
 from balancer.plan import RankPlan, StepPlan
 
 from .collate import Collator, PackedCollator
 from .lengths import IGNORE_INDEX, compute_lengths, compute_loss_tokens
+from .planning import PlanSyncError
 from .sampler import BalancedBatchSampler, SamplerConfig, SamplerStep
 from .spec import MicroBatchSpec
 
@@ -46,6 +51,8 @@ SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask", "token_type_ids", "pos
 """Per-token sample fields cut together when a sample is truncated or split."""
 
 _STATE_VERSION = 1
+_CLOSE_TIMEOUT = 30.0
+"""Seconds a broken-off iteration waits for its planning thread to finish the stop exchange."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,17 +148,77 @@ class _FetchDataset(tud.Dataset):  # type: ignore[type-arg]
         return spec, [cut_sample(s, spec, j, self.input_key, self.keys) for j, s in enumerate(samples)]
 
 
+_INLINE_BYTES_PINNED = 64 * 1024
+"""With ``pin_memory``, tensors up to this size travel inline; larger ones in pinned flat buffers."""
+
+
+class _Shipped(NamedTuple):
+    """A collated dict packed for the trip from a worker process.
+
+    Every tensor crossing the worker queue travels through its own shared-memory file
+    descriptor with a handshake (about a millisecond each, more under load); a packed
+    micro-batch has six. Instead, tensors go inline as numpy arrays inside the pickle
+    (a memory copy, far cheaper at micro-batch sizes), except — with ``pin_memory`` —
+    those above 64 KiB, which are concatenated into one flat tensor per dtype that the
+    DataLoader's pinning thread pins (``pin_memory`` recurses into this named tuple), so
+    the views rebuilt in the main process are pinned as well.
+    """
+
+    buffers: tuple[torch.Tensor, ...]
+    layout: tuple[tuple[Any, ...], ...]
+    """``("t", key, buffer, offset, shape)``, ``("n", key, ndarray)`` or ``("v", key, value)``."""
+
+
+def _ship(out: Any, inline_bytes: int | None) -> Any:
+    if type(out) is not dict or tud.get_worker_info() is None:
+        return out
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    sizes: dict[torch.dtype, int] = {}
+    layout: list[tuple[Any, ...]] = []
+    for key, value in out.items():
+        if not (isinstance(value, torch.Tensor) and value.device.type == "cpu" and not value.requires_grad):
+            layout.append(("v", key, value))
+        elif inline_bytes is None or value.numel() * value.element_size() <= inline_bytes:
+            layout.append(("n", key, value.numpy()))
+        else:
+            group = groups.setdefault(value.dtype, [])
+            layout.append(("t", key, list(groups).index(value.dtype), sizes.get(value.dtype, 0), tuple(value.shape)))
+            sizes[value.dtype] = sizes.get(value.dtype, 0) + value.numel()
+            group.append(value.reshape(-1))
+    return _Shipped(tuple(torch.cat(ts) for ts in groups.values()), tuple(layout))
+
+
+def _unship(out: Any) -> Any:
+    if not isinstance(out, _Shipped):
+        return out
+    rebuilt: dict[str, Any] = {}
+    for entry in out.layout:
+        kind, key = entry[0], entry[1]
+        if kind == "v":
+            rebuilt[key] = entry[2]
+        elif kind == "n":
+            rebuilt[key] = torch.from_numpy(entry[2])
+        else:
+            _, _, g, off, shape = entry
+            rebuilt[key] = out.buffers[g][off : off + math.prod(shape)].view(shape)
+    return rebuilt
+
+
 @dataclass(frozen=True)
 class _CollateSpec:
     """Collate ``(spec, samples)``: hydraulis collators get the spec, plain functions the samples."""
 
     collate: Any
+    inline_bytes: int | None = None
+    """Tensors up to this many bytes leave a worker inline (``None``: all of them)."""
 
     def __call__(self, data: tuple[MicroBatchSpec, list[Any]]) -> tuple[MicroBatchSpec, Any]:
         spec, samples = data
         if isinstance(self.collate, Collator):
-            return spec, self.collate(samples, spec)
-        return spec, (self.collate(samples) if samples else None)
+            out = self.collate(samples, spec)
+        else:
+            out = self.collate(samples) if samples else None
+        return spec, _ship(out, self.inline_bytes)
 
 
 class _SpecFeed:
@@ -181,7 +248,13 @@ def _is_iterable_dataset(dataset: Any) -> bool:
 
 def _labels_piece_counter(dataset: Any, labels_key: str) -> Callable[[int, np.ndarray, np.ndarray], np.ndarray]:
     def count(sample_id: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        labels = np.asarray(dataset[int(sample_id)][labels_key])
+        sample = dataset[int(sample_id)]
+        if not isinstance(sample, Mapping) or labels_key not in sample:
+            raise ValueError(
+                f"sample {sample_id} is cut by the over-long policy and its loss tokens are custom, but it has no "
+                f"{labels_key!r} field to count them from; give labels in the samples or use overlong='error'/'drop'"
+            )
+        labels = np.asarray(sample[labels_key])
         carries = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
         return (carries[ends] - carries[np.minimum(starts + 1, ends)]).astype(np.int64)
 
@@ -246,6 +319,12 @@ class BalancedDataLoader:
                 raise ValueError("an iterable (streaming) dataset cannot use a BalancedBatchSampler (it needs lengths up front)")
             if balancer is None:
                 raise ValueError("BalancedDataLoader needs balancer=... (a balancer.selector.Balancer)")
+            if num_workers:
+                warnings.warn(
+                    f"num_workers={num_workers} is not used for a streaming dataset: the stream is read, planned and "
+                    "collated in one background thread (see dataloader.stream)",
+                    stacklevel=2,
+                )
             self._stream = StreamingSteps(
                 dataset,
                 balancer,
@@ -264,7 +343,7 @@ class BalancedDataLoader:
             if balancer is None:
                 raise ValueError("BalancedDataLoader needs balancer=... (a balancer.selector.Balancer) or sampler=...")
             sampler = self._build_sampler(
-                dataset, balancer, lengths, loss_tokens, config or SamplerConfig(**options), rank, world_size, process_group
+                dataset, balancer, lengths, loss_tokens, labels_key, config or SamplerConfig(**options), rank, world_size, process_group
             )
         elif len(sampler.lengths) != len(dataset):
             raise ValueError(f"the sampler has lengths for {len(sampler.lengths)} samples but the dataset has {len(dataset)}")
@@ -273,7 +352,7 @@ class BalancedDataLoader:
         self._loader = tud.DataLoader(
             _FetchDataset(dataset, input_key, sequence_keys),
             batch_sampler=self._feed,  # type: ignore[arg-type]
-            collate_fn=_CollateSpec(self.collate_fn),
+            collate_fn=_CollateSpec(self.collate_fn, _INLINE_BYTES_PINNED if pin_memory else None),
             num_workers=num_workers,
             pin_memory=pin_memory,
             prefetch_factor=prefetch_factor,
@@ -291,17 +370,24 @@ class BalancedDataLoader:
 
     @staticmethod
     def _build_sampler(
-        dataset: Any, balancer: Any, lengths: Any, loss_tokens: Any, config: SamplerConfig, rank: Any, world_size: Any, group: Any
+        dataset: Any,
+        balancer: Any,
+        lengths: Any,
+        loss_tokens: Any,
+        labels_key: str,
+        config: SamplerConfig,
+        rank: int | None,
+        world_size: int | None,
+        group: Any,
     ) -> BalancedBatchSampler:
         lens = compute_lengths(lengths, dataset=dataset)
         hf = hasattr(dataset, "_fingerprint") and hasattr(dataset, "column_names")
         if isinstance(loss_tokens, str):
-            loss = compute_loss_tokens(dataset, loss_tokens)
-            labels_key = loss_tokens
-        elif loss_tokens is None and hf and "labels" in dataset.column_names:
-            loss, labels_key = compute_loss_tokens(dataset, "labels"), "labels"
+            loss, labels_key = compute_loss_tokens(dataset, loss_tokens), loss_tokens
+        elif loss_tokens is None and hf and labels_key in dataset.column_names:
+            loss = compute_loss_tokens(dataset, labels_key)
         else:
-            loss, labels_key = loss_tokens, "labels"
+            loss = loss_tokens
         return BalancedBatchSampler(
             lens,
             balancer,
@@ -331,7 +417,7 @@ class BalancedDataLoader:
         ``worker_init_fn``, ``multiprocessing_context`` and ``timeout``. Its sampler and
         batch size are replaced by the balanced plan.
         """
-        if collate_fn == "keep":
+        if isinstance(collate_fn, str) and collate_fn == "keep":
             keep = loader.collate_fn
             collate_fn = None if keep in (tud.default_collate, tud.default_convert) else keep
         kept = {
@@ -360,31 +446,40 @@ class BalancedDataLoader:
         got: list[Any] = []
         specs: list[MicroBatchSpec] = []
         step: SamplerStep | None = None
-        for spec, out in inner:
-            if step is None:
-                step = self._feed.steps.popleft()
-                if step.step != spec.step:
-                    raise RuntimeError(f"micro-batch of step {spec.step} arrived while assembling step {step.step}")
-            got.append(out)
-            specs.append(spec)
-            if spec.is_last:
-                batch = StepBatch(
-                    step=step.step,
-                    epoch=step.epoch,
-                    step_in_epoch=step.step_in_epoch,
-                    plan=step.plan,
-                    rank_plan=step.rank_plan,
-                    micro_batches=got,
-                    specs=tuple(specs),
-                    global_loss_tokens=step.global_loss_tokens,
-                )
-                got, specs, step = [], [], None
-                self._consumed = (batch.epoch, batch.step_in_epoch + 1, batch.step + 1)
-                self._consumed_strategy = batch.plan.strategy
-                yield batch
-        if self.sampler.completed_epochs > completed:
-            self._consumed = (self.sampler.epoch, 0, self.sampler._global_step)
-            self._broken = False
+        try:
+            for spec, shipped in inner:
+                out = _unship(shipped)
+                if step is None:
+                    step = self._feed.steps.popleft()
+                    if step.step != spec.step:
+                        raise RuntimeError(f"micro-batch of step {spec.step} arrived while assembling step {step.step}")
+                got.append(out)
+                specs.append(spec)
+                if spec.is_last:
+                    batch = StepBatch(
+                        step=step.step,
+                        epoch=step.epoch,
+                        step_in_epoch=step.step_in_epoch,
+                        plan=step.plan,
+                        rank_plan=step.rank_plan,
+                        micro_batches=got,
+                        specs=tuple(specs),
+                        global_loss_tokens=step.global_loss_tokens,
+                    )
+                    got, specs, step = [], [], None
+                    self._consumed = (batch.epoch, batch.step_in_epoch + 1, batch.step + 1)
+                    self._consumed_strategy = batch.plan.strategy
+                    yield batch
+        finally:
+            if self.sampler.completed_epochs > completed:
+                self._consumed = (self.sampler.epoch, 0, self.sampler._global_step)
+                self._broken = False
+            else:  # broken off: stop planning now, not when the GC gets to it; peers break off too
+                try:
+                    self.sampler.close(timeout=_CLOSE_TIMEOUT)
+                except PlanSyncError as e:
+                    warnings.warn(f"{e}; call loader.close() on every rank before destroy_process_group", stacklevel=2)
+            del inner
 
     def __len__(self) -> int:
         """Steps in the current epoch (map-style datasets only)."""
@@ -401,13 +496,16 @@ class BalancedDataLoader:
         self._consumed = (self.sampler.epoch, 0, self.sampler._global_step)
         self._broken = False
 
-    def close(self) -> None:
-        """Stop background planning (and tell the peer ranks); call on every rank before
-        ``torch.distributed.destroy_process_group`` when an iteration was left unfinished."""
+    def close(self, timeout: float | None = 120.0) -> None:
+        """Stop background planning (the peer ranks are told) and wait up to ``timeout`` s for it.
+
+        Breaking out of the ``for`` loop does this by itself; call it on every rank before
+        ``torch.distributed.destroy_process_group`` when an iterator is kept unfinished.
+        """
         if self.streaming:
-            self._stream.close()
+            self._stream.close(timeout)
         else:
-            self.sampler.close()
+            self.sampler.close(timeout)
 
     @property
     def stats(self) -> Any:

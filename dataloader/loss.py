@@ -19,7 +19,8 @@ same loss; count it once per replica (the runtime's split all-reduce does).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -124,8 +124,8 @@ class PlanStream(Generic[T]):
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise PlanSyncError(
-                f"the previous planning thread did not stop within {timeout:.0f} s; a peer rank is probably "
-                "still iterating its previous epoch (every rank must stop and restart iteration together)"
+                f"the planning thread did not stop within {timeout:.0f} s; a peer rank is probably still "
+                "iterating (every rank must stop and restart iteration together)"
             )
 
     # -- background thread --------------------------------------------------------------------

@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -136,6 +137,24 @@ class SamplerStep:
         return [list(mb.sample_ids) for mb in self.micro_batches]
 
 
+def _check_loss_tokens(loss_tokens: np.ndarray | Sequence[int], lengths: np.ndarray) -> np.ndarray:
+    """``int64[n]`` loss tokens per sample, each in ``0 .. length − 1`` (the first token carries none)."""
+    arr = np.asarray(loss_tokens)
+    if arr.shape != lengths.shape:
+        raise ValueError(f"loss_tokens has shape {arr.shape} but there are {lengths.size} samples; give one count per sample")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"loss_tokens must hold integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = np.flatnonzero((arr < 0) | (arr > lengths - 1))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"sample {i}: loss_tokens={int(arr[i])} but a {int(lengths[i])}-token sample has between 0 and "
+            f"{int(lengths[i]) - 1} (the first token carries no loss)"
+        )
+    return arr
+
+
 @njit(cache=True)
 def _token_budget_bounds(tokens: np.ndarray, budget: int) -> np.ndarray:
     """Batch boundaries: each batch takes samples in order until the next would exceed ``budget``."""
@@ -205,19 +224,8 @@ class BalancedBatchSampler:
         self.balancer = balancer
         self.lengths = check_lengths(lengths)
         n = self.lengths.size
-        if loss_tokens is None:
-            self.loss_tokens = self.lengths - 1
-            self._custom_loss = False
-        else:
-            self.loss_tokens = check_lengths(np.asarray(loss_tokens) + 1, num_samples=n, what="loss_tokens + 1") - 1
-            bad = np.flatnonzero(self.loss_tokens > self.lengths - 1)
-            if bad.size:
-                i = int(bad[0])
-                raise ValueError(
-                    f"sample {i}: loss_tokens={int(self.loss_tokens[i])} but a {int(self.lengths[i])}-token sample "
-                    f"has at most {int(self.lengths[i]) - 1} (the first token carries no loss)"
-                )
-            self._custom_loss = bool(np.any(self.loss_tokens != self.lengths - 1))
+        self.loss_tokens = self.lengths - 1 if loss_tokens is None else _check_loss_tokens(loss_tokens, self.lengths)
+        self._custom_loss = bool(np.any(self.loss_tokens != self.lengths - 1))
         self._piece_loss_tokens = piece_loss_tokens
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         cluster = getattr(balancer, "cluster_spec", None)
@@ -295,7 +303,17 @@ class BalancedBatchSampler:
             self._announce()
         return _Pieces(kept, first_len, first_loss, sample_tokens, offset, e_sample, e_start, e_end, e_loss)
 
-    def _custom_piece_loss(self, ids, first_len, first_loss, e_sample, e_start, e_end, e_loss):  # type: ignore[no-untyped-def]
+    def _custom_piece_loss(
+        self,
+        ids: np.ndarray,
+        first_len: np.ndarray,
+        first_loss: np.ndarray,
+        e_sample: np.ndarray,
+        e_start: np.ndarray,
+        e_end: np.ndarray,
+        e_loss: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Loss tokens of the pieces of over-long samples whose labels mask some tokens (read from the data)."""
         differs = ids[self.loss_tokens[ids] != self.lengths[ids] - 1]
         if differs.size == 0:
             return first_loss, e_loss
@@ -506,12 +524,18 @@ class BalancedBatchSampler:
                 self._last_strategy = previous0
                 self._pending = self.state_at(epoch, start, g0, previous_strategy=previous0)
 
-    def close(self) -> None:
-        """Stop background planning now and wait for it (peers are told; call on every rank,
-        e.g. before ``destroy_process_group``). The next ``__iter__`` starts planning again."""
+    def close(self, timeout: float | None = 120.0) -> None:
+        """Stop background planning and wait up to ``timeout`` seconds until it has (``None``: do not wait).
+
+        Peers are told at the next plan exchange, so call it on every rank, e.g. before
+        ``destroy_process_group`` when an epoch is left unfinished. Raises
+        :class:`~dataloader.planning.PlanSyncError` when the planner is still exchanging
+        with a peer after ``timeout``. The next ``__iter__`` starts planning again.
+        """
         if self._stream is not None:
             self._stream.close()
-            self._stream.join()
+            if timeout is not None:
+                self._stream.join(timeout)
 
     # -- state --------------------------------------------------------------------------------------
     def state_at(

@@ -24,7 +24,9 @@ the stream's own: ``shuffle``/``seed`` of the config do not reorder a stream.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ from balancer.plan import StepPlan
 from .collate import Collator
 from .lengths import IGNORE_INDEX
 from .loader import StepBatch, cut_sample
-from .planning import PlanBatch, PlanStream
+from .planning import PlanBatch, PlanStream, PlanSyncError
 from .sampler import SamplerConfig, SamplerStats, _plan_group, _rank_and_world, _resolve_sync, balancer_state
 from .spec import MicroBatchSpec
 
@@ -43,6 +45,8 @@ __all__ = ["PIECE_ID_BASE", "StreamingSteps"]
 PIECE_ID_BASE = 1 << 48
 """Plan ids of split pieces after the first, in streaming mode (stream positions stay below it)."""
 _STATE_VERSION = 1
+_CLOSE_TIMEOUT = 30.0
+"""Seconds a broken-off iteration waits for its planning thread to finish the stop exchange."""
 
 
 class StreamingSteps:
@@ -262,12 +266,18 @@ class StreamingSteps:
                 self._stream = None
         finally:
             stream.close()
+            if not stream.completed:  # broken off: let the stop exchange with the peers finish now
+                try:
+                    stream.join(_CLOSE_TIMEOUT)
+                except PlanSyncError as e:
+                    warnings.warn(f"{e}; call loader.close() on every rank before destroy_process_group", stacklevel=2)
 
-    def close(self) -> None:
-        """Stop background reading and planning now and wait for it (call on every rank)."""
+    def close(self, timeout: float | None = 120.0) -> None:
+        """Stop background reading and planning; wait up to ``timeout`` s (``None``: do not wait). Call on every rank."""
         if self._stream is not None:
             self._stream.close()
-            self._stream.join()
+            if timeout is not None:
+                self._stream.join(timeout)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:

@@ -10,18 +10,22 @@ lengths come from a bundled real length file (capped at ``--max-length``). One s
         → Engine.step(plan, batch)      strategy of the plan, exact gradient sync, AdamW
         → Balancer.observe(per-rank measured seconds)       stragglers get less work
 
-The cost model: rank 0 times the reference GPT's forward + backward at a few lengths on
-its device and fits ``a·s² + b·s + c`` for ``tp1`` (:meth:`CostModel.fit`); other layouts
-are derived from it by ideal scaling over ``tp·cp`` ranks at ``--scaling-efficiency`` per
-doubling — a rough model for a demo. Pass ``--cost-model FILE`` (``CostModel.save`` JSON)
-for a measured one. Candidates come from :func:`strategies.candidates.generate_candidates`
-(no pipeline parallelism: the bundled runtime has none).
+The cost model: every rank times the reference GPT's forward + backward at a few lengths
+on its device at the same time (so the timing sees the same contention as training), and
+the mean is fitted to ``a·s² + b·s + c`` for ``tp1`` (:meth:`CostModel.fit`); other layouts
+are derived from it — tp divides all the work at ``--scaling-efficiency`` per doubling, cp
+divides attention fully but its per-token work at that efficiency squared (the K/V
+all-gather), capacity grows with ``tp·cp`` — a rough model for a demo. Pass
+``--cost-model FILE`` (``CostModel.save`` JSON) for a measured one. Candidates come from
+:func:`strategies.candidates.generate_candidates` (no pipeline parallelism: the bundled
+runtime has none).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import numpy as np
@@ -50,9 +54,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", default="sft_alpaca_eval_outputs",
                    help=f"bundled name ({', '.join(bundled_names())}) or a Parquet file")
-    p.add_argument("--max-length", type=int, default=256, help="cap every sequence at this many tokens")
+    p.add_argument("--max-length", type=int, default=1024, help="cap every sequence at this many tokens")
     p.add_argument("--tokens-per-step", type=int, default=8192, help="global batch budget in tokens")
-    p.add_argument("--micro-batch-tokens", type=int, default=1024, help="token capacity of one tp1 micro-batch")
+    p.add_argument("--micro-batch-tokens", type=int, default=512, help="token capacity of one tp1 micro-batch")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--num-candidates", type=int, default=4)
     p.add_argument("--vocab", type=int, default=256)
@@ -83,7 +87,8 @@ class SyntheticTokens(torch.utils.data.Dataset):
         return {"input_ids": rng.integers(0, self.vocab, size=int(self.lengths[i]), dtype=np.int64)}
 
 
-def time_tp1(cfg: ModelConfig, device: torch.device, lengths: list[int], repeats: int = 3) -> list[float]:
+def time_tp1(cfg: ModelConfig, device: torch.device, lengths: list[int], dtype: torch.dtype | None,
+             repeats: int = 3) -> list[float]:
     """Forward + backward seconds of the reference GPT on one sequence of each length (min of repeats)."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
@@ -100,7 +105,9 @@ def time_tp1(cfg: ModelConfig, device: torch.device, lengths: list[int], repeats
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            model(batch).backward()
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = model(batch)
+            loss.backward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if k:
@@ -109,26 +116,28 @@ def time_tp1(cfg: ModelConfig, device: torch.device, lengths: list[int], repeats
     return out
 
 
-def build_cost_model(args: argparse.Namespace, cfg: ModelConfig, device: torch.device) -> CostModel:
-    """Rank 0 fits tp1 and broadcasts it; other layouts scale from it (see the module docstring)."""
+def build_cost_model(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
+                     dtype: torch.dtype | None) -> CostModel:
+    """Every rank times tp1 at once (as loaded as in training); the mean is fitted; other layouts scale."""
     if args.cost_model:
         return CostModel.load(args.cost_model)
-    box: list[object] = [None]
-    if dist.get_rank() == 0:
-        lengths = sorted({max(8, args.max_length * k // 8) for k in (1, 2, 4, 6, 8)})
-        fit = CostModel.fit(lengths, time_tp1(cfg, device, lengths), token_capacity=args.micro_batch_tokens)
-        box[0] = fit.cost(Layout(1)).to_dict()
-    dist.broadcast_object_list(box, src=0)
-    base = LayoutCost.from_dict(box[0])  # type: ignore[arg-type]
+    lengths = sorted({max(8, args.max_length * k // 8) for k in (1, 2, 4, 6, 8)})
+    seconds = torch.tensor(time_tp1(cfg, device, lengths, dtype), dtype=torch.float64, device=device)
+    dist.all_reduce(seconds)  # the same numbers on every rank → the same fit → the same plans
+    fit = CostModel.fit(lengths, (seconds / dist.get_world_size()).tolist(), token_capacity=args.micro_batch_tokens)
+    base = fit.cost(Layout(1))
+
+    e = args.scaling_efficiency
 
     def derive(layout: Layout) -> LayoutCost:
         if layout.pp > 1:
             raise ValueError(f"layout {layout.name}: the bundled runtime has no pipeline parallelism")
         cfg.check_tp(layout.tp)  # ValueError: the model cannot be split this way → not a candidate
-        n = layout.tp * layout.cp
-        speedup = n * args.scaling_efficiency ** math.log2(n)
-        return LayoutCost(a=base.a / speedup, b=base.b / speedup, c=base.c,
-                          token_capacity=base.token_capacity * n)
+        tp_gain = layout.tp * e ** math.log2(layout.tp)  # tp splits all the work, pays all-reduces
+        cp_attn = layout.cp  # the head+tail split keeps attention balanced
+        cp_lin = layout.cp * e ** (2 * math.log2(layout.cp))  # ... but the K/V all-gather costs per token
+        return LayoutCost(a=base.a / (tp_gain * cp_attn), b=base.b / (tp_gain * cp_lin), c=base.c,
+                          token_capacity=base.token_capacity * layout.tp * layout.cp)
 
     return CostModel({Layout(1): base}, source="fit+scaled", resolver=derive)
 
@@ -140,16 +149,16 @@ def main() -> None:
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                       num_kv_heads=args.kv_heads, ffn_hidden_size=args.ffn)
     lengths = np.minimum(read_lengths(args.lengths), args.max_length)
-    cluster = ClusterSpec(num_ranks=world, ranks_per_node=world)
-    cost = build_cost_model(args, cfg, device)
+    cluster = ClusterSpec(num_ranks=world, ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    autocast = torch.bfloat16 if device.type == "cuda" else None  # fp32 on CPU
+    cost = build_cost_model(args, cfg, device, autocast)
     pool = generate_candidates(lengths, cluster, cost, batch_tokens=args.tokens_per_step,
                                num_candidates=args.num_candidates, max_length=args.max_length)
     candidates = list(pool.strategies)
     balancer = Balancer(cluster, candidates, cost, BalancerConfig(seed=args.seed))
     engine = Engine(
         candidates, cfg, lambda m: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.1),
-        config=EngineConfig(token_capacity=cost.token_capacity,
-                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None),
+        config=EngineConfig(token_capacity=cost.token_capacity, autocast_dtype=autocast),
         device=device,
     )
     loader = BalancedDataLoader(SyntheticTokens(lengths, args.vocab, args.seed), balancer=balancer,

@@ -31,6 +31,9 @@ __all__ = ["Instance", "build_instance", "solve_greedy", "improve", "bin_loads",
 
 _INF = np.inf
 _NO_FIT = np.int64(2**62)  # larger than any residual token count
+_MIN_GAIN = 1e-4  # a step must lower the bottleneck bin by this fraction of its load
+_SWAP_PARTNERS = 4
+_WIDE_PARTNERS = 32  # before giving up: splits and swaps with the 32 least-loaded bins  # swaps first try the 4 least-loaded class roots (a full scan only before stopping)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,7 +140,7 @@ def bin_loads(
 # per-bin state and class trees
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _tree_set(tval, tidx, off, leaves, pos, val, j):
     node = leaves + pos
     tval[off + node] = val
@@ -154,7 +157,7 @@ def _tree_set(tval, tidx, off, leaves, pos, val, j):
         node >>= 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _rescan(j, k, times, head, nxt, fs):
     """Recompute S_j, M_j and the second-largest time of bin j from its item list."""
     total = 0.0
@@ -204,7 +207,7 @@ def _new_state(times, bin_type, speed, pp_weight, sizes, bin_of, cls_of, cls_pos
     return head, nxt, prv, fs, ist, tval, tidx
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _add(i, j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves):
     t = times[i, bin_type[j]]
     prv[i] = -1
@@ -226,7 +229,7 @@ def _add(i, j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv,
     _tree_set(tval, tidx, cls_off[c], cls_leaves[c], cls_pos[j], fs[3, j], j)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _remove(i, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves):
     j = bin_of[i]
     if prv[i] >= 0:
@@ -271,29 +274,72 @@ def _greedy_kernel(
     order, rule, times, bin_type, speed, pp_weight, sizes, bin_capacity,
     cls_of, cls_pos, cls_type, cls_cap, cls_ptr, cls_bins, cls_off, cls_leaves, tree_size,
 ):
-    """Place items in ``order``; rule 0: bin with the smallest resulting load; rule 1: the
-    eligible bin with the fewest tokens left after placing (best fit), ties by load.
+    """Place items in ``order``. Rule 0: the bin with the smallest resulting load. Rule 1:
+    the eligible bin with the fewest tokens left after placing (best fit), ties by load.
+    Rule 2 (for LP-guided times): the bin with the smallest *projected* load — its
+    resulting load plus ``owed_k / V_k``, where ``owed_k`` is the work of the items that
+    may only use type k and are not placed yet. Within a type this is rule 0; across
+    types it steers flexible items away from types that single-type items will fill.
     Returns (bin_of, -1) or (partial bin_of, index of the first item that fits nowhere)."""
     n = times.shape[0]
     m = bin_type.shape[0]
+    num_types = times.shape[1]
     bin_of = np.full(n, -1, dtype=np.int64)
     head, nxt, prv, fs, ist, tval, tidx = _new_state(
         times, bin_type, speed, pp_weight, sizes, bin_of, cls_of, cls_pos, cls_off, cls_leaves, tree_size
     )
     num_cls = cls_type.shape[0]
+    type_speed = np.zeros(num_types)  # V_k
+    for j in range(m):
+        type_speed[bin_type[j]] += speed[j]
+    owed = np.zeros(num_types)  # per type: work of single-type items not placed yet (seconds)
+    flexible = np.zeros(n, dtype=np.bool_)
+    if rule == 2:
+        for i in range(n):
+            only = -1
+            count = 0
+            for k in range(num_types):
+                if type_speed[k] > 0.0 and times[i, k] != _INF:
+                    count += 1
+                    only = k
+            if count == 1:
+                owed[only] += times[i, only]
+            else:
+                flexible[i] = True
     for r in range(n):
         i = order[r]
         s = sizes[i]
         pick = -1
         best = _INF
-        if rule == 0:
+        if rule == 2:
+            for c in range(num_cls):
+                k = cls_type[c]
+                t = times[i, k]
+                if t == _INF or s > cls_cap[c]:
+                    continue
+                j = tidx[cls_off[c] + 1]
+                if ist[0, j] + s > bin_capacity[j]:
+                    j = _class_pick(c, s, -1, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins)
+                    if j < 0:
+                        continue
+                # projected final load: this bin now, plus the type's share of the work still
+                # owed to it by single-type items (equal for all bins of one type)
+                new = (fs[0, j] + t + pp_weight[j] * max(fs[1, j], t)) / speed[j] + owed[k] / type_speed[k]
+                if new < best:
+                    best = new
+                    pick = j
+            if pick >= 0 and not flexible[i]:
+                owed[bin_type[pick]] -= times[i, bin_type[pick]]
+        elif rule == 0:
             for c in range(num_cls):
                 t = times[i, cls_type[c]]
                 if t == _INF or s > cls_cap[c]:
                     continue
-                j = _class_pick(c, s, -1, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins)
-                if j < 0:
-                    continue
+                j = tidx[cls_off[c] + 1]  # least-loaded bin of the class (fast path)
+                if ist[0, j] + s > bin_capacity[j]:
+                    j = _class_pick(c, s, -1, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins)
+                    if j < 0:
+                        continue
                 new = (fs[0, j] + t + pp_weight[j] * max(fs[1, j], t)) / speed[j]
                 if new < best:
                     best = new
@@ -388,7 +434,7 @@ def _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin
 @njit(cache=True)
 def _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist, tval, tidx, cls_type, cls_cap, cls_off, cls_ptr, cls_bins):
     """Best single-item move out of bin b: (item, target, new max of the two loads)."""
-    best = fs[3, b] * (1.0 - 1e-12)
+    best = fs[3, b] * (1.0 - _MIN_GAIN)
     bi = -1
     bj = -1
     if keep_nonempty and ist[1, b] <= 1:
@@ -409,9 +455,13 @@ def _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_c
                 t = times[i, cls_type[c]]
                 if t == _INF or s > cls_cap[c]:
                     continue
-                j = _class_pick(c, s, b, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins)
+                j = tidx[cls_off[c] + 1]  # b is hidden from the trees, so j != b
                 if j < 0:
                     continue
+                if ist[0, j] + s > bin_capacity[j]:
+                    j = _class_pick(c, s, b, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins)
+                    if j < 0:
+                        continue
                 nj = (fs[0, j] + t + pp_weight[j] * max(fs[1, j], t)) / speed[j]
                 v = max(nb, nj)
                 if v < best:
@@ -423,42 +473,45 @@ def _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_c
 
 
 @njit(cache=True)
-def _best_swap(b, partners, num_partners, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist):
-    """Best exchange of an item of bin b with an item of a partner bin: (item in b, other item, value)."""
+def _best_swap(b, partners, num_partners, first, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist):
+    """Best exchange of an item of bin b with an item of a partner bin: (item in b, other
+    item, value). Partners are scanned in the given order; with ``first``, stop after the
+    first partner that offers an improving swap (its best one)."""
     lb = fs[3, b]
-    best = lb * (1.0 - 1e-12)
+    best = lb * (1.0 - _MIN_GAIN)
     bi = -1
     bk = -1
     kb = bin_type[b]
-    i = head[b]
-    while i >= 0:
-        tb = times[i, kb]
-        rest_b = fs[2, b] if tb == fs[1, b] else fs[1, b]
-        sum_b = fs[0, b] - tb
-        for q in range(num_partners):
-            j = partners[q]
-            if j == b:
-                continue
-            kj = bin_type[j]
+    for q in range(num_partners):
+        j = partners[q]
+        if j == b:
+            continue
+        kj = bin_type[j]
+        i = head[b]
+        while i >= 0:
+            tb = times[i, kb]
             tij = times[i, kj]
-            if tij == _INF:
-                continue
-            i2 = head[j]
-            while i2 >= 0:
-                t2b = times[i2, kb]
-                if t2b < tb:  # the swap must shrink bin b's sum (necessary for any gain on b)
-                    nb = (sum_b + t2b + pp_weight[b] * max(rest_b, t2b)) / speed[b]
-                    if nb < best and ist[0, b] - sizes[i] + sizes[i2] <= bin_capacity[b] and ist[0, j] - sizes[i2] + sizes[i] <= bin_capacity[j]:
-                        t2j = times[i2, kj]
-                        rest_j = fs[2, j] if t2j == fs[1, j] else fs[1, j]
-                        nj = (fs[0, j] - t2j + tij + pp_weight[j] * max(rest_j, tij)) / speed[j]
-                        v = max(nb, nj)
-                        if v < best:
-                            best = v
-                            bi = i
-                            bk = i2
-                i2 = nxt[i2]
-        i = nxt[i]
+            if tij != _INF:
+                rest_b = fs[2, b] if tb == fs[1, b] else fs[1, b]
+                sum_b = fs[0, b] - tb
+                i2 = head[j]
+                while i2 >= 0:
+                    t2b = times[i2, kb]
+                    if t2b < tb:  # the swap must shrink bin b's sum (necessary for any gain on b)
+                        nb = (sum_b + t2b + pp_weight[b] * max(rest_b, t2b)) / speed[b]
+                        if nb < best and ist[0, b] - sizes[i] + sizes[i2] <= bin_capacity[b] and ist[0, j] - sizes[i2] + sizes[i] <= bin_capacity[j]:
+                            t2j = times[i2, kj]
+                            rest_j = fs[2, j] if t2j == fs[1, j] else fs[1, j]
+                            nj = (fs[0, j] - t2j + tij + pp_weight[j] * max(rest_j, tij)) / speed[j]
+                            v = max(nb, nj)
+                            if v < best:
+                                best = v
+                                bi = i
+                                bk = i2
+                    i2 = nxt[i2]
+            i = nxt[i]
+        if first and bi >= 0:
+            break
     return bi, bk, best
 
 
@@ -528,7 +581,7 @@ def _best_split(b, j, times, bin_type, speed, pp_weight, sizes, bin_capacity, he
 
 @njit(cache=True)
 def _improve_kernel(
-    bin_of, require_nonempty, local_search, max_rounds, times, bin_type, speed, pp_weight, sizes, bin_capacity,
+    bin_of, require_nonempty, local_search, max_rounds, stats, times, bin_type, speed, pp_weight, sizes, bin_capacity,
     cls_of, cls_pos, cls_type, cls_cap, cls_ptr, cls_bins, cls_off, cls_leaves, tree_size,
 ):
     """Repair empty bins (when asked and n >= m), then move/swap local search on the
@@ -552,7 +605,11 @@ def _improve_kernel(
     suf_max = np.empty(n + 1)
     suf_tok = np.empty(n + 1, dtype=np.int64)
     num_cls = cls_type.shape[0]
-    partners = np.empty(m, dtype=np.int64)
+    num_types = times.shape[1]
+    type_root = np.empty(num_types, dtype=np.int64)
+    split_partners = np.empty(num_types, dtype=np.int64)
+    swap_partners = np.empty(_SWAP_PARTNERS, dtype=np.int64)
+    chosen = np.zeros(num_cls, dtype=np.bool_)
     everyone = np.arange(m)
     while rounds < max_rounds:
         b = 0
@@ -565,26 +622,50 @@ def _improve_kernel(
         # hide b from its class tree: class roots are then the least-loaded *other* bins
         cb = cls_of[b]
         _tree_set(tval, tidx, cls_off[cb], cls_leaves[cb], cls_pos[b], _INF, b)
-        num_partners = 0
+        # split partners: the least-loaded other bin of every other type (one per type);
+        # swap partners: the _SWAP_PARTNERS least-loaded class roots
+        num_split = 0
+        for k in range(num_types):
+            type_root[k] = -1
         for c in range(num_cls):
             j = tidx[cls_off[c] + 1]
-            if j >= 0:
-                partners[num_partners] = j
-                num_partners += 1
+            k = cls_type[c]
+            if j >= 0 and k != bin_type[b] and (type_root[k] < 0 or fs[3, j] < fs[3, type_root[k]]):
+                type_root[k] = j
+        for k in range(num_types):
+            if type_root[k] >= 0:
+                split_partners[num_split] = type_root[k]
+                num_split += 1
+        num_swap = 0
+        chosen[:] = False
+        for q in range(_SWAP_PARTNERS):
+            pick = -1
+            for c in range(num_cls):
+                j = tidx[cls_off[c] + 1]
+                if j >= 0 and not chosen[c] and (pick < 0 or fs[3, j] < fs[3, tidx[cls_off[pick] + 1]]):
+                    pick = c
+            if pick < 0:
+                break
+            chosen[pick] = True
+            swap_partners[num_swap] = tidx[cls_off[pick] + 1]
+            num_swap += 1
         # 1. move one item of b to the least-loaded bin of some class
         mi, mj, _ = _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist, tval, tidx, cls_type, cls_cap, cls_off, cls_ptr, cls_bins)
         _tree_set(tval, tidx, cls_off[cb], cls_leaves[cb], cls_pos[b], fs[3, b], b)
         if mi >= 0:
             _remove(mi, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
             _add(mi, mj, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+            stats[0] += 1
             continue
         # 2. re-split b with a class root of another type, 3. swap with a class root;
         #    only when both fail, try every bin (once, before giving up)
         done = False
         for wide in range(2):
-            cand = partners if wide == 0 else everyone
-            num_cand = num_partners if wide == 0 else m
-            limit = fs[3, b] * (1.0 - 1e-12)
+            if wide == 1:
+                everyone = np.argsort(fs[3])  # most slack first
+            cand = split_partners if wide == 0 else everyone
+            num_cand = num_split if wide == 0 else min(m, _WIDE_PARTNERS)
+            limit = fs[3, b] * (1.0 - _MIN_GAIN)
             best_j = -1
             for q in range(num_cand):
                 j = cand[q]
@@ -601,8 +682,11 @@ def _improve_kernel(
                 for r in range(p):
                     _add(items[r], b if r < cut else best_j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
                 done = True
+                stats[1 + 2 * wide] += 1
                 break
-            si, sk, _ = _best_swap(b, cand, num_cand, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist)
+            cand = swap_partners if wide == 0 else everyone
+            num_cand = num_swap if wide == 0 else min(m, _WIDE_PARTNERS)
+            si, sk, _ = _best_swap(b, cand, num_cand, wide == 1, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist)
             if si >= 0:
                 j = bin_of[sk]
                 _remove(si, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
@@ -610,6 +694,7 @@ def _improve_kernel(
                 _add(si, j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
                 _add(sk, b, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
                 done = True
+                stats[2 + 2 * wide] += 1
                 break
         if not done:
             break
@@ -618,6 +703,10 @@ def _improve_kernel(
 
 # ----------------------------------------------------------------------------------------
 # Python entry points
+
+
+LAST_STATS = np.zeros(5, dtype=np.int64)
+"""Accepted steps of the last :func:`improve` call: moves, splits, swaps, wide splits, wide swaps (diagnostics)."""
 
 
 class GreedyFailure(ValueError):
@@ -637,19 +726,26 @@ def _cls_args(inst: Instance) -> tuple:
 
 def difficulty(inst: Instance, times: np.ndarray) -> np.ndarray:
     """Per item: its smallest single-item load ``t·(1 + w)/v`` over the bins it may go to."""
-    t = times[:, inst.cls_type]  # (n, C)
-    rep = inst.cls_bins[inst.cls_ptr[:-1]]  # one bin per class
-    scale = (1.0 + inst.pp_weight[rep]) / inst.speed[rep]
-    ok = np.isfinite(t) & (inst.sizes[:, None] <= inst.cls_cap[None, :])
-    return np.where(ok, t * scale[None, :], np.inf).min(axis=1)
+    num_types = times.shape[1]
+    factor = np.full(num_types, np.inf)  # per type: smallest (1 + w)/v among its bins
+    np.minimum.at(factor, inst.bin_type, (1.0 + inst.pp_weight) / inst.speed)
+    type_cap = np.full(num_types, -1, dtype=np.int64)
+    np.maximum.at(type_cap, inst.bin_type, inst.bin_capacity)
+    present = np.flatnonzero(type_cap >= 0)
+    t = times[:, present] * factor[present][None, :]
+    if inst.has_capacity:
+        t = np.where(inst.sizes[:, None] <= type_cap[present][None, :], t, np.inf)
+    return t.min(axis=1)
 
 
 def solve_greedy(inst: Instance, allowed: np.ndarray | None = None) -> tuple[np.ndarray, str]:
     """Greedy placement, trying rules in turn until one places every item:
 
     1. with ``allowed`` (bool[n, K], e.g. the LP's type split): LPT restricted to the
-       allowed types (``"lp-lpt"``);
-    2. LPT by difficulty, least resulting load (``"lpt"``);
+       allowed types, least projected load (``"lp-lpt"``, rule 2 of the kernel);
+    2. LPT by difficulty, least resulting load (``"lpt"``) — when rule 1 also succeeded,
+       the one with the smaller makespan is kept (the LP split wins with many items per
+       bin, plain LPT with few, where rounding the split per bin costs more);
     3. with token capacities: largest size first, least resulting load (``"lpt-by-size"``);
        then largest size first, best fit by tokens (``"best-fit"``).
 
@@ -659,20 +755,26 @@ def solve_greedy(inst: Instance, allowed: np.ndarray | None = None) -> tuple[np.
     attempts = []
     if allowed is not None:
         guided = np.ascontiguousarray(np.where(allowed, inst.times, np.inf))
-        attempts.append((np.lexsort((ids, -difficulty(inst, guided))), 0, "lp-lpt", guided))
+        attempts.append((np.lexsort((ids, -difficulty(inst, guided))), 2, "lp-lpt", guided))
     diff = difficulty(inst, inst.times)
     attempts.append((np.lexsort((ids, -diff)), 0, "lpt", inst.times))
     if inst.has_capacity:
         by_size = np.lexsort((ids, -diff, -inst.sizes))
         attempts += [(by_size, 0, "lpt-by-size", inst.times), (by_size, 1, "best-fit", inst.times)]
     failed = -1
+    found: list[tuple[float, np.ndarray, str]] = []
     for order, rule, name, times in attempts:
         bin_of, failed = _greedy_kernel(
             order.astype(np.int64), rule, times, inst.bin_type, inst.speed, inst.pp_weight,
             inst.sizes, inst.bin_capacity, *_cls_args(inst),
         )
         if failed < 0:
-            return bin_of, name
+            found.append((float(bin_loads(inst.times, inst.bin_type, inst.speed, inst.pp_weight, bin_of).max()), bin_of, name))
+            if name != "lp-lpt":  # the LP-guided answer is compared with plain LPT, then stop
+                break
+    if found:
+        _, bin_of, name = min(found, key=lambda f: f[0])
+        return bin_of, name
     i = int(failed)
     raise GreedyFailure(
         f"could not place item {i} ({int(inst.sizes[i])} tokens): every bin it may go to is full "
@@ -684,8 +786,10 @@ def solve_greedy(inst: Instance, allowed: np.ndarray | None = None) -> tuple[np.
 def improve(inst: Instance, bin_of: np.ndarray, *, require_nonempty: bool, local_search: bool, max_rounds: int) -> tuple[np.ndarray, int, int]:
     """Non-empty repair + local search from ``bin_of`` (copied). Returns (bin_of, rounds, empty bins)."""
     out = np.array(bin_of, dtype=np.int64, copy=True)
+    stats = np.zeros(5, dtype=np.int64)  # accepted: moves, splits, swaps, wide splits, wide swaps
     rounds, empty = _improve_kernel(
-        out, bool(require_nonempty), bool(local_search), int(max_rounds), inst.times, inst.bin_type,
+        out, bool(require_nonempty), bool(local_search), int(max_rounds), stats, inst.times, inst.bin_type,
         inst.speed, inst.pp_weight, inst.sizes, inst.bin_capacity, *_cls_args(inst),
     )
+    LAST_STATS[:] = stats
     return out, int(rounds), int(empty)

@@ -9,6 +9,10 @@ and ``require_nonempty`` only restrict the problem further, so the bound stays v
   at least that item, counted once more by the pipeline term;
 * volume: ``Σ_i min_k times[i, k] / Σ_j v_j`` — ``Σ_j v_j·load_j`` is at least the total
   work, each item at its cheapest type;
+* eligibility pigeonhole: items whose eligible types all lie in a set E can use only
+  the ``m_E`` bins of those types; among the ``ℓ·m_E + 1`` largest of them (each at its
+  cheapest type in E and that type's fastest bin) some bin gets ``ℓ+1``, so ``T`` is at
+  least the sum of the ``ℓ+1`` smallest of those (every ℓ and every E that occurs);
 * LP by type: with ``V_k = Σ_{j of type k} v_j`` and ``c_ik = times[i, k] / V_k``,
 
       min T  s.t.  Σ_k x_ik = 1,  Σ_i c_ik x_ik <= T  (every type k),  x >= 0,
@@ -60,6 +64,8 @@ __all__ = [
     "single_item_bound",
     "volume_bound",
     "combined_makespan_bound",
+    "eligibility_pigeonhole_bound",
+    "pigeonhole_sum",
     "minmax_pack_lower_bound",
     "bin_packing_lower_bound",
 ]
@@ -82,11 +88,100 @@ def volume_bound(times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray) -> 
     return float(times[:, present].min(axis=1).sum() / speed.sum())
 
 
+def pigeonhole_sum(values: np.ndarray, num_bins: int) -> float:
+    """``max_ℓ`` of the sum of the ``ℓ+1`` smallest among the ``ℓ·num_bins + 1`` largest values.
+
+    Placing more than ``ℓ·num_bins`` items on ``num_bins`` bins puts ``ℓ+1`` of them in one
+    bin, whose load is then at least that sum. 0.0 when there are at most ``num_bins`` values.
+    """
+    n = values.shape[0]
+    if n <= num_bins:
+        return 0.0
+    desc = np.sort(values)[::-1]
+    prefix = np.concatenate(([0.0], np.cumsum(desc)))
+    ell = np.arange(1, (n - 1) // num_bins + 1)
+    top = ell * num_bins + 1  # the top ℓk+1 values (1-indexed)
+    return float((prefix[top] - prefix[top - ell - 1]).max())
+
+
+def _l2_bins(asc: np.ndarray, prefix: np.ndarray, cap: float) -> float:
+    """Martello–Toth L2 lower bound on the bins of capacity ``cap`` needed by real sizes ``asc``
+    (sorted ascending, all <= cap; ``prefix`` their cumulative sums with a leading 0)."""
+    n = asc.shape[0]
+    half = np.searchsorted(asc, cap / 2.0, side="right")  # items <= cap/2
+    alphas = np.concatenate(([0.0], asc[:half]))
+    upper = np.searchsorted(asc, cap - alphas, side="right")  # items <= cap - α
+    j1 = n - upper
+    j2 = np.maximum(upper - half, 0)
+    sum_j2 = prefix[np.maximum(upper, half)] - prefix[half]
+    j3_lo = np.searchsorted(asc, alphas, side="left")
+    sum_j3 = prefix[half] - prefix[np.minimum(j3_lo, half)]
+    extra = np.maximum(0.0, np.ceil((sum_j3 - (j2 * cap - sum_j2)) / cap - 1e-12))
+    return float((j1 + j2 + extra).max())
+
+
+def bin_packing_makespan_bound(values: np.ndarray, num_bins: int, known: float, *, rel_tol: float = 1e-4) -> float:
+    """Largest makespan T found infeasible for ``values`` on ``num_bins`` identical bins, or ``known``.
+
+    T is infeasible when the Martello–Toth L2 bound says items of these sizes need more
+    than ``num_bins`` bins of capacity T. Every infeasible T is a valid lower bound, so the
+    binary search between ``known`` (a valid bound) and ``Σ values`` only decides how
+    tight the result is, never whether it is valid. Skipped (returns ``known``) when no
+    value exceeds ``known / 2``: then L2 reduces to ``ceil(Σ / T)``, no better than volume.
+    """
+    if values.shape[0] <= num_bins or values.max() <= known / 2.0:
+        return known
+    asc = np.sort(values)
+    prefix = np.concatenate(([0.0], np.cumsum(asc)))
+    lo = max(known, float(asc[-1]))
+    best = known
+    if lo > 0 and _l2_bins(asc, prefix, lo) > num_bins:
+        best = lo
+    else:
+        return best
+    hi = float(prefix[-1])
+    while hi - lo > rel_tol * lo:
+        mid = 0.5 * (lo + hi)
+        if _l2_bins(asc, prefix, mid) > num_bins:
+            lo = best = mid
+        else:
+            hi = mid
+    return best
+
+
+def eligibility_pigeonhole_bound(times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray) -> float:
+    """Pigeonhole over the bins an item set may use, on validated inputs.
+
+    For every eligibility pattern E (the set of types an item may use), the items whose
+    pattern lies inside E can only use the ``m_E`` bins of types in E; each costs at least
+    ``e_i = min_{k in E} times[i, k] / (fastest speed of type k)`` on any of them, so
+    :func:`pigeonhole_sum` of the ``e_i`` over ``m_E`` bins bounds the makespan.
+    """
+    num_types = times.shape[1]
+    fastest = np.zeros(num_types)
+    np.maximum.at(fastest, bin_type, speed)
+    count = np.bincount(bin_type, minlength=num_types)
+    present = np.flatnonzero(count > 0)
+    elig = np.isfinite(times[:, present])
+    best = 0.0
+    for pattern in np.unique(elig, axis=0):
+        inside = ~(elig & ~pattern[None, :]).any(axis=1)  # items eligible only within the pattern
+        num_bins = int(count[present[pattern]].sum())
+        if int(inside.sum()) <= num_bins:
+            continue
+        cols = present[pattern]
+        e = (times[np.ix_(inside, cols)] / fastest[cols][None, :]).min(axis=1)
+        best = max(best, pigeonhole_sum(e, num_bins))
+        best = bin_packing_makespan_bound(e, num_bins, best)
+    return best
+
+
 def combined_makespan_bound(times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray, pp_weight: np.ndarray, lp_value: float) -> float:
-    """max(single item, volume, LP value · (1 − 1e-9)) on validated inputs."""
+    """max(single item, volume, eligibility pigeonhole, LP value · (1 − 1e-9)) on validated inputs."""
     return max(
         single_item_bound(times, bin_type, speed, pp_weight),
         volume_bound(times, bin_type, speed),
+        eligibility_pigeonhole_bound(times, bin_type, speed),
         lp_value * _LP_SAFETY,
     )
 
@@ -144,14 +239,7 @@ def minmax_pack_lower_bound(times: np.ndarray, sizes: np.ndarray, num_bins: int,
     if int(s.sum()) > k * cap:
         raise ValueError(f"{int(s.sum())} tokens cannot fit in {k} bins of {cap} tokens ({k * cap}); add bins")
     n = t.shape[0]
-    desc = np.sort(t)[::-1]
-    bound = max(float(desc[0]), float(t.sum()) / k)
-    # pigeonhole: the ℓ+1 shortest of the ℓk+1 longest items share a bin in the worst case
-    prefix = np.concatenate(([0.0], np.cumsum(desc)))
-    ell = np.arange(1, (n - 1) // k + 1)
-    if ell.size:
-        top = ell * k + 1  # items 1..top (1-indexed)
-        bound = max(bound, float((prefix[top] - prefix[top - ell - 1]).max()))
+    bound = max(float(t.max()), float(t.sum()) / k, pigeonhole_sum(t, k))
     # capacity: items that cannot share a bin with any big item use the k - q other bins
     big = s > cap / 2
     q = int(big.sum())

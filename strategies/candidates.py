@@ -132,6 +132,21 @@ class LengthHistogram:
             bucket_max=np.where(c > 0, e[1:], 0),
         )
 
+    @classmethod
+    def from_profile(cls, profile: Any) -> "LengthHistogram":
+        """From a ``balancer.profile.LengthProfile`` (buckets ``[edges[b], edges[b+1])``, with
+        per-bucket ``tokens`` and ``square_tokens``), read by attribute so no import is needed."""
+        e = np.asarray(profile.edges, dtype=np.int64)
+        counts = np.asarray(profile.counts, dtype=np.int64)
+        top = np.minimum(e[1:] - 1, int(profile.max_length))
+        return cls(
+            edges=e - 1,  # [e_b, e_{b+1}) == (e_b - 1, e_{b+1} - 1] for integer lengths
+            counts=counts,
+            sum_tokens=np.asarray(profile.tokens, dtype=np.float64),
+            sum_sq_tokens=np.asarray(profile.square_tokens, dtype=np.float64),
+            bucket_max=np.where(counts > 0, top, 0),
+        )
+
     @property
     def max_length(self) -> int:
         return int(self.bucket_max.max())
@@ -324,8 +339,10 @@ def _classes(cost_model: CostModelLike, layouts: Sequence[Layout]) -> list[_Clas
 
 
 def _range_loads(classes: list[_Class], hist: LengthHistogram, per_step: float) -> tuple[np.ndarray, np.ndarray]:
-    """Expected work ``W[i, j]`` and single-item floor ``Q[i, j]`` (seconds per step) of class ``j``
-    serving the buckets in ``(cap_i, cap_j]``; row ``i = 0`` means "from 0" (index shift by one)."""
+    """Expected work ``W[r, j]`` and single-item floor ``Q[r, j]`` (seconds per step) of class ``j``
+    serving the buckets above a lower capacity and up to ``cap_j``: row ``r = 0`` starts at 0
+    tokens, row ``r = i + 1`` above class ``i``'s capacity. ``inf`` where the range is empty
+    by construction (lower capacity ``>= cap_j``)."""
     J = len(classes)
     share = hist.counts / hist.counts.sum() * per_step  # expected sequences per step per bucket
     safe = np.maximum(hist.counts, 1)
@@ -594,7 +611,7 @@ def _select(scores: np.ndarray, holds_longest: np.ndarray, k: int) -> list[int]:
 
 
 def generate_candidates(
-    lengths: np.ndarray | Sequence[int] | LengthHistogram,
+    lengths: np.ndarray | Sequence[int] | LengthHistogram | Any,
     cluster: ClusterSpec,
     cost_model: CostModelLike,
     config: CandidateConfig | None = None,
@@ -602,7 +619,8 @@ def generate_candidates(
 ) -> CandidatePool:
     """The K best candidate strategies for this length profile, cluster and cost model.
 
-    ``lengths`` is a sample of sequence lengths (tokens) or a :class:`LengthHistogram`;
+    ``lengths`` is a sample of sequence lengths (tokens), a :class:`LengthHistogram` or a
+    ``balancer.profile.LengthProfile``;
     options are a :class:`CandidateConfig` or its fields as keyword arguments.
     """
     if config is not None and kwargs:
@@ -610,6 +628,9 @@ def generate_candidates(
     cfg = config if config is not None else CandidateConfig(**kwargs)
     if isinstance(lengths, LengthHistogram):
         hist, source = lengths, lengths
+    elif hasattr(lengths, "square_tokens") and hasattr(lengths, "edges"):  # balancer.profile.LengthProfile
+        hist = LengthHistogram.from_profile(lengths)
+        source = hist
     else:
         source = _check_lengths(lengths)
         hist = LengthHistogram.from_lengths(source, cfg.num_buckets)

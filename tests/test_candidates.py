@@ -161,3 +161,15 @@ def test_module_does_not_import_balancer():
     code = "import sys, strategies.candidates; assert 'balancer' not in sys.modules, sorted(sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+def test_accepts_a_balancer_length_profile():
+    from balancer.profile import LengthProfile
+
+    lengths = _long_tail(2000, seed=4)
+    prof = LengthProfile.from_lengths(lengths)
+    hist = LengthHistogram.from_profile(prof)
+    assert hist.max_length == lengths.max() and hist.counts.sum() == lengths.size
+    assert hist.mean_length == pytest.approx(lengths.mean())
+    pool = generate_candidates(prof, ClusterSpec(num_ranks=8), _model(), batch_size=32, num_candidates=2, num_sample_batches=2)
+    assert max(_model().token_capacity(r.layout) for r in pool.strategies[0].replicas) >= lengths.max()

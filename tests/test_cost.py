@@ -55,6 +55,18 @@ def test_resolver_failures_are_cached():
     assert calls == [Layout(tp=2), Layout(tp=4)]
 
 
+def test_plain_value_error_from_a_resolver_means_unsupported():
+    def resolver(layout: Layout) -> LayoutCost:
+        if layout.pp > 1:
+            raise ValueError(f"layout {layout.name}: no pipeline parallelism here")
+        return LayoutCost(a=0.0, b=1e-3, c=0.0, token_capacity=64)
+
+    model = CostModel(resolver=resolver, source="custom")
+    assert model.supports(Layout()) and not model.supports(Layout(pp=2))
+    with pytest.raises(UnsupportedLayoutError, match="tp1pp2: no pipeline parallelism here"):
+        model.cost(Layout(pp=2))
+
+
 def test_hydraulis_instance_in_milliseconds():
     model = CostModel.from_hydraulis_instance()
     assert model.time_unit == "ms" and model.meta["origin"] == INSTANCES_FILE.name

@@ -32,7 +32,7 @@ def test_decoder_matches_the_spec_and_trains():
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    for _ in range(20):
+    for _ in range(8):
         opt.zero_grad()
         net(ids).backward()
         opt.step()
@@ -60,12 +60,12 @@ def test_calibrate_tiny_on_the_local_device():
     is measured, not from loose bounds: one torch thread timed by the process's CPU time,
     so the time other processes hold the cores does not count (the wall time of two
     threads on an oversubscribed machine stalls at every intra-op barrier); every length
-    warmed up, lengths timed round-robin, and the fastest of 5 runs fitted. At 2048
+    warmed up, lengths timed round-robin, and the fastest of 3 runs fitted. At 2048
     tokens attention is about 2/3 of the tiny model's FLOPs, so a clearly positive
     quadratic term is a real property.
     """
     threads = torch.get_num_threads()
-    model = CostModel.calibrate("tiny", repeats=5, num_threads=1, clock="process", progress=False)
+    model = CostModel.calibrate("tiny", repeats=3, num_threads=1, clock="process", progress=False)
     assert torch.get_num_threads() == threads
     assert (model.meta["num_threads"], model.meta["clock"], model.meta["statistic"]) == (1, "process", "min")
     assert model.source == "calibrated" and model.layouts == [Layout()]

@@ -192,7 +192,7 @@ def test_plain_map_dataset_with_lengths() -> None:
     loader = BalancedDataLoader(Rows(), balancer=make_balancer(1), lengths=[len(r) for r in rows], sequences_per_step=4)
     got = sorted(sid for b in loader for sid, _ in sequences(b))
     assert got == list(range(16))
-    with pytest.raises(ValueError, match="names a column"):
+    with pytest.raises(ValueError, match="not a Hugging Face datasets.Dataset"):
         BalancedDataLoader(Rows(), balancer=make_balancer(1), sequences_per_step=4)
 
 

@@ -1,8 +1,8 @@
 """strategies.runtime.Engine on 4 gloo processes: exact heterogeneous training, faults, no late groups.
 
-One 4-process run (module fixture) trains the reference GPT for 5 AdamW steps, switching
-strategy every step — tp2+tp1×2 (one replica idle), cp2+tp1×2, tp1×4, tp2×2, tp2cp2 —
-and, between the steps, feeds the engine bad plans and batches. The tests below check
+One 4-process run (module fixture) trains the reference GPT for 6 AdamW steps, switching
+strategy every step — tp2+tp1×2 (one replica idle), cp2+tp1×2, tp1×4, tp2×2, tp2cp2, and
+tp2+cp2 with out-of-order ranks — and, between steps, feeds the engine bad plans and batches. The tests below check
 that run against a single-process reference trained on the same global batches.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from balancer.plan import ReplicaPlan, StepPlan
-from strategies import Layout, Strategy
+from strategies import Layout, Replica, Strategy
 from strategies.runtime import (
     GPT,
     SINGLE_DEVICE,
@@ -41,10 +41,12 @@ def candidates() -> list[Strategy]:
         Strategy.from_counts([(TP2, 1), (TP1, 2)]),       # tp2x1+tp1x2: (0,1) (2) (3)
         Strategy.from_counts([(CP2, 1), (TP1, 2)]),       # tp1cp2x1+tp1x2: (0,1) (2) (3)
         Strategy.homogeneous(TP2CP2, WORLD),              # tp2cp2x1
+        # ranks listed out of order: tp rank 0 is global rank 1, cp rank 0 is global rank 3
+        Strategy("permuted", (Replica(TP2, (1, 0)), Replica(CP2, (3, 2)))),
     ]
 
 
-SCHEDULE = ["tp2x1+tp1x2", "tp1cp2x1+tp1x2", "tp1x4", "tp2x2", "tp2cp2x1"]
+SCHEDULE = ["tp2x1+tp1x2", "tp1cp2x1+tp1x2", "tp1x4", "tp2x2", "tp2cp2x1", "permuted"]
 """Strategy of each optimizer step."""
 IDLE = {0: 2}
 """step → replica that gets no sequence (one explicit empty micro-batch)."""

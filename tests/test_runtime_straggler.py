@@ -22,7 +22,7 @@ from strategies.runtime import GPT, SINGLE_DEVICE, Engine, LocalBatch, ModelConf
 WORLD = 4
 SLOW_RANK = 3
 SLOWDOWN = 4.0
-SECONDS_PER_TOKEN = 4e-4
+SECONDS_PER_TOKEN = 1e-3
 STEPS = 8
 MODEL = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128)
 

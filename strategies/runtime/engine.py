@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Mapping, Sequence
@@ -269,6 +269,7 @@ class Engine:
         return self._views[name]
 
     def token_capacity(self, layout: Layout) -> int | None:
+        """Most tokens a packed micro-batch may hold on ``layout`` (``None``: not checked)."""
         cap = self.config.token_capacity
         if cap is None:
             return None
@@ -302,24 +303,7 @@ class Engine:
         self._agree(plan, error, loss_tokens, normaliser or 0, fingerprint)
         assert view is not None and normaliser is not None
 
-        pc = view.context
-        self._zero_grads()
-        self._sync_device()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.config.autocast_dtype)
-            if self.config.autocast_dtype is not None
-            else nullcontext()
-        )
-        for batch in local:
-            with autocast:
-                loss = self.model(batch, pc)
-            (loss / normaliser).backward()
-            loss_sum += loss.detach().double()
-        self._sync_device()
-        compute_s = time.perf_counter() - t0
-
+        loss_sum, compute_s = self._forward_backward(view.context, local, normaliser)
         t1 = time.perf_counter()
         view.sync()
         sync_s = time.perf_counter() - t1
@@ -330,24 +314,43 @@ class Engine:
         self.optimizer.step()
         self._sync_device()
         opt_s = time.perf_counter() - t2
-
-        share = (loss_sum / normaliser) if contributes else torch.zeros_like(loss_sum)
-        mine = torch.stack([torch.tensor(compute_s, dtype=torch.float64, device=self.device), share])
-        every = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(every, mine)
-        table = torch.stack(every).cpu()  # (world, 2)
+        rank_seconds, loss = self._report(compute_s, loss_sum / normaliser if contributes else 0.0 * loss_sum)
         return StepResult(
             step=plan.step,
             strategy=plan.strategy,
-            loss=float(table[:, 1].sum()),
-            rank_seconds=tuple(float(x) for x in table[:, 0]),
+            loss=loss,
+            rank_seconds=rank_seconds,
             sync_seconds=sync_s,
             optimizer_seconds=opt_s,
             step_seconds=time.perf_counter() - t_start,
             tokens=sum(b.num_tokens for b in local),
-            global_loss_tokens=int(normaliser),
+            global_loss_tokens=normaliser,
             grad_norm=grad_norm,
         )
+
+    def _forward_backward(
+        self, pc: ParallelContext, local: list[LocalBatch], normaliser: int
+    ) -> tuple[torch.Tensor, float]:
+        """Run every micro-batch; return the summed token loss (nats, fp64) and the compute seconds."""
+        self._zero_grads()
+        self._sync_device()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        for batch in local:
+            with self._autocast():
+                loss = self.model(batch, pc)
+            (loss / normaliser).backward()  # Σ over ranks and micro-batches = the global token mean
+            loss_sum += loss.detach().double()
+        self._sync_device()
+        return loss_sum, time.perf_counter() - t0
+
+    def _report(self, compute_s: float, loss_share: torch.Tensor) -> tuple[tuple[float, ...], float]:
+        """All-gather ``[compute seconds, loss share]``: every rank's seconds and the global loss."""
+        mine = torch.stack([torch.tensor(compute_s, dtype=torch.float64, device=self.device), loss_share])
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine)
+        table = torch.stack(every).cpu()  # (world, 2)
+        return tuple(float(x) for x in table[:, 0]), float(table[:, 1].sum())
 
     # -- helpers ----------------------------------------------------------------------------
     def _check(
@@ -455,6 +458,11 @@ class Engine:
                 f"step {step}: global_loss_tokens={normaliser} but the ranks' labels hold {total} loss tokens; "
                 "the collator's count and the labels disagree"
             )
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.config.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.config.autocast_dtype)
 
     def _zero_grads(self) -> None:
         for p in self.model.parameters():

@@ -8,7 +8,8 @@ after ``timeout_s`` are killed and reported, so a hang fails instead of blocking
 
 Processes come from a ``forkserver`` that has imported torch once (fork-safe: it never
 ran a torch op, so no thread pool exists to break), so a run costs one fork per rank
-instead of one interpreter start and torch import per rank.
+instead of one interpreter start and torch import per rank. The server starts at the
+first call and serves every later call of the process.
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ def run_local(
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "strategies.runtime"])
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "strategies.runtime"])
+    else:  # e.g. Windows: a fresh interpreter per rank
+        ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="hydraulis-run-") as out_dir:
         port = free_port()
         procs = [
