@@ -330,7 +330,7 @@ class Balancer:
             neg = np.flatnonzero(sample_ids < 0)
             if neg.size:
                 raise ValueError(f"sample_ids[{int(neg[0])}] = {int(sample_ids[neg[0]])}; sample ids are dataset indices >= 0")
-            uniq, first, counts = np.unique(sample_ids, return_index=True, return_counts=True)
+            uniq, counts = np.unique(sample_ids, return_counts=True)
             if uniq.size != n:
                 dup = int(uniq[np.argmax(counts > 1)])
                 raise ValueError(f"sample id {dup} appears more than once in the batch; each sample must appear once")

@@ -63,7 +63,7 @@ def _tokens(sample: Any, key: str, i: int) -> np.ndarray:
     arr = np.asarray(sample)
     if arr.ndim != 1:
         raise ValueError(f"sample {i}: field {key!r} has shape {arr.shape}; expected a 1-D list of token ids")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    if arr.size and arr.dtype.kind not in "iu":
         raise ValueError(f"sample {i}: field {key!r} has dtype {arr.dtype}; expected integer token ids")
     return arr.astype(np.int64, copy=False)
 

@@ -691,6 +691,11 @@ def _plan_group(sync: str, process_group: Any) -> Any:
     import torch.distributed as dist
 
     if process_group is not None:
+        if dist.get_world_size(process_group) != dist.get_world_size():
+            raise ValueError(
+                f"process_group has {dist.get_world_size(process_group)} ranks but plans are exchanged among all "
+                f"{dist.get_world_size()}; pass a group of every rank (or none: a gloo group is created)"
+            )
         return process_group
     return dist.new_group(backend="gloo")
 

@@ -139,6 +139,7 @@ class StreamingSteps:
         cfg = self.config
         pending: list[tuple[int, Any, list[tuple[int, int]], np.ndarray | None]] = []
         acc = 0
+        budget = cfg.tokens_per_step or 0
         step, in_epoch = global_step, step_in_epoch
 
         def emit(end: int) -> PlanBatch:
@@ -172,7 +173,10 @@ class StreamingSteps:
                     self.stats.dropped_overlong_ids.append(pos)
                 continue
             tokens = sum(hi - lo for lo, hi in pieces)
-            full = (len(pending) == cfg.sequences_per_step) if cfg.sequences_per_step else (acc > 0 and acc + tokens > int(cfg.tokens_per_step))  # type: ignore[arg-type]
+            if cfg.sequences_per_step is not None:
+                full = len(pending) == cfg.sequences_per_step
+            else:
+                full = acc > 0 and acc + tokens > budget
             if full:
                 yield emit(pos)  # every sample before ``pos`` is now in a batch or dropped
                 pending, acc = [], 0

@@ -33,7 +33,8 @@ _INF = np.inf
 _NO_FIT = np.int64(2**62)  # larger than any residual token count
 _MIN_GAIN = 1e-4  # a step must lower the bottleneck bin by this fraction of its load
 _SWAP_PARTNERS = 4
-_WIDE_PARTNERS = 32  # before giving up: splits and swaps with the 32 least-loaded bins  # swaps first try the 4 least-loaded class roots (a full scan only before stopping)
+_WIDE_PER_TYPE = 16
+_WIDE_PHASES = 2  # before giving up: splits and swaps with the 16 least-loaded bins of every type  # swaps first try the 4 least-loaded class roots (a full scan only before stopping)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -473,10 +474,11 @@ def _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_c
 
 
 @njit(cache=True)
-def _best_swap(b, partners, num_partners, first, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist):
+def _best_swap(b, partners, num_partners, first, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist, g_id, g_tb, g_tj):
     """Best exchange of an item of bin b with an item of a partner bin: (item in b, other
     item, value). Partners are scanned in the given order; with ``first``, stop after the
-    first partner that offers an improving swap (its best one)."""
+    first partner that offers an improving swap (its best one). The partner's items are
+    gathered into the scratch arrays ``g_*`` so the pair loop runs over contiguous data."""
     lb = fs[3, b]
     best = lb * (1.0 - _MIN_GAIN)
     bi = -1
@@ -487,6 +489,17 @@ def _best_swap(b, partners, num_partners, first, times, bin_type, speed, pp_weig
         if j == b:
             continue
         kj = bin_type[j]
+        # gather the partner's items: id, time on b's type, time on its own type
+        cnt = 0
+        i2 = head[j]
+        while i2 >= 0:
+            g_id[cnt] = i2
+            g_tb[cnt] = times[i2, kb]
+            g_tj[cnt] = times[i2, kj]
+            cnt += 1
+            i2 = nxt[i2]
+        rest_j1 = fs[1, j]
+        rest_j2 = fs[2, j]
         i = head[b]
         while i >= 0:
             tb = times[i, kb]
@@ -494,21 +507,20 @@ def _best_swap(b, partners, num_partners, first, times, bin_type, speed, pp_weig
             if tij != _INF:
                 rest_b = fs[2, b] if tb == fs[1, b] else fs[1, b]
                 sum_b = fs[0, b] - tb
-                i2 = head[j]
-                while i2 >= 0:
-                    t2b = times[i2, kb]
+                for r in range(cnt):
+                    t2b = g_tb[r]
                     if t2b < tb:  # the swap must shrink bin b's sum (necessary for any gain on b)
                         nb = (sum_b + t2b + pp_weight[b] * max(rest_b, t2b)) / speed[b]
-                        if nb < best and ist[0, b] - sizes[i] + sizes[i2] <= bin_capacity[b] and ist[0, j] - sizes[i2] + sizes[i] <= bin_capacity[j]:
-                            t2j = times[i2, kj]
-                            rest_j = fs[2, j] if t2j == fs[1, j] else fs[1, j]
+                        if nb < best:
+                            t2j = g_tj[r]
+                            rest_j = rest_j2 if t2j == rest_j1 else rest_j1
                             nj = (fs[0, j] - t2j + tij + pp_weight[j] * max(rest_j, tij)) / speed[j]
-                            v = max(nb, nj)
-                            if v < best:
-                                best = v
-                                bi = i
-                                bk = i2
-                    i2 = nxt[i2]
+                            if nj < best:
+                                i2 = g_id[r]
+                                if ist[0, b] - sizes[i] + sizes[i2] <= bin_capacity[b] and ist[0, j] - sizes[i2] + sizes[i] <= bin_capacity[j]:
+                                    best = max(nb, nj)
+                                    bi = i
+                                    bk = i2
             i = nxt[i]
         if first and bi >= 0:
             break
@@ -611,6 +623,8 @@ def _improve_kernel(
     swap_partners = np.empty(_SWAP_PARTNERS, dtype=np.int64)
     chosen = np.zeros(num_cls, dtype=np.bool_)
     everyone = np.arange(m)
+    per_type = np.zeros(num_types, dtype=np.int64)
+    num_wide = 0
     while rounds < max_rounds:
         b = 0
         for j in range(1, m):
@@ -660,11 +674,20 @@ def _improve_kernel(
         # 2. re-split b with a class root of another type, 3. swap with a class root;
         #    only when both fail, try every bin (once, before giving up)
         done = False
-        for wide in range(2):
+        for wide in range(_WIDE_PHASES):
             if wide == 1:
-                everyone = np.argsort(fs[3])  # most slack first
+                # the _WIDE_PER_TYPE least-loaded bins of every type, most slack first
+                by_load = np.argsort(fs[3])
+                per_type[:] = 0
+                num_wide = 0
+                for q in range(m):
+                    j = by_load[q]
+                    if per_type[bin_type[j]] < _WIDE_PER_TYPE:
+                        per_type[bin_type[j]] += 1
+                        everyone[num_wide] = j
+                        num_wide += 1
             cand = split_partners if wide == 0 else everyone
-            num_cand = num_split if wide == 0 else min(m, _WIDE_PARTNERS)
+            num_cand = num_split if wide == 0 else num_wide
             limit = fs[3, b] * (1.0 - _MIN_GAIN)
             best_j = -1
             for q in range(num_cand):
@@ -685,8 +708,8 @@ def _improve_kernel(
                 stats[1 + 2 * wide] += 1
                 break
             cand = swap_partners if wide == 0 else everyone
-            num_cand = num_swap if wide == 0 else min(m, _WIDE_PARTNERS)
-            si, sk, _ = _best_swap(b, cand, num_cand, wide == 1, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist)
+            num_cand = num_swap if wide == 0 else num_wide
+            si, sk, _ = _best_swap(b, cand, num_cand, wide == 1, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist, items, keys, suf_sum)
             if si >= 0:
                 j = bin_of[sk]
                 _remove(si, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
