@@ -8,7 +8,8 @@ normalisation::
     for batch in loader:
         for k, mb in enumerate(batch.micro_batches):
             with batch.sync_context(model, k):          # no_sync() on all but the last
-                loss = packed_loss(model(**inputs(mb)).logits, mb, grad_divisor=world)
+                logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"]).logits
+                loss = packed_loss(logits, mb, grad_divisor=world)  # DDP averages over `world` ranks
                 loss.backward()
         optimizer.step(); optimizer.zero_grad()
 

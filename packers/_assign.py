@@ -368,67 +368,105 @@ def _greedy_kernel(
 
 
 @njit(cache=True)
-def _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves):
+def _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves, cls_type, cls_cap):
     """Give every empty bin an item, along augmenting paths where needed.
 
     From an empty bin e, search (breadth first) over bins: an item eligible for the
     current bin u that sits in a bin with >= 2 items ends the path; an item that is
     alone in its bin p extends it (p would empty, so p needs an item in turn). Applying
-    a path moves one item into every bin on it, so no bin empties. A bin no path
-    reaches stays empty (eligibility does not allow filling it). Returns the number of
-    bins still empty.
+    a path moves one item into every bin on it, so no bin empties. The candidates of a
+    bin are read from a per-class list of eligible items. When a search fails, the
+    other empty bins of that class (same eligibility) are skipped for the rest of the
+    pass; passes repeat while any path was applied, so on return no empty bin has an
+    augmenting path: as many bins are filled as eligibility allows. Returns the number
+    of bins still empty.
     """
     n = times.shape[0]
     m = bin_type.shape[0]
+    num_cls = cls_type.shape[0]
     still_empty = 0
+    for e in range(m):
+        if ist[1, e] == 0:
+            still_empty += 1
+    if still_empty == 0:
+        return 0
+    # eligible items of every class (CSR)
+    ptr = np.zeros(num_cls + 1, dtype=np.int64)
+    for c in range(num_cls):
+        k = cls_type[c]
+        cnt = 0
+        for i in range(n):
+            if times[i, k] != _INF and sizes[i] <= cls_cap[c]:
+                cnt += 1
+        ptr[c + 1] = ptr[c] + cnt
+    elig = np.empty(ptr[num_cls], dtype=np.int64)
+    for c in range(num_cls):
+        k = cls_type[c]
+        q = ptr[c]
+        for i in range(n):
+            if times[i, k] != _INF and sizes[i] <= cls_cap[c]:
+                elig[q] = i
+                q += 1
     parent = np.full(m, -1, dtype=np.int64)  # bin the item of this bin moves to
     via = np.full(m, -1, dtype=np.int64)  # the single item of this bin that moves to parent
     seen = np.zeros(m, dtype=np.bool_)
+    dead = np.zeros(num_cls, dtype=np.bool_)
     queue = np.empty(m, dtype=np.int64)
+    changed = True
+    while changed:
+        changed = False
+        dead[:] = False
+        for e in range(m):
+            if ist[1, e] > 0 or dead[cls_of[e]]:
+                continue
+            seen[:] = False
+            seen[e] = True
+            queue[0] = e
+            qhead = 0
+            qtail = 1
+            end_bin = -1
+            end_item = -1
+            while qhead < qtail and end_item < 0:
+                u = queue[qhead]
+                qhead += 1
+                ku = bin_type[u]
+                cu = cls_of[u]
+                best = _INF
+                for q in range(ptr[cu], ptr[cu + 1]):
+                    i = elig[q]
+                    p = bin_of[i]
+                    if p == u or ist[0, u] + sizes[i] > bin_capacity[u]:
+                        continue
+                    if ist[1, p] >= 2:
+                        t = times[i, ku] / speed[u]
+                        if t < best:  # cheapest item for u among those free to leave
+                            best = t
+                            end_item = i
+                    elif not seen[p]:
+                        seen[p] = True
+                        parent[p] = u
+                        via[p] = i
+                        queue[qtail] = p
+                        qtail += 1
+                if end_item >= 0:
+                    end_bin = u
+            if end_item < 0:
+                dead[cls_of[e]] = True
+                continue
+            # shift single items one step towards e along the path, then fill end_bin
+            x = end_bin
+            while x != e:
+                it = via[x]
+                _remove(it, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+                _add(it, parent[x], times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+                x = parent[x]
+            _remove(end_item, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+            _add(end_item, end_bin, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+            changed = True
+    still_empty = 0
     for e in range(m):
-        if ist[1, e] > 0:
-            continue
-        seen[:] = False
-        seen[e] = True
-        queue[0] = e
-        qhead = 0
-        qtail = 1
-        end_bin = -1
-        end_item = -1
-        while qhead < qtail and end_item < 0:
-            u = queue[qhead]
-            qhead += 1
-            ku = bin_type[u]
-            best = _INF
-            for i in range(n):
-                p = bin_of[i]
-                t = times[i, ku]
-                if p == u or t == _INF or ist[0, u] + sizes[i] > bin_capacity[u]:
-                    continue
-                if ist[1, p] >= 2:
-                    if t / speed[u] < best:  # cheapest item for u among those free to leave
-                        best = t / speed[u]
-                        end_item = i
-                elif not seen[p]:
-                    seen[p] = True
-                    parent[p] = u
-                    via[p] = i
-                    queue[qtail] = p
-                    qtail += 1
-            if end_item >= 0:
-                end_bin = u
-        if end_item < 0:
+        if ist[1, e] == 0:
             still_empty += 1
-            continue
-        # shift single items one step towards e along the path, then fill end_bin
-        x = end_bin
-        while x != e:
-            it = via[x]
-            _remove(it, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
-            _add(it, parent[x], times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
-            x = parent[x]
-        _remove(end_item, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
-        _add(end_item, end_bin, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
     return still_empty
 
 
@@ -607,7 +645,7 @@ def _improve_kernel(
     keep_nonempty = require_nonempty and n >= m
     empty = 0
     if keep_nonempty:
-        empty = _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+        empty = _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves, cls_type, cls_cap)
     rounds = 0
     if not local_search:
         return rounds, empty
