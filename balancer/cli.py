@@ -1,28 +1,71 @@
-"""The ``hydraulis`` command line."""
+"""The ``hydraulis`` command line.
+
+    hydraulis profile DATA [--tokenizer tokenizer.json] [--model llama-7b]
+    hydraulis plan     --profile P --cluster 8xH100 --model llama-7b
+    hydraulis simulate --profile P --cluster 8xH100 --model llama-7b
+    hydraulis calibrate --model tiny --out cost_model.json
+    hydraulis demo
+
+Each subcommand lives in :mod:`balancer.commands` and imports its heavy dependencies only
+when it runs, so ``hydraulis --help`` starts fast. A user error (missing file, wrong
+column, bad config key...) prints one line, ``hydraulis: error: <what and how to fix>``,
+to stderr and exits with 1; ``--debug`` (or ``HYDRAULIS_DEBUG=1``) shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 from typing import Sequence
 
+from .commands import COMMANDS
+
 __all__ = ["main", "build_parser"]
 
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, KeyError)
+"""Exceptions that mean bad input or environment (ValueError covers ConfigError, CliError,
+pyarrow's ArrowInvalid, JSON and TOML decode errors); anything else is a bug: traceback."""
 
-def build_parser() -> argparse.ArgumentParser:
+
+def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        ver = version("hydraulis")
+        return version("hydraulis")
     except PackageNotFoundError:  # running from a source tree without install
-        ver = "unknown"
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hydraulis",
-        description="Sequence-balancing data middleware for variable-length Transformer training.",
+        description="Sequence-balancing data middleware for variable-length Transformer training. "
+        "Start with `hydraulis demo`.",
+        epilog="Run `hydraulis COMMAND --help` for a command's options; docs/cli.md has them all.",
     )
-    parser.add_argument("--version", action="version", version=f"hydraulis {ver}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"hydraulis {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the Python traceback of an error")
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
     return parser
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if isinstance(e, KeyError):
+        text = f"missing key {text}"
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)) and getattr(e, "filename", None):
+        text = f"{e.strerror or type(e).__name__}: {e.filename!r}"
+    return text or type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,7 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("HYDRAULIS_DEBUG", "") not in ("", "0")
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("hydraulis: interrupted", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"hydraulis: error: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -375,7 +375,7 @@ def run_simulations(args: argparse.Namespace) -> int:
     start = machine()
     print(f"load average {start['load_avg_1_5_15']} on {start['cpus']} CPUs; {steps} steps per run")
     records = []
-    md = ["# Planner benchmark\n", f"Machine: {start['cpus']} CPUs, load average at start {start['load_avg_1_5_15']}, "
+    md = ["# Planner benchmark\n\n", f"Machine: {start['cpus']} CPUs, load average at start {start['load_avg_1_5_15']}, "
           f"{start['time']}. Cost model: analytic, {HARDWARE}, ZeRO-1. {steps} steps per run.\n"]
     for set_name in sets:
         path = Path(set_name)

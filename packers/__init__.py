@@ -1,20 +1,24 @@
-"""Pure packing and assignment algorithms on numpy arrays (numba kernels, CP-SAT models, bounds)."""
+"""Pure packing and assignment algorithms on numpy arrays (numba kernels, CP-SAT models, bounds).
 
-from . import binpack, types
-from .binpack import best_fit_decreasing, first_fit_decreasing, next_fit
-from .bounds import bin_packing_lower_bound, makespan_lower_bound, minmax_pack_lower_bound
-from .cpsat import cpsat_makespan, cpsat_minmax_pack
-from .makespan import lpt_makespan, makespan_loads
-from .minmax import minmax_pack
-from .partition import karmarkar_karp
-from .types import Assignment, BinPacking
+Units: sizes and capacities in tokens (int64), times in seconds (float64) — any one time
+unit works if used consistently. Every entry point validates its input and raises
+``ValueError`` naming the offending index, value and limit; empty inputs are errors.
+See ``docs/packers.md`` for the algorithms, their guarantees and the bound formulas.
+"""
+
+from packers.binpack import best_fit_decreasing, first_fit_decreasing, next_fit
+from packers.bounds import bin_packing_lower_bound, makespan_lower_bound, minmax_pack_lower_bound
+from packers.cpsat import cpsat_makespan, cpsat_minmax_pack
+from packers.makespan import lpt_makespan, makespan_loads
+from packers.minmax import minmax_pack
+from packers.partition import karmarkar_karp
+from packers.types import Assignment, BinPacking
 
 __all__ = [
     "Assignment",
     "BinPacking",
     "best_fit_decreasing",
     "bin_packing_lower_bound",
-    "binpack",
     "cpsat_makespan",
     "cpsat_minmax_pack",
     "first_fit_decreasing",
@@ -25,5 +29,4 @@ __all__ = [
     "minmax_pack",
     "minmax_pack_lower_bound",
     "next_fit",
-    "types",
 ]

@@ -27,14 +27,13 @@ from numba import njit
 
 from packers.validate import UNLIMITED_TOKENS
 
-__all__ = ["Instance", "build_instance", "solve_greedy", "improve", "bin_loads", "GreedyFailure"]
+__all__ = ["Instance", "SearchReport", "build_instance", "solve_greedy", "improve", "bin_loads", "GreedyFailure"]
 
 _INF = np.inf
 _NO_FIT = np.int64(2**62)  # larger than any residual token count
 _MIN_GAIN = 1e-4  # a step must lower the bottleneck bin by this fraction of its load
-_SWAP_PARTNERS = 4
-_WIDE_PER_TYPE = 16
-_WIDE_PHASES = 2  # before giving up: splits and swaps with the 16 least-loaded bins of every type  # swaps first try the 4 least-loaded class roots (a full scan only before stopping)
+_SWAP_PARTNERS = 4  # narrow phase: swaps with the 4 least-loaded class roots
+_WIDE_PER_TYPE = 16  # wide phase (only when the narrow one fails): the 16 least-loaded bins of every type
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,24 +76,29 @@ def build_instance(
     sizes: np.ndarray,
     bin_capacity: np.ndarray,
 ) -> Instance:
-    """Group bins into classes of identical (type, speed, pp_weight, capacity); inputs already validated."""
+    """Group bins into classes of identical (type, speed, pp_weight, capacity); inputs already validated.
+
+    Classes are numbered in the sorted order of their keys (deterministic)."""
     m = bin_type.shape[0]
-    ids: dict[tuple[int, float, float, int], int] = {}
+    cls_bins = np.lexsort((bin_capacity, pp_weight, speed, bin_type)).astype(np.int64)  # stable: bin order kept
+    cols = (bin_type[cls_bins], speed[cls_bins], pp_weight[cls_bins], bin_capacity[cls_bins])
+    starts = np.zeros(m, dtype=bool)
+    starts[0] = True
+    for col in cols:
+        starts[1:] |= col[1:] != col[:-1]
+    cls_sorted = np.cumsum(starts) - 1
+    num_cls = int(cls_sorted[-1]) + 1
     cls_of = np.empty(m, dtype=np.int64)
-    for j in range(m):
-        key = (int(bin_type[j]), float(speed[j]), float(pp_weight[j]), int(bin_capacity[j]))
-        cls_of[j] = ids.setdefault(key, len(ids))
-    num_cls = len(ids)
-    cls_bins = np.argsort(cls_of, kind="stable").astype(np.int64)
+    cls_of[cls_bins] = cls_sorted
+    first = cls_bins[starts]  # one bin per class
     counts = np.bincount(cls_of, minlength=num_cls)
     cls_ptr = np.zeros(num_cls + 1, dtype=np.int64)
     np.cumsum(counts, out=cls_ptr[1:])
     cls_pos = np.empty(m, dtype=np.int64)
     cls_pos[cls_bins] = np.arange(m) - cls_ptr[cls_of[cls_bins]]
-    leaves = np.array([1 << max(0, int(c - 1).bit_length()) for c in counts], dtype=np.int64)
+    leaves = np.left_shift(1, np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64)).astype(np.int64)
     cls_off = np.zeros(num_cls, dtype=np.int64)
     np.cumsum(2 * leaves[:-1], out=cls_off[1:])
-    keys = list(ids)
     return Instance(
         times=times,
         bin_type=bin_type,
@@ -104,8 +108,8 @@ def build_instance(
         bin_capacity=bin_capacity,
         cls_of=cls_of,
         cls_pos=cls_pos,
-        cls_type=np.array([k[0] for k in keys], dtype=np.int64),
-        cls_cap=np.array([k[3] for k in keys], dtype=np.int64),
+        cls_type=bin_type[first].astype(np.int64),
+        cls_cap=bin_capacity[first].astype(np.int64),
         cls_ptr=cls_ptr,
         cls_bins=cls_bins,
         cls_off=cls_off,
@@ -377,7 +381,8 @@ def _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin
     a path moves one item into every bin on it, so no bin empties. The candidates of a
     bin are read from a per-class list of eligible items. When a search fails, the
     other empty bins of that class (same eligibility) are skipped for the rest of the
-    pass; passes repeat while any path was applied, so on return no empty bin has an
+    pass, and the bins it reached stay marked (dead ends) until a path is applied;
+    passes repeat while any path was applied, so on return no empty bin has an
     augmenting path: as many bins are filled as eligibility allows. Returns the number
     of bins still empty.
     """
@@ -416,10 +421,15 @@ def _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin
     while changed:
         changed = False
         dead[:] = False
+        stale = True
         for e in range(m):
             if ist[1, e] > 0 or dead[cls_of[e]]:
                 continue
-            seen[:] = False
+            # bins reached by a failed search stay dead ends until a path is applied,
+            # so the marks are cleared only after a success
+            if stale:
+                seen[:] = False
+                stale = False
             seen[e] = True
             queue[0] = e
             qhead = 0
@@ -463,6 +473,7 @@ def _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin
             _remove(end_item, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
             _add(end_item, end_bin, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
             changed = True
+            stale = True
     still_empty = 0
     for e in range(m):
         if ist[1, e] == 0:
@@ -712,7 +723,7 @@ def _improve_kernel(
         # 2. re-split b with a class root of another type, 3. swap with a class root;
         #    only when both fail, try every bin (once, before giving up)
         done = False
-        for wide in range(_WIDE_PHASES):
+        for wide in range(2):
             if wide == 1:
                 # the _WIDE_PER_TYPE least-loaded bins of every type, most slack first
                 by_load = np.argsort(fs[3])
@@ -766,8 +777,19 @@ def _improve_kernel(
 # Python entry points
 
 
-LAST_STATS = np.zeros(5, dtype=np.int64)
-"""Accepted steps of the last :func:`improve` call: moves, splits, swaps, wide splits, wide swaps (diagnostics)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SearchReport:
+    """What :func:`improve` did (diagnostics for benchmarks and tests)."""
+
+    rounds: int
+    """Local-search rounds run (each lowers the bottleneck bin once, the last may fail)."""
+    empty_bins: int
+    """Bins left empty by the non-empty repair (eligibility allows no more)."""
+    moves: int
+    splits: int
+    swaps: int
+    wide_splits: int
+    wide_swaps: int
 
 
 class GreedyFailure(ValueError):
@@ -844,13 +866,18 @@ def solve_greedy(inst: Instance, allowed: np.ndarray | None = None) -> tuple[np.
     )
 
 
-def improve(inst: Instance, bin_of: np.ndarray, *, require_nonempty: bool, local_search: bool, max_rounds: int) -> tuple[np.ndarray, int, int]:
-    """Non-empty repair + local search from ``bin_of`` (copied). Returns (bin_of, rounds, empty bins)."""
+def improve(
+    inst: Instance, bin_of: np.ndarray, *, require_nonempty: bool, local_search: bool, max_rounds: int
+) -> tuple[np.ndarray, SearchReport]:
+    """Non-empty repair + local search from ``bin_of`` (copied). Returns (bin_of, report)."""
     out = np.array(bin_of, dtype=np.int64, copy=True)
     stats = np.zeros(5, dtype=np.int64)  # accepted: moves, splits, swaps, wide splits, wide swaps
     rounds, empty = _improve_kernel(
         out, bool(require_nonempty), bool(local_search), int(max_rounds), stats, inst.times, inst.bin_type,
         inst.speed, inst.pp_weight, inst.sizes, inst.bin_capacity, *_cls_args(inst),
     )
-    LAST_STATS[:] = stats
-    return out, int(rounds), int(empty)
+    report = SearchReport(
+        rounds=int(rounds), empty_bins=int(empty), moves=int(stats[0]), splits=int(stats[1]), swaps=int(stats[2]),
+        wide_splits=int(stats[3]), wide_swaps=int(stats[4]),
+    )
+    return out, report

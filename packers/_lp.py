@@ -16,8 +16,8 @@ dual weights ``p_r`` (Σ p_r = 1) mix the cut assignments into a fractional prim
 
 Weak duality makes every evaluated ``g(μ)`` a valid lower bound, whatever the master
 returns, so the bound's validity never rests on the simplex; the simplex only decides
-how fast the bound tightens. Stops when ``z* − max g <= tol·max g`` or after
-``max_cuts`` cuts.
+how fast the bound tightens. Stops when ``z* − max g <= tol·max g`` (``tol = 1e-6``) or after ``max_cuts``
+(60) cuts.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def _kelley(c, ok, tol, max_cuts):
     return best, upper, best_mu, x, num_cuts
 
 
-def type_lp(times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray, *, tol: float = 1e-7, max_cuts: int = 60) -> tuple[float, np.ndarray, int]:
+def type_lp(times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray, *, tol: float = 1e-6, max_cuts: int = 60) -> tuple[float, np.ndarray, int]:
     """LP by type on validated inputs.
 
     Returns (lower bound in seconds — the best ``g(μ)``, a valid bound even when not

@@ -46,7 +46,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from packers._assign import Instance, bin_loads, build_instance, improve
-from packers.makespan import makespan_instance, solve_instance
+from packers.makespan import default_rounds, makespan_instance, solve_instance
 from packers.minmax import minmax_greedy, minmax_instance
 from packers.types import Assignment
 from packers.validate import UNLIMITED_TOKENS, as_hint
@@ -60,6 +60,11 @@ _UNITS = 10_000_000
 _LNS_MAX_BINS = 8
 """Most bins freed per LNS round."""
 _LNS_MIN_ROUND = 0.01
+"""Seconds: stop the LNS when less time than this is left."""
+_LNS_ROUND = 0.03
+"""Seconds of solver time per LNS round (small neighbourhoods, presolve off: the hint is loaded at once)."""
+_LNS_PAIRS = 600
+"""Eligible pairs per LNS neighbourhood (the bottleneck bin and one or two partners on typical instances)."""
 """Seconds: stop the LNS when less time than this is left."""
 
 
@@ -242,11 +247,14 @@ def add_hint(model: cp_model.CpModel, data: CpsatData, v: CpsatVars) -> None:
     model.add_hint(v.makespan, int(loads.max()))
 
 
-def solve(model: cp_model.CpModel, *, time_limit: float, seed: int, num_workers: int) -> tuple[cp_model.CpSolver, str]:
+def solve(
+    model: cp_model.CpModel, *, time_limit: float, seed: int, num_workers: int, presolve: bool = True
+) -> tuple[cp_model.CpSolver, str]:
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(float(time_limit), 0.0)
     solver.parameters.random_seed = int(seed)
     solver.parameters.num_workers = int(num_workers)
+    solver.parameters.cp_model_presolve = presolve
     solver.parameters.log_search_progress = False
     status = solver.solve(model)
     return solver, solver.status_name(status)
@@ -261,14 +269,16 @@ def decode(solver: cp_model.CpSolver, data: CpsatData, v: CpsatVars) -> np.ndarr
     return bin_of
 
 
-def run_model(data: CpsatData, *, time_limit: float, seed: int, num_workers: int) -> tuple[np.ndarray | None, str, float | None]:
+def run_model(
+    data: CpsatData, *, time_limit: float, seed: int, num_workers: int, presolve: bool = True
+) -> tuple[np.ndarray | None, str, float | None]:
     """Build, solve, decode. Returns (bin_of or None, status name, proven bound in seconds or None)."""
     model = cp_model.CpModel()
     v = new_variables(model, data)
     add_constraints(model, data, v)
     set_objective(model, v)
     add_hint(model, data, v)
-    solver, status = solve(model, time_limit=time_limit, seed=seed, num_workers=num_workers)
+    solver, status = solve(model, time_limit=time_limit, seed=seed, num_workers=num_workers, presolve=presolve)
     if status in ("OPTIMAL", "FEASIBLE"):
         return decode(solver, data, v), status, float(solver.best_objective_bound) / data.scale
     return None, status, None
@@ -323,7 +333,7 @@ def _lns(inst: Instance, start: np.ndarray, *, require_nonempty: bool, time_limi
         old = float(loads[bins].max())
         data = model_data(sub, local_of, require_nonempty=keep_nonempty, reference=old)
         got, status, _ = run_model(
-            data, time_limit=min(left, max(0.02, time_limit / 4)), seed=seed + len(statuses), num_workers=num_workers
+            data, time_limit=min(left, _LNS_ROUND), seed=seed + len(statuses), num_workers=num_workers, presolve=False
         )
         statuses.append(status)
         if got is None:
@@ -352,7 +362,7 @@ def _check_hint(inst: Instance, hint: object) -> np.ndarray:
         i = int(bad[0])
         raise ValueError(
             f"hint[{i}] = {int(h[i])}: item {i} ({int(inst.sizes[i])} tokens) may not run on bin {int(h[i])} "
-            f"(time {float(t[i])!r}, capacity {int(inst.bin_capacity[h[i]])} tokens); give an eligible bin"
+            f"(time {float(t[i])}, capacity {int(inst.bin_capacity[h[i]])} tokens); give an eligible bin"
         )
     used = np.bincount(h, weights=inst.sizes, minlength=inst.m)
     over = np.flatnonzero(used > inst.bin_capacity)
@@ -383,11 +393,11 @@ def _solve(
         got, status, bound = run_model(data, time_limit=time_limit, seed=seed, num_workers=num_workers)
         name = "cpsat"
         if got is not None and hint is None and require_nonempty and inst.n >= inst.m:
-            got, _, _ = improve(inst, got, require_nonempty=True, local_search=False, max_rounds=0)
+            got, _ = improve(inst, got, require_nonempty=True, local_search=False, max_rounds=0)
     else:
         got, status, _ = _lns(
             inst, hint, require_nonempty=require_nonempty, time_limit=time_limit, seed=seed,
-            num_workers=num_workers, max_pairs=max_model_pairs,
+            num_workers=num_workers, max_pairs=min(max_model_pairs, _LNS_PAIRS),
         )
         bound = None
         name = "cpsat-lns"
@@ -467,7 +477,7 @@ def cpsat_minmax_pack(
     if hint is None:
         try:
             start, rule = minmax_greedy(inst)
-            h, _, _ = improve(inst, start, require_nonempty=require_nonempty, local_search=True, max_rounds=4 * (inst.n + inst.m))
+            h, _ = improve(inst, start, require_nonempty=require_nonempty, local_search=True, max_rounds=default_rounds(inst.n, inst.m))
             hint_solver = f"{rule}+ls"
         except ValueError:
             h, hint_solver = None, "none"

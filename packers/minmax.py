@@ -98,7 +98,7 @@ def minmax_pack(
         capacity: most tokens per bin.
         local_search: run move/swap local search after the greedy.
         require_nonempty: when ``n >= k``, give every bin at least one item.
-        max_rounds: local-search round limit (default ``4·(n + k)``).
+        max_rounds: local-search round limit (default ``256 + k // 2``).
 
     Returns:
         :class:`Assignment`; ``loads`` are per-bin time sums. ``solver`` names the greedy
@@ -114,7 +114,7 @@ def minmax_pack(
     rounds = default_rounds(inst.n, k) if max_rounds is None else int(max_rounds)
     if rounds < 0:
         raise ValueError(f"max_rounds={rounds} must be >= 0")
-    bin_of, _, _ = improve(inst, bin_of, require_nonempty=require_nonempty, local_search=local_search, max_rounds=rounds)
+    bin_of, _ = improve(inst, bin_of, require_nonempty=require_nonempty, local_search=local_search, max_rounds=rounds)
     loads = bin_loads(inst.times, inst.bin_type, inst.speed, inst.pp_weight, bin_of)
     return Assignment(
         bin_of=bin_of, loads=loads, makespan=float(loads.max()), solver=f"{rule}+ls" if local_search else rule

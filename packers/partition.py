@@ -14,7 +14,9 @@ sum 0). Combining tuples keeps "one subset from every chunk" per final subset, s
 every subset gets one item from each full chunk and at most one from the last.
 
 The answer is a heuristic; ``bound = max(max value, Σ values / k)`` is reported (valid
-for both variants: the balanced optimum is never below the unconstrained one).
+for both variants: the balanced optimum is never below the unconstrained one); with
+``equal_counts`` also the largest value plus the ``n // k − 1`` smallest others (its bin
+holds at least ``n // k`` items).
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def karmarkar_karp(values: np.ndarray, k: int, equal_counts: bool = False) -> As
 
     Returns:
         :class:`Assignment` with ``loads`` = subset sums, ``solver`` ``"karmarkar_karp"``
-        (or ``"karmarkar_karp:equal_counts"``) and ``bound = max(max v, Σ v / k)``.
+        (or ``"karmarkar_karp:equal_counts"``) and a valid lower ``bound`` (module docstring).
 
     Raises:
         ValueError: empty input, a negative or non-finite value (naming its index), k < 1.
@@ -181,10 +183,16 @@ def karmarkar_karp(values: np.ndarray, k: int, equal_counts: bool = False) -> As
     order = np.argsort(-v, kind="stable").astype(np.int64)
     bin_of = _ldm(v, order, kk, bool(equal_counts))
     loads = np.bincount(bin_of, weights=v, minlength=kk).astype(np.float64)
+    bound = max(float(v.max()), float(v.sum()) / kk)
+    per_bin = v.shape[0] // kk
+    if equal_counts and per_bin > 1:
+        # the bin holding the largest item holds >= n // k items: it and the smallest others
+        rest = np.sort(v[order[1:]])
+        bound = max(bound, float(v[order[0]]) + float(rest[: per_bin - 1].sum()))
     return Assignment(
         bin_of=bin_of,
         loads=loads,
         makespan=float(loads.max()),
         solver="karmarkar_karp:equal_counts" if equal_counts else "karmarkar_karp",
-        bound=max(float(v.max()), float(v.sum()) / kk),
+        bound=bound,
     )

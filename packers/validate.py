@@ -77,7 +77,7 @@ def _integers(arr: np.ndarray, name: str, what: str) -> np.ndarray:
         bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
         if bad.size:
             i = int(bad[0])
-            raise ValueError(f"{name}[{i}] = {arr[i]!r} is not a whole number of {what}")
+            raise ValueError(f"{name}[{i}] = {float(arr[i])} is not a whole number of {what}")
     return arr.astype(np.int64, copy=False)
 
 
@@ -102,7 +102,7 @@ def as_values(values: object, name: str = "values") -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{name}[{i}] = {arr[i]!r}; every value must be finite and >= 0")
+        raise ValueError(f"{name}[{i}] = {float(arr[i])}; every value must be finite and >= 0")
     return arr
 
 
@@ -132,7 +132,7 @@ def as_times(times: object, name: str = "times") -> np.ndarray:
     bad = np.argwhere(np.isnan(arr) | (arr < 0))
     if bad.size:
         i, k = (int(v) for v in bad[0])
-        raise ValueError(f"{name}[{i}, {k}] = {arr[i, k]!r}; times must be >= 0 (use +inf for 'not eligible')")
+        raise ValueError(f"{name}[{i}, {k}] = {float(arr[i, k])}; times must be >= 0 (use +inf for 'not eligible')")
     return arr
 
 
@@ -163,7 +163,7 @@ def as_speed(speed: object | None, m: int, name: str = "speed") -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(arr) | (arr <= 0))
     if bad.size:
         j = int(bad[0])
-        raise ValueError(f"{name}[{j}] = {arr[j]!r}; speeds must be finite and > 0 (1.0 = nominal)")
+        raise ValueError(f"{name}[{j}] = {float(arr[j])}; speeds must be finite and > 0 (1.0 = nominal)")
     return arr
 
 
@@ -175,7 +175,7 @@ def as_pp_weight(pp_weight: object | None, m: int, name: str = "pp_weight") -> n
     bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0))
     if bad.size:
         j = int(bad[0])
-        raise ValueError(f"{name}[{j}] = {arr[j]!r}; the pipeline weight must be finite and >= 0 (pp - 1)")
+        raise ValueError(f"{name}[{j}] = {float(arr[j])}; the pipeline weight must be finite and >= 0 (pp - 1)")
     return arr
 
 

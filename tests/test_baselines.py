@@ -42,7 +42,7 @@ MODEL = _model()
 CLUSTER = ClusterSpec(num_ranks=8, ranks_per_node=4)
 
 
-def _check(name: str, plan, table: np.ndarray, ids: np.ndarray, policy) -> None:
+def _check(name: str, plan, table: np.ndarray, ids: np.ndarray) -> None:
     validate(plan, table, sample_ids=ids, cost_model=MODEL, cluster=CLUSTER)
     assert plan.solver == f"baseline:{name}"
     assert plan.global_sequences == ids.size
@@ -61,7 +61,7 @@ def test_every_baseline_plans_validly(name: str, data) -> None:
     table[ids] = lengths
     policy = make_baseline(name, CLUSTER, None, MODEL, max_length=max_length, seed=3)
     plan = policy.plan(lengths, step=step, sample_ids=ids, flush=True)
-    _check(name, plan, table, ids, policy)
+    _check(name, plan, table, ids)
     assert policy.pending == 0
     score = policy.score(plan, table)
     assert score.step_seconds >= plan.est_step_seconds * (1 - 1e-12)  # padding only adds

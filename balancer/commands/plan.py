@@ -1,0 +1,121 @@
+"""``hydraulis plan``: the candidate strategy pool for a dataset profile, cluster and model."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import DEFAULT_TOKENS_PER_STEP, add_job_arguments, add_lengths_arguments, positive_int
+
+HELP = "generate the candidate parallel strategies for a profile, cluster and model"
+DESCRIPTION = """\
+Generate the pool of candidate parallel strategies (strategies.candidates) that the
+per-step selector chooses from: homogeneous layouts and heterogeneous mixes sized to the
+length profile, scored on sampled global batches by both balancer stages. Prints the
+layouts that fit memory and the expected step time of every candidate; writes the pool
+as JSON (load it with strategies.candidates.load_candidates or pass it to
+`hydraulis simulate --candidates`).
+
+examples:
+  hydraulis plan --profile hydraulis-profile/profile.json --cluster 8xH100 --model llama-7b
+  hydraulis plan --lengths code_kafka --cluster 64xA100 --model llama-13b --tokens-per-step 4M
+  hydraulis plan --lengths code_kafka --cluster 8xcpu --cost-model cost_model.json"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_lengths_arguments(p)
+    add_job_arguments(p)
+    add_plan_arguments(p)
+    p.add_argument("--out", default="candidates.json", metavar="FILE", help="pool JSON (default: candidates.json)")
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("planning")
+    g.add_argument("--tokens-per-step", type=positive_int, default=DEFAULT_TOKENS_PER_STEP, metavar="N",
+                   help=f"tokens per global batch, e.g. 1M or 524288 (default: {DEFAULT_TOKENS_PER_STEP:,})")
+    g.add_argument("--max-length", type=positive_int, metavar="L",
+                   help="longest sequence to plan for, tokens (default: the data's longest, capped at the "
+                   "largest layout capacity)")
+    g.add_argument("--num-candidates", type=positive_int, default=8, metavar="K", help="pool size (default: 8)")
+    g.add_argument("--allow-pp", action="store_true", help="also propose pipeline-parallel layouts")
+    g.add_argument("--max-cp", type=positive_int, metavar="N", help="largest context-parallel degree")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampled batches (default: 0)")
+
+
+def generate(args: argparse.Namespace, lengths_input, cost, cluster):  # noqa: ANN001, ANN201 - internal helper
+    """Choose the max length, generate the pool; returns ``(pool, max_length, note, capacities)``."""
+    from strategies.candidates import generate_candidates
+
+    from ._common import choose_max_length, layout_capacities
+
+    caps = layout_capacities(cluster, cost, allow_pp=args.allow_pp, max_cp=args.max_cp)
+    max_length, note = choose_max_length(args.max_length, lengths_input.profile.max_length, caps)
+    source = lengths_input.lengths if lengths_input.lengths is not None else lengths_input.profile
+    pool = generate_candidates(
+        source, cluster, cost, batch_tokens=args.tokens_per_step, num_candidates=args.num_candidates,
+        max_length=max_length, allow_pp=args.allow_pp, max_cp=args.max_cp, seed=args.seed,
+    )
+    return pool, max_length, note, caps
+
+
+def print_header(lengths_input, cost, cluster, job, label, args, max_note, caps) -> None:  # noqa: ANN001
+    """Derived numbers at start-up: ranks, model, tokens per step, max length, layouts."""
+    from ._common import describe_cluster, fmt_params, fmt_seconds, format_table
+
+    prof = lengths_input.profile
+    hw = job.hardware.name if job.hardware is not None else None
+    print(f"cluster:         {describe_cluster(cluster, hw)}")
+    if job.model is not None and not getattr(args, "cost_model", None):
+        print(f"model:           {job.model.name} ({fmt_params(job.model.num_parameters)} parameters)")
+    print(f"cost model:      {label}")
+    print(f"data:            {lengths_input.label}: {prof.num_sequences:,} sequences, mean {prof.mean_length:,.0f} "
+          f"tokens, p99 {prof.quantiles.get('p99', prof.max_length):,}, max {prof.max_length:,}")
+    per_step = args.tokens_per_step / prof.mean_length
+    print(f"tokens per step: {args.tokens_per_step:,} (≈ {per_step:,.0f} sequences; "
+          f"{args.tokens_per_step / cluster.num_ranks:,.0f} per rank)")
+    print(f"max length:      {max_note}")
+    unit = cost.time_unit
+    rows = []
+    for lay, cap in caps:
+        c = cost.cost(lay)
+        rows.append([lay.name, lay.size, f"{cap:,}", fmt_seconds(float(c.seconds(4096)), unit),
+                     fmt_seconds(float(c.seconds(32768)), unit)])
+    print("\nlayouts that fit memory:")
+    print(format_table(["layout", "ranks", "token capacity", "t(4K tokens)", "t(32K tokens)"], rows))
+
+
+def print_pool(pool, tokens_per_step: int, unit: str) -> None:  # noqa: ANN001
+    from ._common import fmt_seconds, format_table
+
+    finite = [x for x in pool.expected_seconds if x is not None]
+    best = min(finite) if finite else None
+    rows = []
+    for i, (strat, exp) in enumerate(zip(pool.strategies, pool.expected_seconds)):
+        reps = " + ".join(f"{lay.name}×{n}" for lay, n in sorted(strat.counts().items(), key=lambda kv: -kv[0].size))
+        tps = "—" if exp is None or unit != "s" else f"{tokens_per_step / exp:,.0f}"
+        rel = "—" if exp is None or best is None else f"{exp / best:.2f}×"
+        rows.append([i + 1, strat.name, reps, fmt_seconds(exp, unit), tps, rel])
+    print(f"\ncandidates ({len(pool.strategies)} kept of {pool.meta.get('num_generated', '?')} generated; "
+          "expected step time = mean over sampled batches):")
+    print(format_table(["#", "strategy", "replicas", "expected step", "tokens/s", "vs best"], rows, "rllrrr"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from strategies.candidates import save_candidates
+
+    from ._common import load_cost_and_cluster, load_lengths
+
+    cost, cluster, job, label = load_cost_and_cluster(args)
+    lengths_input = load_lengths(args)
+    pool, max_length, note, caps = generate(args, lengths_input, cost, cluster)
+    print_header(lengths_input, cost, cluster, job, label, args, note, caps)
+    print_pool(pool, args.tokens_per_step, cost.time_unit)
+    pool.meta["job"] = {
+        "data": lengths_input.label,
+        "cluster": cluster.to_dict(),
+        "cost_model": label,
+        "tokens_per_step": args.tokens_per_step,
+        "max_length": max_length,
+    }
+    save_candidates(pool, args.out)
+    print(f"\nwrote {args.out}")
+    return 0

@@ -1,0 +1,126 @@
+"""``hydraulis simulate``: the balancer against every baseline, step by step, on one cost model."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_job_arguments, add_lengths_arguments, positive_int
+from .plan import add_plan_arguments
+
+HELP = "simulate the balancer against the baselines (table + plot + JSON)"
+DESCRIPTION = """\
+Plan the same global batches with the Balancer (all candidates, per-step choice) and with
+every baseline policy (padded, length-grouped, multipack, best-fit, Megatron dp-balanced
+and hybrid-cp, WLB-LLM, Hydraulis random restart — see docs/baselines.md), score every
+plan with the cost model, and compare estimated step times, throughput and imbalance.
+Writes OUT/simulation.json and OUT/simulation.png.
+
+Lengths come from a length file (--lengths) or are drawn from a profile (--profile).
+Candidates are generated like `hydraulis plan` unless --candidates FILE is given.
+
+examples:
+  hydraulis simulate --lengths code_kafka --cluster 16xH100 --model llama-7b
+  hydraulis simulate --profile profile.json --cluster 64xA100 --model llama-13b --steps 50
+  hydraulis simulate --lengths code_kafka --cluster 8xH100 --cost-model cost.json --policies balancer,multipack"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_lengths_arguments(p)
+    add_job_arguments(p)
+    add_plan_arguments(p)
+    g = p.add_argument_group("simulation")
+    g.add_argument("--steps", type=positive_int, default=20, metavar="N", help="optimizer steps (default: 20)")
+    g.add_argument("--candidates", metavar="FILE", help="candidate pool JSON from `hydraulis plan`")
+    g.add_argument("--policies", metavar="LIST",
+                   help="comma-separated policies (default: balancer and every baseline)")
+    g.add_argument("--out", default="hydraulis-simulation", metavar="DIR",
+                   help="output folder (default: hydraulis-simulation)")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plot")
+
+
+def parse_policies(text: str | None) -> tuple[str, ...] | None:
+    from balancer.baselines import BASELINES
+    from balancer.simulate import BALANCER
+
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    known = (BALANCER, *BASELINES)
+    for n in names:
+        if n not in known:
+            raise ValueError(f"unknown policy {n!r} in --policies; choose from {', '.join(known)}")
+    if not names:
+        raise ValueError(f"--policies is empty; choose from {', '.join(known)}")
+    return names
+
+
+def headline(result) -> list[str]:  # noqa: ANN001 - SimulationResult
+    """Lines that say what the balancer gains over the best baseline."""
+    from balancer.simulate import BALANCER
+
+    if BALANCER not in result.traces or len(result.traces) < 2:
+        return []
+    best = result.best_baseline()
+    up = result.speedup()[best]
+    bal = result.traces[BALANCER].summary()
+    ref = result.traces[best].summary()
+    worst = max(result.speedup().items(), key=lambda kv: kv[1])
+    return [
+        f"balancer: {bal['tokens_per_second']:,.0f} tokens/s, mean step {bal['mean_step_seconds']:.4g}, "
+        f"imbalance {bal['mean_imbalance']:.3f}",
+        f"best baseline {best}: {ref['tokens_per_second']:,.0f} tokens/s, mean step {ref['mean_step_seconds']:.4g}, "
+        f"imbalance {ref['mean_imbalance']:.3f}",
+        f"estimated speedup over the best baseline: {up:.2f}× (over {worst[0]}: {worst[1]:.2f}×)",
+    ]
+
+
+def run_simulation(args: argparse.Namespace, lengths_input, cost, cluster, pool, max_length: int, out):  # noqa: ANN001, ANN201
+    """Simulate, write JSON (+ PNG); returns the result."""
+    import json
+
+    from balancer.plots import plot_simulation
+    from balancer.simulate import SimulationConfig, simulate
+
+    policies = parse_policies(getattr(args, "policies", None))
+    n = max(lengths_input.profile.num_sequences, 1)
+    lengths = lengths_input.sample(min(n, 1_000_000), seed=args.seed)
+    cfg_kw = {"policies": policies} if policies else {}
+    cfg = SimulationConfig(tokens_per_step=args.tokens_per_step, num_steps=args.steps, max_length=max_length,
+                           seed=args.seed, **cfg_kw)
+    result = simulate(lengths, cluster, cost, cfg, candidates=list(pool.strategies))
+    data = result.to_dict()
+    data["data"] = lengths_input.label
+    data["time_unit"] = cost.time_unit
+    (out / "simulation.json").write_text(json.dumps(data, indent=1) + "\n")
+    if not getattr(args, "no_plots", False):
+        plot_simulation(result, out / "simulation.png")
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    from strategies.candidates import load_candidates
+
+    from ._common import choose_max_length, layout_capacities, load_cost_and_cluster, load_lengths, output_dir
+    from .plan import generate, print_header, print_pool
+
+    cost, cluster, job, label = load_cost_and_cluster(args)
+    parse_policies(args.policies)  # fail before the expensive part
+    lengths_input = load_lengths(args)
+    out = output_dir(args.out)
+    if args.candidates:
+        pool = load_candidates(args.candidates, cluster)
+        caps = layout_capacities(cluster, cost, allow_pp=args.allow_pp, max_cp=args.max_cp)
+        max_length = args.max_length or pool.max_length
+        _, note = choose_max_length(max_length, lengths_input.profile.max_length, caps)
+    else:
+        pool, max_length, note, caps = generate(args, lengths_input, cost, cluster)
+    print_header(lengths_input, cost, cluster, job, label, args, note, caps)
+    print_pool(pool, args.tokens_per_step, cost.time_unit)
+    result = run_simulation(args, lengths_input, cost, cluster, pool, max_length, out)
+    print(f"\nsimulated {args.steps} steps of {args.tokens_per_step:,} tokens (times in {cost.time_unit}):")
+    print(result.summary_table())
+    for line in headline(result):
+        print(line)
+    written = [out / "simulation.json"] + ([] if args.no_plots else [out / "simulation.png"])
+    print("\nwrote " + ", ".join(str(w) for w in written))
+    return 0
