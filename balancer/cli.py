@@ -80,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hydraulis: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hydraulis ... | head`: the reader left; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 141
     except _USER_ERRORS as e:
         if debug:
             raise

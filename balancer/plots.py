@@ -39,10 +39,29 @@ class BucketShares:
     def labels(self) -> list[str]:
         return [f"{_short(lo)}–{_short(hi)}" for lo, hi in zip(self.lo, self.hi)]
 
+    def merge_leading(self, threshold: float = 0.01) -> "BucketShares":
+        """Fold the buckets before the first one holding ``threshold`` of anything into a
+        single bucket (a few stray 2-token rows should not widen a plot by five bars)."""
+        big = np.maximum(np.maximum(self.sequences, self.tokens), self.time) >= threshold
+        first = int(np.argmax(big)) if big.any() else 0
+        if first < 2:
+            return self
+
+        def fold(x: np.ndarray) -> np.ndarray:
+            return np.concatenate([[x[:first].sum()], x[first:]])
+
+        return BucketShares(lo=_fold_ends(self.lo, first, 0), hi=_fold_ends(self.hi, first, first - 1),
+                            sequences=fold(self.sequences), tokens=fold(self.tokens), time=fold(self.time))
+
     def above(self, length: int) -> tuple[float, float, float]:
         """Shares of sequences, tokens and time of the buckets starting at or above ``length``."""
         m = self.lo >= length
         return float(self.sequences[m].sum()), float(self.tokens[m].sum()), float(self.time[m].sum())
+
+
+def _fold_ends(x: np.ndarray, first: int, keep: int) -> np.ndarray:
+    """``x[keep]`` standing for ``x[:first]``, followed by ``x[first:]``."""
+    return np.concatenate([[x[keep]], x[first:]])
 
 
 def _short(n: int) -> str:
@@ -119,6 +138,7 @@ def plot_length_histogram(profile: "LengthProfile", path: str | Path, title: str
 def plot_time_share(shares: BucketShares, path: str | Path, cost_label: str, title: str | None = None) -> Path:
     """Grouped bars per doubling of length: share of sequences, tokens and estimated time."""
     plt = _pyplot()
+    shares = shares.merge_leading()
     n = shares.lo.size
     fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * n + 2), 4.5), dpi=110)
     x = np.arange(n)
@@ -139,11 +159,11 @@ def plot_time_share(shares: BucketShares, path: str | Path, cost_label: str, tit
     return out
 
 
-def plot_simulation(result: "SimulationResult", path: str | Path, title: str | None = None) -> Path:
-    """Two panels over steps: estimated step time per policy, and imbalance per policy."""
+def plot_simulation(result: "SimulationResult", path: str | Path, title: str | None = None, unit: str = "s") -> Path:
+    """Two panels over steps: estimated step time per policy (in ``unit``, the cost model's
+    time unit), and imbalance per policy."""
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), dpi=110, sharex=True)
-    unit = "s"
     for name, trace in result.traces.items():
         steps = np.arange(trace.step_seconds.size)
         bold = name == "balancer"
@@ -156,6 +176,9 @@ def plot_simulation(result: "SimulationResult", path: str | Path, title: str | N
     top.legend(fontsize=7, ncol=3)
     bottom.set_ylabel("imbalance (slowest / mean replica)")
     bottom.set_xlabel("step")
+    from matplotlib.ticker import MaxNLocator
+
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.grid(True, alpha=0.3)
     fig.tight_layout()
     out = Path(path)

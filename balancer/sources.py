@@ -100,7 +100,13 @@ def _listing(schema: Any) -> str:
     return ", ".join(f"{f.name} ({f.type})" for f in schema)
 
 
-def detect_column(schema: Any, where: str, column: str | None = None, have_tokenizer: bool = False) -> tuple[str, str]:
+TEXT_HINT = "pass --tokenizer tokenizer.json (a Hugging Face tokenizers file) to count its tokens"
+"""What an error about an untokenised text column tells the user to do."""
+
+
+def detect_column(
+    schema: Any, where: str, column: str | None = None, have_tokenizer: bool = False, text_hint: str = TEXT_HINT
+) -> tuple[str, str]:
     """``(column, kind)`` of the sequences: the given column, or the one detected.
 
     Preference: a token-id list column (``input_ids`` first), then an integer column whose
@@ -142,10 +148,7 @@ def detect_column(schema: Any, where: str, column: str | None = None, have_token
     if len(texts) == 1 or named:
         col = named[0] if named else texts[0]
         if not have_tokenizer:
-            raise ValueError(
-                f"{where}: column {col!r} holds text; pass --tokenizer tokenizer.json (a Hugging Face tokenizers "
-                "file) to count its tokens, or --column NAME for a token-id or length column"
-            )
+            raise ValueError(f"{where}: column {col!r} holds text; {text_hint}, or give a token-id or length column")
         return col, "text"
     if len(texts) > 1:
         raise ValueError(
@@ -339,12 +342,14 @@ def read_dataset_lengths(
     split: str | None = None,
     add_special_tokens: bool = True,
     progress: bool | None = None,
+    text_hint: str = TEXT_HINT,
 ) -> LengthSource:
     """Tokens per row of a dataset on disk (see the module docstring for formats and columns).
 
     ``tokenizer``: a ``tokenizer.json`` for a text column. ``add_special_tokens``: count the
     tokens the tokenizer's post-processor adds (BOS/EOS), as ``tokenizer.encode`` does by
-    default. ``progress=None`` shows a tqdm bar when stderr is a terminal. Raises
+    default. ``progress=None`` shows a tqdm bar when stderr is a terminal. ``text_hint``
+    ends the error for a text column without a tokenizer. Raises
     ``ValueError`` naming the file, the column or the row.
     """
     import sys
@@ -352,9 +357,10 @@ def read_dataset_lengths(
     from tqdm.auto import tqdm
 
     table, where = _open(path, split)
-    col, kind = detect_column(table.schema, repr(where), column, have_tokenizer=tokenizer is not None)
+    col, kind = detect_column(table.schema, repr(where), column, have_tokenizer=tokenizer is not None,
+                              text_hint=text_hint)
     if kind == "text" and tokenizer is None:
-        raise ValueError(f"{where}: column {col!r} holds text; pass --tokenizer tokenizer.json to count its tokens")
+        raise ValueError(f"{where}: column {col!r} holds text; {text_hint}")
     if kind != "text" and tokenizer is not None:
         raise ValueError(f"{where}: column {col!r} holds {kind}, not text; leave out --tokenizer or pick a text column")
     tok = _load_tokenizer(tokenizer) if tokenizer is not None else None

@@ -181,10 +181,12 @@ def eligibility_pigeonhole_bound(times: np.ndarray, bin_type: np.ndarray, speed:
     return best
 
 
-def combined_makespan_bound(times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray, pp_weight: np.ndarray, lp_value: float) -> float:
-    """max(single item, volume, eligibility pigeonhole, LP value · (1 − 1e-9)) on validated inputs."""
+def combined_makespan_bound(
+    times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray, pp_weight: np.ndarray, lp_value: float, *, pigeonhole: bool = True
+) -> float:
+    """max(single item, volume, LP value · (1 − 1e-9)[, eligibility pigeonhole]) on validated inputs."""
     known = max(single_item_bound(times, bin_type, speed, pp_weight), volume_bound(times, bin_type, speed), lp_value * _LP_SAFETY)
-    return eligibility_pigeonhole_bound(times, bin_type, speed, known)
+    return eligibility_pigeonhole_bound(times, bin_type, speed, known) if pigeonhole else known
 
 
 def lp_type_bound(times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray) -> float:
@@ -239,7 +241,6 @@ def minmax_pack_lower_bound(times: np.ndarray, sizes: np.ndarray, num_bins: int,
         raise ValueError(f"item {i} has {int(s[i])} tokens, above the capacity {cap}; split or truncate it")
     if int(s.sum()) > k * cap:
         raise ValueError(f"{int(s.sum())} tokens cannot fit in {k} bins of {cap} tokens ({k * cap}); add bins")
-    n = t.shape[0]
     bound = max(float(t.max()), float(t.sum()) / k, pigeonhole_sum(t, k))
     # capacity: items that cannot share a bin with any big item use the k - q other bins
     big = s > cap / 2

@@ -23,10 +23,11 @@ symmetry; the greedy answer is relabelled to satisfy that order):
                                                           eligibility allows)
 
 Large instances (more eligible pairs than ``max_model_pairs``) are not modelled whole:
-a large-neighbourhood search repeatedly frees the items of the bottleneck bins plus a
-few other bins (half the least-loaded, half random), solves that sub-model with the
-other bins fixed, and keeps the answer when the freed bins' largest load drops. No
-global bound is proven then (``bound=None``).
+a large-neighbourhood search repeatedly frees the items of the bottleneck bin plus
+two bins that can run them (the least-loaded and a random one, bins of the bottleneck's
+type preferred), solves that sub-model with the other bins fixed for 20 ms
+(presolve off, so the hint is loaded at once), and keeps the answer when the freed
+bins' largest load drops. No global bound is proven then (``bound=None``).
 
 Every status is handled: OPTIMAL / FEASIBLE are decoded; INFEASIBLE, MODEL_INVALID and
 UNKNOWN (time out before a solution) fall back to the greedy answer. The returned
@@ -45,7 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 from ortools.sat.python import cp_model
 
-from packers._assign import Instance, bin_loads, build_instance, improve
+from packers._search import improve
+from packers._state import Instance, bin_loads, build_instance
 from packers.makespan import default_rounds, makespan_instance, solve_instance
 from packers.minmax import minmax_greedy, minmax_instance
 from packers.types import Assignment
@@ -57,15 +59,15 @@ MAX_MODEL_PAIRS = 6000
 """Default largest number of eligible (item, bin) pairs modelled whole; above it, LNS."""
 _UNITS = 10_000_000
 """Integer units the reference makespan is scaled to (fine enough: one unit = 1e-7 of it)."""
-_LNS_MAX_BINS = 8
-"""Most bins freed per LNS round."""
+_LNS_MAX_BINS = 3
+"""Most bins freed per LNS round: the bottleneck and two partners. Small sub-models are
+solved (or improved) within a round; 4-8 bins measured worse at 200 ms in total."""
 _LNS_MIN_ROUND = 0.01
 """Seconds: stop the LNS when less time than this is left."""
-_LNS_ROUND = 0.03
+_LNS_ROUND = 0.02
 """Seconds of solver time per LNS round (small neighbourhoods, presolve off: the hint is loaded at once)."""
 _LNS_PAIRS = 600
-"""Eligible pairs per LNS neighbourhood (the bottleneck bin and one or two partners on typical instances)."""
-"""Seconds: stop the LNS when less time than this is left."""
+"""Most eligible pairs per LNS neighbourhood (fewer bins when the bottleneck holds many items)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -147,9 +149,9 @@ def model_data(inst: Instance, hint: np.ndarray | None, *, require_nonempty: boo
     nonempty = np.zeros(0, dtype=np.int64)
     if hint is not None:
         key = item * m + b  # increasing: np.nonzero walks row by row
-        pair_of = lambda h: np.searchsorted(key, np.arange(inst.n) * m + h)  # noqa: E731
-        hint = _relabel_by_class(inst, hint, _scaled_loads(cost, wcost, pair_of(hint), b, m))
-        upper = int(_scaled_loads(cost, wcost, pair_of(hint), b, m).max())
+        rows = np.arange(inst.n) * m
+        hint = _relabel_by_class(inst, hint, _scaled_loads(cost, wcost, np.searchsorted(key, rows + hint), b, m))
+        upper = int(_scaled_loads(cost, wcost, np.searchsorted(key, rows + hint), b, m).max())
         if require_nonempty and inst.n >= m:
             nonempty = np.flatnonzero(np.bincount(hint, minlength=m) > 0).astype(np.int64)
     token_room = np.bincount(b, weights=inst.sizes[item], minlength=m)
@@ -219,7 +221,7 @@ def add_constraints(model: cp_model.CpModel, data: CpsatData, v: CpsatVars) -> N
     # symmetry: interchangeable bins (one class) carry non-increasing loads
     for c in range(inst.cls_type.shape[0]):
         bins = inst.cls_bins[inst.cls_ptr[c] : inst.cls_ptr[c + 1]]
-        for a, b in zip(bins[:-1], bins[1:]):
+        for a, b in zip(bins[:-1], bins[1:], strict=True):
             model.add(v.load[int(a)] >= v.load[int(b)])
 
 
@@ -296,14 +298,25 @@ def _sub_instance(inst: Instance, items: np.ndarray, bins: np.ndarray) -> Instan
 
 
 def _neighbourhood(inst: Instance, bin_of: np.ndarray, loads: np.ndarray, rng: np.random.Generator, max_pairs: int) -> np.ndarray:
-    """Bottleneck bins, then alternately the least-loaded and a random other bin, within the pair budget."""
+    """The bottleneck bins, then bins whose type can run one of their items: alternately the
+    least-loaded such bin and a random one (bins of a bottleneck type weigh double), while
+    the freed items times the freed bins stay within ``max_pairs``."""
     counts = np.bincount(bin_of, minlength=inst.m)
     top = float(loads.max())
     chosen = [int(j) for j in np.flatnonzero(loads >= top * (1.0 - 1e-9))][:_LNS_MAX_BINS]
-    rest = [int(j) for j in np.argsort(loads, kind="stable") if int(j) not in set(chosen)]
+    freed = np.flatnonzero(np.isin(bin_of, chosen))
+    useful = np.isfinite(inst.times[freed]).any(axis=0)  # types that can take a freed item
+    hot = np.zeros(inst.times.shape[1], dtype=bool)
+    hot[inst.bin_type[chosen]] = True
+    taken = set(chosen)
+    pool = [int(j) for j in np.argsort(loads, kind="stable") if int(j) not in taken and useful[inst.bin_type[j]]]
     pick_low = True
-    while rest and len(chosen) < _LNS_MAX_BINS:
-        j = rest.pop(0) if pick_low else rest.pop(int(rng.integers(len(rest))))
+    while pool and len(chosen) < _LNS_MAX_BINS:
+        if pick_low:
+            j = pool.pop(0)
+        else:
+            weight = np.where(hot[inst.bin_type[pool]], 2.0, 1.0)
+            j = pool.pop(int(rng.choice(len(pool), p=weight / weight.sum())))
         pick_low = not pick_low
         if (counts[chosen].sum() + counts[j]) * (len(chosen) + 1) > max_pairs and len(chosen) >= 2:
             break

@@ -9,21 +9,30 @@ the largest item also fills the bubble) and optionally a token capacity. Its loa
 
 and the goal is the smallest makespan ``max_j load_j``.
 
-Algorithm (:func:`lpt_makespan`):
+Algorithm (:func:`lpt_makespan`; kernels in ``_greedy`` and ``_search``):
 
-1. **Greedy (LPT)**: items by decreasing *difficulty* — the smallest load the item
-   alone would put on any bin it may go to — each to the bin whose resulting load is
-   smallest. Bins of one class (same type, speed, weight, capacity) are
-   interchangeable, so only each class's least-loaded bin is a candidate (a min-tree
-   per class): ``O(n · (C + log m))`` for ``C`` classes. With token capacities, when an
-   item fits nowhere, retry largest-size-first, then best fit by tokens.
-2. **Non-empty repair** (``require_nonempty`` and ``n >= m``): every empty bin gets an
+1. **LP split** (``lp_guide``, more than one type): the LP by type of
+   :mod:`packers.bounds` gives each item the types its fractional optimum uses (and the
+   reported ``bound``).
+2. **Greedy (LPT)**: items by decreasing *difficulty* — the smallest load the item alone
+   would put on any bin it may go to. *LP-guided*: each to the allowed bin with the
+   smallest projected load (resulting load plus the work still owed to that type by
+   single-type items, over the type's speed). *Plain*: each to the eligible bin with the
+   smallest resulting load. With >= 16 items per bin the LP-guided start is used (local
+   search fixes its imbalance, not a poor type split); with fewer, the start with the
+   smaller makespan. Bins of one class (same type, speed, weight, capacity) are
+   interchangeable, so only each class's least-loaded bin is a candidate (a min-tree per
+   class): ``O(n · (C + log m))`` for ``C`` classes. With token capacities, when an item
+   fits nowhere, retry largest-size-first, then best fit by tokens.
+3. **Non-empty repair** (``require_nonempty`` and ``n >= m``): every empty bin gets an
    item via an augmenting path (an item from a bin with >= 2 items, shifting single
    items along the way), so no replica idles when eligibility allows.
-3. **Local search** on the bottleneck bin ``b``: the best move of one of its items to
-   another bin, else the best swap with an item elsewhere, accepted when the larger of
-   the two new loads is below ``load_b``; repeated until none exists or ``max_rounds``.
-   A move costs ``O(|b| · C)``, a swap scan ``O(|b| · n)``.
+4. **Local search** on the bottleneck bin ``b``: the best move of one of its items to the
+   least-loaded bin of a class; else the best *split* of ``b``'s and another type's
+   least-loaded bin's items by time ratio (captures comparative advantage between types);
+   else the best swap with the 4 least-loaded class roots; else splits and swaps with
+   the 16 least-loaded bins of every type. A step must lower ``load_b`` by 1e-4 of it;
+   rounds stop when none does or after ``max_rounds`` (default ``256 + m // 2``).
 
 No approximation ratio is claimed for unrelated machines (LPT has none there); quality
 is measured against :func:`packers.bounds.makespan_lower_bound` in
@@ -36,7 +45,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from packers._assign import Instance, bin_loads, build_instance, improve, solve_greedy
+from packers._greedy import solve_greedy
+from packers._search import improve
+from packers._state import Instance, bin_loads, build_instance
 from packers._lp import type_lp
 from packers.bounds import combined_makespan_bound
 from packers.types import Assignment
@@ -127,7 +138,9 @@ def solve_instance(
     if lp_guide and np.unique(inst.bin_type).shape[0] > 1:
         value, x, _ = type_lp(inst.times, inst.bin_type, inst.speed)
         allowed = lp_allowed(inst, x)
-        bound = combined_makespan_bound(inst.times, inst.bin_type, inst.speed, inst.pp_weight, value)
+        # the LP is solved anyway: report its bound (the pigeonhole terms of
+        # makespan_lower_bound cost another millisecond and are left to that function)
+        bound = combined_makespan_bound(inst.times, inst.bin_type, inst.speed, inst.pp_weight, value, pigeonhole=False)
     bin_of, rule = solve_greedy(inst, allowed)
     bin_of, _ = improve(inst, bin_of, require_nonempty=require_nonempty, local_search=local_search, max_rounds=max_rounds)
     result = _assignment(inst, bin_of, f"{rule}+ls" if local_search else rule)
@@ -162,9 +175,15 @@ def lpt_makespan(
         local_search: run move/swap local search after the greedy.
         max_rounds: local-search round limit (default :func:`default_rounds`).
 
+        lp_guide: solve the LP by type and start from the LP-guided greedy (more than one
+            bin type present); also fills ``bound``.
+
     Returns:
-        :class:`Assignment` with exact loads; ``solver`` is ``"lpt+ls"`` (or the fallback
-        rule used under tight capacities: ``"lpt-by-size+ls"``, ``"best-fit+ls"``).
+        :class:`Assignment` with exact loads. ``solver`` names the greedy start and
+        ``+ls``: ``"lp-lpt+ls"``, ``"lpt+ls"``, or a fallback used under tight capacities
+        (``"lpt-by-size+ls"``, ``"best-fit+ls"``). With the LP, ``bound`` = max(single
+        item, volume, LP by type) — :func:`packers.bounds.makespan_lower_bound` adds the
+        eligibility pigeonhole terms on top.
 
     Raises:
         ValueError: empty input, bad shapes or values (naming index, value and limit), an

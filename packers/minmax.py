@@ -6,7 +6,7 @@ slowest micro-batch, so the goal is ``min max_j Σ_{i in j} times[i]`` subject t
 ``Σ_{i in j} sizes[i] <= capacity`` for every bin ``j``.
 
 Algorithm (:func:`minmax_pack`), on the shared assignment kernels
-(:mod:`packers._assign`, one bin type, all speeds 1):
+(:mod:`packers._state`, ``_greedy``, ``_search``; one bin type, all speeds 1):
 
 1. LPT by time: longest item first into the least-loaded bin with room.
 2. If some item fits nowhere: largest-*size* first into the least-loaded bin with room;
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from packers._assign import GreedyFailure, Instance, bin_loads, build_instance, improve, solve_greedy
+from packers._greedy import GreedyFailure, solve_greedy
+from packers._search import improve
+from packers._state import Instance, bin_loads, build_instance
 from packers.binpack import first_fit_decreasing
 from packers.makespan import default_rounds
 from packers.types import Assignment

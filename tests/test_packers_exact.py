@@ -98,7 +98,7 @@ def test_minmax_against_brute_force(n, k, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(1, 10), min_size=1, max_size=7), st.integers(10, 14))
+@given(st.lists(st.integers(1, 10), min_size=1, max_size=6), st.integers(10, 14))
 def test_bin_packing_bound_against_brute_force(sizes, cap):
     sizes = np.array(sizes)
     n = len(sizes)

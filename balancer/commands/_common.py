@@ -113,7 +113,8 @@ def read_length_file(value: str) -> "np.ndarray":
         if "length" in names:
             return read_lengths(p)
     if p.suffix.lower() in DATA_SUFFIXES or p.is_dir() or not p.exists():
-        return read_dataset_lengths(p, progress=False).lengths
+        hint = "count its tokens once with `hydraulis profile DATA --tokenizer tokenizer.json` and pass --profile"
+        return read_dataset_lengths(p, progress=False, text_hint=hint).lengths
     raise CliError(f"{value!r} is not a length file; give a Parquet file with a 'length' column or a bundled name")
 
 
@@ -170,7 +171,8 @@ def choose_max_length(requested: int | None, longest: int, capacities: Sequence[
     """
     if not capacities:
         raise CliError("the cost model prices no layout on this cluster (nothing fits memory); use more ranks, "
-                       "more memory per device or a smaller model")
+                       "more memory per device, a smaller model, or shard the optimizer states with a config file "
+                       "section training: {zero_stage: 1} (see docs/cli.md)")
     largest = max(c for _, c in capacities)
     if requested is not None:
         if requested > largest:

@@ -6,7 +6,7 @@ import argparse
 
 from ._common import positive_int
 
-HELP = "calibrate the cost model on the local device (writes cost-model JSON)"
+HELP = "measure the cost model on this device (cost-model JSON)"
 DESCRIPTION = """\
 Time forward + backward of a Llama-style decoder of --model's shape on this device (CUDA
 if available, else the CPU) at several sequence lengths, fit t(s) = a·s² + b·s + c by

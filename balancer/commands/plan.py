@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ._common import DEFAULT_TOKENS_PER_STEP, add_job_arguments, add_lengths_arguments, positive_int
 
-HELP = "generate the candidate parallel strategies for a profile, cluster and model"
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from balancer.config import JobConfig
+    from balancer.cost import CostModel
+    from strategies.candidates import CandidatePool
+    from strategies.layout import ClusterSpec, Layout
+
+    from ._common import LengthInput
+
+HELP = "candidate parallel strategies for a profile, cluster and model"
 DESCRIPTION = """\
 Generate the pool of candidate parallel strategies (strategies.candidates) that the
 per-step selector chooses from: homogeneous layouts and heterogeneous mixes sized to the
@@ -41,41 +51,80 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the sampled batches (default: 0)")
 
 
-def generate(args: argparse.Namespace, lengths_input, cost, cluster):  # noqa: ANN001, ANN201 - internal helper
-    """Choose the max length, generate the pool; returns ``(pool, max_length, note, capacities)``."""
+@dataclass(frozen=True, kw_only=True)
+class PlanOptions:
+    """How the candidate pool is generated (the planning flags). Tokens are counts."""
+
+    tokens_per_step: int = DEFAULT_TOKENS_PER_STEP
+    max_length: int | None = None
+    """``None``: the data's longest sequence, capped at the largest layout capacity."""
+    num_candidates: int = 8
+    allow_pp: bool = False
+    max_cp: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "PlanOptions":
+        return cls(tokens_per_step=args.tokens_per_step, max_length=args.max_length,
+                   num_candidates=args.num_candidates, allow_pp=args.allow_pp, max_cp=args.max_cp, seed=args.seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Planned:
+    """A generated pool and how its max length was chosen."""
+
+    pool: "CandidatePool"
+    max_length: int
+    """Longest sequence the pool holds, tokens."""
+    note: str
+    """Why that max length (printed)."""
+    capacities: list[tuple["Layout", int]]
+    """Every layout that fits memory and its token capacity."""
+
+
+def generate(lengths_input: "LengthInput", cost: "CostModel", cluster: "ClusterSpec", opts: PlanOptions) -> Planned:
+    """Choose the max length and generate the candidate pool."""
     from strategies.candidates import generate_candidates
 
     from ._common import choose_max_length, layout_capacities
 
-    caps = layout_capacities(cluster, cost, allow_pp=args.allow_pp, max_cp=args.max_cp)
-    max_length, note = choose_max_length(args.max_length, lengths_input.profile.max_length, caps)
+    caps = layout_capacities(cluster, cost, allow_pp=opts.allow_pp, max_cp=opts.max_cp)
+    max_length, note = choose_max_length(opts.max_length, lengths_input.profile.max_length, caps)
     source = lengths_input.lengths if lengths_input.lengths is not None else lengths_input.profile
     pool = generate_candidates(
-        source, cluster, cost, batch_tokens=args.tokens_per_step, num_candidates=args.num_candidates,
-        max_length=max_length, allow_pp=args.allow_pp, max_cp=args.max_cp, seed=args.seed,
+        source, cluster, cost, batch_tokens=opts.tokens_per_step, num_candidates=opts.num_candidates,
+        max_length=max_length, allow_pp=opts.allow_pp, max_cp=opts.max_cp, seed=opts.seed,
     )
-    return pool, max_length, note, caps
+    return Planned(pool=pool, max_length=max_length, note=note, capacities=caps)
 
 
-def print_header(lengths_input, cost, cluster, job, label, args, max_note, caps) -> None:  # noqa: ANN001
+def print_header(
+    lengths_input: "LengthInput",
+    cost: "CostModel",
+    cluster: "ClusterSpec",
+    job: "JobConfig",
+    cost_label: str,
+    planned: Planned,
+    tokens_per_step: int,
+) -> None:
     """Derived numbers at start-up: ranks, model, tokens per step, max length, layouts."""
     from ._common import describe_cluster, fmt_params, fmt_seconds, format_table
 
     prof = lengths_input.profile
     hw = job.hardware.name if job.hardware is not None else None
     print(f"cluster:         {describe_cluster(cluster, hw)}")
-    if job.model is not None and not getattr(args, "cost_model", None):
+    if job.model is not None and cost.source == "analytic":
         print(f"model:           {job.model.name} ({fmt_params(job.model.num_parameters)} parameters)")
-    print(f"cost model:      {label}")
+    print(f"cost model:      {cost_label}")
     print(f"data:            {lengths_input.label}: {prof.num_sequences:,} sequences, mean {prof.mean_length:,.0f} "
           f"tokens, p99 {prof.quantiles.get('p99', prof.max_length):,}, max {prof.max_length:,}")
-    per_step = args.tokens_per_step / prof.mean_length
-    print(f"tokens per step: {args.tokens_per_step:,} (≈ {per_step:,.0f} sequences; "
-          f"{args.tokens_per_step / cluster.num_ranks:,.0f} per rank)")
-    print(f"max length:      {max_note}")
+    per_step = tokens_per_step / prof.mean_length
+    print(f"tokens per step: {tokens_per_step:,} (≈ {per_step:,.0f} sequences; "
+          f"{tokens_per_step / cluster.num_ranks:,.0f} per rank)")
+    print(f"max length:      {planned.note}")
     unit = cost.time_unit
     rows = []
-    for lay, cap in caps:
+    for lay, cap in planned.capacities:
         c = cost.cost(lay)
         rows.append([lay.name, lay.size, f"{cap:,}", fmt_seconds(float(c.seconds(4096)), unit),
                      fmt_seconds(float(c.seconds(32768)), unit)])
@@ -83,7 +132,7 @@ def print_header(lengths_input, cost, cluster, job, label, args, max_note, caps)
     print(format_table(["layout", "ranks", "token capacity", "t(4K tokens)", "t(32K tokens)"], rows))
 
 
-def print_pool(pool, tokens_per_step: int, unit: str) -> None:  # noqa: ANN001
+def print_pool(pool: "CandidatePool", tokens_per_step: int, unit: str) -> None:
     from ._common import fmt_seconds, format_table
 
     finite = [x for x in pool.expected_seconds if x is not None]
@@ -105,16 +154,18 @@ def run(args: argparse.Namespace) -> int:
     from ._common import load_cost_and_cluster, load_lengths
 
     cost, cluster, job, label = load_cost_and_cluster(args)
+    assert cluster is not None
     lengths_input = load_lengths(args)
-    pool, max_length, note, caps = generate(args, lengths_input, cost, cluster)
-    print_header(lengths_input, cost, cluster, job, label, args, note, caps)
+    planned = generate(lengths_input, cost, cluster, PlanOptions.from_args(args))
+    pool = planned.pool
+    print_header(lengths_input, cost, cluster, job, label, planned, args.tokens_per_step)
     print_pool(pool, args.tokens_per_step, cost.time_unit)
     pool.meta["job"] = {
         "data": lengths_input.label,
         "cluster": cluster.to_dict(),
         "cost_model": label,
         "tokens_per_step": args.tokens_per_step,
-        "max_length": max_length,
+        "max_length": planned.max_length,
     }
     save_candidates(pool, args.out)
     print(f"\nwrote {args.out}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "profile a dataset's sequence lengths (JSON + table + plots)"
+HELP = "a dataset's length distribution and where its time goes (JSON, plots)"
 DESCRIPTION = """\
 Read the sequence lengths of a dataset — Parquet, JSON lines, Arrow/Feather or a
 datasets.save_to_disk folder — from a token-id list column, an integer length column, or
@@ -28,8 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-special-tokens", action="store_true",
                    help="count text tokens without the tokenizer's BOS/EOS (default: with them)")
     p.add_argument("--split", help="split of a DatasetDict folder (default: train)")
-    p.add_argument("--model", default="llama-7b", metavar="M",
-                   help="model preset or file for the time share (default: llama-7b)")
+    p.add_argument("--model", metavar="M", help="model preset or file for the time share (default: llama-7b)")
     p.add_argument("--hardware", default="h100-80g", metavar="H", help="hardware preset or file (default: h100-80g)")
     p.add_argument("--cost-model", metavar="FILE", help="cost-model JSON instead of --model/--hardware")
     p.add_argument("--layout", help="layout whose a, b price the time share (default: the smallest the model fits)")
@@ -45,10 +44,12 @@ def _time_cost(args: argparse.Namespace) -> tuple[float, float, str]:
     from strategies.layout import Layout
 
     if args.cost_model:
+        if args.model:
+            raise ValueError("give either --model or --cost-model, not both")
         cost = CostModel.load(args.cost_model)
         name = f"cost model {args.cost_model}"
     else:
-        cost = CostModel.analytic(resolve_model(args.model), resolve_hardware(args.hardware))
+        cost = CostModel.analytic(resolve_model(args.model or "llama-7b"), resolve_hardware(args.hardware))
         name = f"{cost.meta['model']['name']} on {cost.meta['hardware']['name']}"
     if args.layout:
         lay = Layout.parse(args.layout)
@@ -75,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ._common import format_table, output_dir
 
-    if args.cost_model and args.model != "llama-7b":
-        raise ValueError("give either --model or --cost-model, not both")
     a, b, cost_label = _time_cost(args)  # validate the model before reading a large dataset
     out = output_dir(args.out)
     t0 = time.perf_counter()

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._common import add_job_arguments, add_lengths_arguments, positive_int
 from .plan import add_plan_arguments
 
-HELP = "simulate the balancer against the baselines (table + plot + JSON)"
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from balancer.cost import CostModel
+    from balancer.simulate import SimulationResult
+    from strategies.candidates import CandidatePool
+    from strategies.layout import ClusterSpec
+
+    from ._common import LengthInput
+
+HELP = "the balancer against every baseline, step by step (table, plot, JSON)"
 DESCRIPTION = """\
 Plan the same global batches with the Balancer (all candidates, per-step choice) and with
 every baseline policy (padded, length-grouped, multipack, best-fit, Megatron dp-balanced
@@ -54,46 +64,58 @@ def parse_policies(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def headline(result) -> list[str]:  # noqa: ANN001 - SimulationResult
+def headline(result: "SimulationResult") -> list[str]:
     """Lines that say what the balancer gains over the best baseline."""
     from balancer.simulate import BALANCER
 
     if BALANCER not in result.traces or len(result.traces) < 2:
         return []
     best = result.best_baseline()
-    up = result.speedup()[best]
+    assert best is not None
+    speedup = result.speedup()
     bal = result.traces[BALANCER].summary()
     ref = result.traces[best].summary()
-    worst = max(result.speedup().items(), key=lambda kv: kv[1])
+    worst = max(speedup.items(), key=lambda kv: kv[1])
     return [
         f"balancer: {bal['tokens_per_second']:,.0f} tokens/s, mean step {bal['mean_step_seconds']:.4g}, "
         f"imbalance {bal['mean_imbalance']:.3f}",
         f"best baseline {best}: {ref['tokens_per_second']:,.0f} tokens/s, mean step {ref['mean_step_seconds']:.4g}, "
         f"imbalance {ref['mean_imbalance']:.3f}",
-        f"estimated speedup over the best baseline: {up:.2f}× (over {worst[0]}: {worst[1]:.2f}×)",
+        f"estimated speedup over the best baseline: {speedup[best]:.2f}× (over {worst[0]}: {worst[1]:.2f}×)",
     ]
 
 
-def run_simulation(args: argparse.Namespace, lengths_input, cost, cluster, pool, max_length: int, out):  # noqa: ANN001, ANN201
-    """Simulate, write JSON (+ PNG); returns the result."""
+def run_simulation(
+    lengths_input: "LengthInput",
+    cost: "CostModel",
+    cluster: "ClusterSpec",
+    pool: "CandidatePool",
+    out: Path,
+    *,
+    tokens_per_step: int,
+    steps: int,
+    max_length: int,
+    seed: int = 0,
+    policies: tuple[str, ...] | None = None,
+    plots: bool = True,
+) -> "SimulationResult":
+    """Simulate every policy, write ``out/simulation.json`` (and ``simulation.png``)."""
     import json
 
     from balancer.plots import plot_simulation
     from balancer.simulate import SimulationConfig, simulate
 
-    policies = parse_policies(getattr(args, "policies", None))
     n = max(lengths_input.profile.num_sequences, 1)
-    lengths = lengths_input.sample(min(n, 1_000_000), seed=args.seed)
-    cfg_kw = {"policies": policies} if policies else {}
-    cfg = SimulationConfig(tokens_per_step=args.tokens_per_step, num_steps=args.steps, max_length=max_length,
-                           seed=args.seed, **cfg_kw)
+    lengths = lengths_input.sample(min(n, 1_000_000), seed=seed)
+    extra = {"policies": policies} if policies else {}
+    cfg = SimulationConfig(tokens_per_step=tokens_per_step, num_steps=steps, max_length=max_length, seed=seed, **extra)
     result = simulate(lengths, cluster, cost, cfg, candidates=list(pool.strategies))
     data = result.to_dict()
     data["data"] = lengths_input.label
     data["time_unit"] = cost.time_unit
     (out / "simulation.json").write_text(json.dumps(data, indent=1) + "\n")
-    if not getattr(args, "no_plots", False):
-        plot_simulation(result, out / "simulation.png")
+    if plots:
+        plot_simulation(result, out / "simulation.png", unit=cost.time_unit)
     return result
 
 
@@ -101,22 +123,27 @@ def run(args: argparse.Namespace) -> int:
     from strategies.candidates import load_candidates
 
     from ._common import choose_max_length, layout_capacities, load_cost_and_cluster, load_lengths, output_dir
-    from .plan import generate, print_header, print_pool
+    from .plan import PlanOptions, Planned, generate, print_header, print_pool
 
     cost, cluster, job, label = load_cost_and_cluster(args)
-    parse_policies(args.policies)  # fail before the expensive part
+    assert cluster is not None
+    policies = parse_policies(args.policies)  # fail before the expensive part
     lengths_input = load_lengths(args)
     out = output_dir(args.out)
+    opts = PlanOptions.from_args(args)
     if args.candidates:
         pool = load_candidates(args.candidates, cluster)
-        caps = layout_capacities(cluster, cost, allow_pp=args.allow_pp, max_cp=args.max_cp)
-        max_length = args.max_length or pool.max_length
-        _, note = choose_max_length(max_length, lengths_input.profile.max_length, caps)
+        caps = layout_capacities(cluster, cost, allow_pp=opts.allow_pp, max_cp=opts.max_cp)
+        max_length, note = choose_max_length(args.max_length or pool.max_length, lengths_input.profile.max_length, caps)
+        planned = Planned(pool=pool, max_length=max_length, note=note, capacities=caps)
     else:
-        pool, max_length, note, caps = generate(args, lengths_input, cost, cluster)
-    print_header(lengths_input, cost, cluster, job, label, args, note, caps)
-    print_pool(pool, args.tokens_per_step, cost.time_unit)
-    result = run_simulation(args, lengths_input, cost, cluster, pool, max_length, out)
+        planned = generate(lengths_input, cost, cluster, opts)
+    print_header(lengths_input, cost, cluster, job, label, planned, args.tokens_per_step)
+    print_pool(planned.pool, args.tokens_per_step, cost.time_unit)
+    result = run_simulation(
+        lengths_input, cost, cluster, planned.pool, out, tokens_per_step=args.tokens_per_step, steps=args.steps,
+        max_length=planned.max_length, seed=args.seed, policies=policies, plots=not args.no_plots,
+    )
     print(f"\nsimulated {args.steps} steps of {args.tokens_per_step:,} tokens (times in {cost.time_unit}):")
     print(result.summary_table())
     for line in headline(result):

@@ -1,21 +1,8 @@
-"""numba kernels for assigning items to a fixed set of bins (shared by makespan and min-max).
+"""Non-empty repair and local search for the assignment problems (see :mod:`packers._state`).
 
-An instance has ``n`` items and ``m`` bins. Bin ``j`` has a type ``k = bin_type[j]``, a
-speed ``v_j``, a pipeline weight ``w_j`` and a token capacity ``cap_j``. Item ``i`` takes
-``times[i, k]`` seconds on a bin of type ``k`` (``inf`` = not eligible) and ``sizes[i]``
-tokens. The load of bin ``j`` holding items ``I_j`` is
-
-    load_j = (S_j + w_j · M_j) / v_j,   S_j = Σ_{i∈I_j} times[i, k],  M_j = max_{i∈I_j} times[i, k].
-
-Bins with the same (type, speed, weight, capacity) form a *class*; they are
-interchangeable, so a greedy step only needs the least-loaded bin of each class. Each
-class keeps a min-tree over its bins' loads (root = least-loaded bin, update O(log)).
-
-Per-bin state while a kernel runs:
-
-    fs[0, j] = S_j     fs[1, j] = M_j (largest time)   fs[2, j] = second largest time
-    fs[3, j] = load_j  ist[0, j] = tokens used          ist[1, j] = number of items
-    head[j] → nxt[i] / prv[i]: doubly linked list of the items in bin j
+:func:`improve` first gives every empty bin an item where eligibility allows (augmenting
+paths), then repeatedly lowers the bottleneck bin by a move, a split with a bin of
+another type, or a swap (:func:`_improve_kernel`).
 """
 
 from __future__ import annotations
@@ -25,350 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from packers.validate import UNLIMITED_TOKENS
+from packers._state import Instance, _add, _class_pick, _new_state, _remove, _tree_set, cls_args
 
-__all__ = ["Instance", "SearchReport", "build_instance", "solve_greedy", "improve", "bin_loads", "GreedyFailure"]
+__all__ = ["SearchReport", "improve"]
 
 _INF = np.inf
-_NO_FIT = np.int64(2**62)  # larger than any residual token count
 _MIN_GAIN = 1e-4  # a step must lower the bottleneck bin by this fraction of its load
 _SWAP_PARTNERS = 4  # narrow phase: swaps with the 4 least-loaded class roots
 _WIDE_PER_TYPE = 16  # wide phase (only when the narrow one fails): the 16 least-loaded bins of every type
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Instance:
-    """A validated instance plus its bin classes (see the module docstring)."""
-
-    times: np.ndarray  # float64[n, K]
-    bin_type: np.ndarray  # int64[m]
-    speed: np.ndarray  # float64[m]
-    pp_weight: np.ndarray  # float64[m]
-    sizes: np.ndarray  # int64[n]; zeros when no token capacity applies
-    bin_capacity: np.ndarray  # int64[m]; UNLIMITED_TOKENS when none
-    cls_of: np.ndarray  # int64[m]: class of every bin
-    cls_pos: np.ndarray  # int64[m]: position of the bin inside its class
-    cls_type: np.ndarray  # int64[C]
-    cls_cap: np.ndarray  # int64[C]
-    cls_ptr: np.ndarray  # int64[C+1]: cls_bins[cls_ptr[c]:cls_ptr[c+1]] are the bins of class c
-    cls_bins: np.ndarray  # int64[m]
-    cls_off: np.ndarray  # int64[C]: offset of class c's tree in the flat tree arrays
-    cls_leaves: np.ndarray  # int64[C]: leaves of class c's tree (a power of two)
-
-    @property
-    def n(self) -> int:
-        return int(self.times.shape[0])
-
-    @property
-    def m(self) -> int:
-        return int(self.bin_type.shape[0])
-
-    @property
-    def has_capacity(self) -> bool:
-        return bool((self.bin_capacity < UNLIMITED_TOKENS).any())
-
-
-def build_instance(
-    times: np.ndarray,
-    bin_type: np.ndarray,
-    speed: np.ndarray,
-    pp_weight: np.ndarray,
-    sizes: np.ndarray,
-    bin_capacity: np.ndarray,
-) -> Instance:
-    """Group bins into classes of identical (type, speed, pp_weight, capacity); inputs already validated.
-
-    Classes are numbered in the sorted order of their keys (deterministic)."""
-    m = bin_type.shape[0]
-    cls_bins = np.lexsort((bin_capacity, pp_weight, speed, bin_type)).astype(np.int64)  # stable: bin order kept
-    cols = (bin_type[cls_bins], speed[cls_bins], pp_weight[cls_bins], bin_capacity[cls_bins])
-    starts = np.zeros(m, dtype=bool)
-    starts[0] = True
-    for col in cols:
-        starts[1:] |= col[1:] != col[:-1]
-    cls_sorted = np.cumsum(starts) - 1
-    num_cls = int(cls_sorted[-1]) + 1
-    cls_of = np.empty(m, dtype=np.int64)
-    cls_of[cls_bins] = cls_sorted
-    first = cls_bins[starts]  # one bin per class
-    counts = np.bincount(cls_of, minlength=num_cls)
-    cls_ptr = np.zeros(num_cls + 1, dtype=np.int64)
-    np.cumsum(counts, out=cls_ptr[1:])
-    cls_pos = np.empty(m, dtype=np.int64)
-    cls_pos[cls_bins] = np.arange(m) - cls_ptr[cls_of[cls_bins]]
-    leaves = np.left_shift(1, np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64)).astype(np.int64)
-    cls_off = np.zeros(num_cls, dtype=np.int64)
-    np.cumsum(2 * leaves[:-1], out=cls_off[1:])
-    return Instance(
-        times=times,
-        bin_type=bin_type,
-        speed=speed,
-        pp_weight=pp_weight,
-        sizes=sizes,
-        bin_capacity=bin_capacity,
-        cls_of=cls_of,
-        cls_pos=cls_pos,
-        cls_type=bin_type[first].astype(np.int64),
-        cls_cap=bin_capacity[first].astype(np.int64),
-        cls_ptr=cls_ptr,
-        cls_bins=cls_bins,
-        cls_off=cls_off,
-        cls_leaves=leaves,
-    )
-
-
-# ----------------------------------------------------------------------------------------
-# loads
-
-
-@njit(cache=True)
-def bin_loads(
-    times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray, pp_weight: np.ndarray, bin_of: np.ndarray
-) -> np.ndarray:
-    """Exact loads ``(S_j + w_j·M_j) / v_j`` of an assignment (sums in item order)."""
-    m = bin_type.shape[0]
-    s = np.zeros(m)
-    mx = np.zeros(m)
-    for i in range(bin_of.shape[0]):
-        j = bin_of[i]
-        t = times[i, bin_type[j]]
-        s[j] += t
-        if t > mx[j]:
-            mx[j] = t
-    out = np.empty(m)
-    for j in range(m):
-        out[j] = (s[j] + pp_weight[j] * mx[j]) / speed[j]
-    return out
-
-
-# ----------------------------------------------------------------------------------------
-# per-bin state and class trees
-
-
-@njit(cache=True, inline="always")
-def _tree_set(tval, tidx, off, leaves, pos, val, j):
-    node = leaves + pos
-    tval[off + node] = val
-    tidx[off + node] = j
-    node >>= 1
-    while node >= 1:
-        left = off + 2 * node
-        if tval[left + 1] < tval[left]:
-            tval[off + node] = tval[left + 1]
-            tidx[off + node] = tidx[left + 1]
-        else:
-            tval[off + node] = tval[left]
-            tidx[off + node] = tidx[left]
-        node >>= 1
-
-
-@njit(cache=True, inline="always")
-def _rescan(j, k, times, head, nxt, fs):
-    """Recompute S_j, M_j and the second-largest time of bin j from its item list."""
-    total = 0.0
-    first = 0.0
-    second = 0.0
-    i = head[j]
-    while i >= 0:
-        t = times[i, k]
-        total += t
-        if t > first:
-            second = first
-            first = t
-        elif t > second:
-            second = t
-        i = nxt[i]
-    fs[0, j] = total
-    fs[1, j] = first
-    fs[2, j] = second
-
-
-@njit(cache=True)
-def _new_state(times, bin_type, speed, pp_weight, sizes, bin_of, cls_of, cls_pos, cls_off, cls_leaves, tree_size):
-    n = times.shape[0]
-    m = bin_type.shape[0]
-    head = np.full(m, -1, dtype=np.int64)
-    nxt = np.full(n, -1, dtype=np.int64)
-    prv = np.full(n, -1, dtype=np.int64)
-    fs = np.zeros((4, m))
-    ist = np.zeros((2, m), dtype=np.int64)
-    for i in range(n - 1, -1, -1):  # link in reverse so lists run in increasing item order
-        j = bin_of[i]
-        if j < 0:
-            continue
-        nxt[i] = head[j]
-        if head[j] >= 0:
-            prv[head[j]] = i
-        head[j] = i
-        ist[0, j] += sizes[i]
-        ist[1, j] += 1
-    tval = np.full(tree_size, _INF)
-    tidx = np.full(tree_size, -1, dtype=np.int64)
-    for j in range(m):
-        _rescan(j, bin_type[j], times, head, nxt, fs)
-        fs[3, j] = (fs[0, j] + pp_weight[j] * fs[1, j]) / speed[j]
-        c = cls_of[j]
-        _tree_set(tval, tidx, cls_off[c], cls_leaves[c], cls_pos[j], fs[3, j], j)
-    return head, nxt, prv, fs, ist, tval, tidx
-
-
-@njit(cache=True, inline="always")
-def _add(i, j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves):
-    t = times[i, bin_type[j]]
-    prv[i] = -1
-    nxt[i] = head[j]
-    if head[j] >= 0:
-        prv[head[j]] = i
-    head[j] = i
-    bin_of[i] = j
-    fs[0, j] += t
-    if t > fs[1, j]:
-        fs[2, j] = fs[1, j]
-        fs[1, j] = t
-    elif t > fs[2, j]:
-        fs[2, j] = t
-    ist[0, j] += sizes[i]
-    ist[1, j] += 1
-    fs[3, j] = (fs[0, j] + pp_weight[j] * fs[1, j]) / speed[j]
-    c = cls_of[j]
-    _tree_set(tval, tidx, cls_off[c], cls_leaves[c], cls_pos[j], fs[3, j], j)
-
-
-@njit(cache=True, inline="always")
-def _remove(i, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves):
-    j = bin_of[i]
-    if prv[i] >= 0:
-        nxt[prv[i]] = nxt[i]
-    else:
-        head[j] = nxt[i]
-    if nxt[i] >= 0:
-        prv[nxt[i]] = prv[i]
-    nxt[i] = -1
-    prv[i] = -1
-    bin_of[i] = -1
-    ist[0, j] -= sizes[i]
-    ist[1, j] -= 1
-    _rescan(j, bin_type[j], times, head, nxt, fs)  # exact sums: no drift from repeated +/-
-    fs[3, j] = (fs[0, j] + pp_weight[j] * fs[1, j]) / speed[j]
-    c = cls_of[j]
-    _tree_set(tval, tidx, cls_off[c], cls_leaves[c], cls_pos[j], fs[3, j], j)
-
-
-@njit(cache=True)
-def _class_pick(c, s, exclude, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins):
-    """Least-loaded bin of class c with room for s tokens (not ``exclude``); -1 if none."""
-    j = tidx[cls_off[c] + 1]
-    if j >= 0 and j != exclude and ist[0, j] + s <= bin_capacity[j]:
-        return j
-    best = _INF
-    pick = -1
-    for p in range(cls_ptr[c], cls_ptr[c + 1]):
-        q = cls_bins[p]
-        if q != exclude and ist[0, q] + s <= bin_capacity[q] and fs[3, q] < best:
-            best = fs[3, q]
-            pick = q
-    return pick
-
-
-# ----------------------------------------------------------------------------------------
-# greedy
-
-
-@njit(cache=True)
-def _greedy_kernel(
-    order, rule, times, bin_type, speed, pp_weight, sizes, bin_capacity,
-    cls_of, cls_pos, cls_type, cls_cap, cls_ptr, cls_bins, cls_off, cls_leaves, tree_size,
-):
-    """Place items in ``order``. Rule 0: the bin with the smallest resulting load. Rule 1:
-    the eligible bin with the fewest tokens left after placing (best fit), ties by load.
-    Rule 2 (for LP-guided times): the bin with the smallest *projected* load — its
-    resulting load plus ``owed_k / V_k``, where ``owed_k`` is the work of the items that
-    may only use type k and are not placed yet. Within a type this is rule 0; across
-    types it steers flexible items away from types that single-type items will fill.
-    Returns (bin_of, -1) or (partial bin_of, index of the first item that fits nowhere)."""
-    n = times.shape[0]
-    m = bin_type.shape[0]
-    num_types = times.shape[1]
-    bin_of = np.full(n, -1, dtype=np.int64)
-    head, nxt, prv, fs, ist, tval, tidx = _new_state(
-        times, bin_type, speed, pp_weight, sizes, bin_of, cls_of, cls_pos, cls_off, cls_leaves, tree_size
-    )
-    num_cls = cls_type.shape[0]
-    type_speed = np.zeros(num_types)  # V_k
-    for j in range(m):
-        type_speed[bin_type[j]] += speed[j]
-    owed = np.zeros(num_types)  # per type: work of single-type items not placed yet (seconds)
-    flexible = np.zeros(n, dtype=np.bool_)
-    if rule == 2:
-        for i in range(n):
-            only = -1
-            count = 0
-            for k in range(num_types):
-                if type_speed[k] > 0.0 and times[i, k] != _INF:
-                    count += 1
-                    only = k
-            if count == 1:
-                owed[only] += times[i, only]
-            else:
-                flexible[i] = True
-    for r in range(n):
-        i = order[r]
-        s = sizes[i]
-        pick = -1
-        best = _INF
-        if rule == 2:
-            for c in range(num_cls):
-                k = cls_type[c]
-                t = times[i, k]
-                if t == _INF or s > cls_cap[c]:
-                    continue
-                j = tidx[cls_off[c] + 1]
-                if ist[0, j] + s > bin_capacity[j]:
-                    j = _class_pick(c, s, -1, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins)
-                    if j < 0:
-                        continue
-                # projected final load: this bin now, plus the type's share of the work still
-                # owed to it by single-type items (equal for all bins of one type)
-                new = (fs[0, j] + t + pp_weight[j] * max(fs[1, j], t)) / speed[j] + owed[k] / type_speed[k]
-                if new < best:
-                    best = new
-                    pick = j
-            if pick >= 0 and not flexible[i]:
-                owed[bin_type[pick]] -= times[i, bin_type[pick]]
-        elif rule == 0:
-            for c in range(num_cls):
-                t = times[i, cls_type[c]]
-                if t == _INF or s > cls_cap[c]:
-                    continue
-                j = tidx[cls_off[c] + 1]  # least-loaded bin of the class (fast path)
-                if ist[0, j] + s > bin_capacity[j]:
-                    j = _class_pick(c, s, -1, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins)
-                    if j < 0:
-                        continue
-                new = (fs[0, j] + t + pp_weight[j] * max(fs[1, j], t)) / speed[j]
-                if new < best:
-                    best = new
-                    pick = j
-        else:
-            least_left = _NO_FIT
-            for j in range(m):
-                t = times[i, bin_type[j]]
-                left = bin_capacity[j] - ist[0, j] - s
-                if t == _INF or left < 0:
-                    continue
-                new = (fs[0, j] + t + pp_weight[j] * max(fs[1, j], t)) / speed[j]
-                if left < least_left or (left == least_left and new < best):
-                    least_left = left
-                    best = new
-                    pick = j
-        if pick < 0:
-            return bin_of, i
-        _add(i, pick, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
-    return bin_of, -1
-
-
-# ----------------------------------------------------------------------------------------
-# non-empty repair and local search
 
 
 @njit(cache=True)
@@ -645,9 +296,10 @@ def _improve_kernel(
     bin_of, require_nonempty, local_search, max_rounds, stats, times, bin_type, speed, pp_weight, sizes, bin_capacity,
     cls_of, cls_pos, cls_type, cls_cap, cls_ptr, cls_bins, cls_off, cls_leaves, tree_size,
 ):
-    """Repair empty bins (when asked and n >= m), then move/swap local search on the
-    bottleneck bin until no move or swap lowers it (or ``max_rounds``). Works in place
-    on ``bin_of``; returns (rounds done, bins left empty)."""
+    """Repair empty bins (when asked and n >= m), then local search on the bottleneck bin:
+    a move, else a split with a bin of another type, else a swap (narrow partners, then
+    wide), until none lowers it by ``_MIN_GAIN`` or ``max_rounds``. Works in place on
+    ``bin_of``; counts accepted steps in ``stats``; returns (rounds, bins left empty)."""
     n = times.shape[0]
     m = bin_type.shape[0]
     head, nxt, prv, fs, ist, tval, tidx = _new_state(
@@ -701,7 +353,7 @@ def _improve_kernel(
                 num_split += 1
         num_swap = 0
         chosen[:] = False
-        for q in range(_SWAP_PARTNERS):
+        for _ in range(_SWAP_PARTNERS):
             pick = -1
             for c in range(num_cls):
                 j = tidx[cls_off[c] + 1]
@@ -773,8 +425,6 @@ def _improve_kernel(
     return rounds, empty
 
 
-# ----------------------------------------------------------------------------------------
-# Python entry points
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -792,78 +442,6 @@ class SearchReport:
     wide_swaps: int
 
 
-class GreedyFailure(ValueError):
-    """No greedy rule could place every item within the token capacities."""
-
-
-def _tree_size(inst: Instance) -> int:
-    return int((2 * inst.cls_leaves).sum())
-
-
-def _cls_args(inst: Instance) -> tuple:
-    return (
-        inst.cls_of, inst.cls_pos, inst.cls_type, inst.cls_cap, inst.cls_ptr,
-        inst.cls_bins, inst.cls_off, inst.cls_leaves, _tree_size(inst),
-    )
-
-
-def difficulty(inst: Instance, times: np.ndarray) -> np.ndarray:
-    """Per item: its smallest single-item load ``t·(1 + w)/v`` over the bins it may go to."""
-    num_types = times.shape[1]
-    factor = np.full(num_types, np.inf)  # per type: smallest (1 + w)/v among its bins
-    np.minimum.at(factor, inst.bin_type, (1.0 + inst.pp_weight) / inst.speed)
-    type_cap = np.full(num_types, -1, dtype=np.int64)
-    np.maximum.at(type_cap, inst.bin_type, inst.bin_capacity)
-    present = np.flatnonzero(type_cap >= 0)
-    t = times[:, present] * factor[present][None, :]
-    if inst.has_capacity:
-        t = np.where(inst.sizes[:, None] <= type_cap[present][None, :], t, np.inf)
-    return t.min(axis=1)
-
-
-def solve_greedy(inst: Instance, allowed: np.ndarray | None = None) -> tuple[np.ndarray, str]:
-    """Greedy placement, trying rules in turn until one places every item:
-
-    1. with ``allowed`` (bool[n, K], e.g. the LP's type split): LPT restricted to the
-       allowed types, least projected load (``"lp-lpt"``, rule 2 of the kernel);
-    2. LPT by difficulty, least resulting load (``"lpt"``) — when rule 1 also succeeded,
-       the one with the smaller makespan is kept (the LP split wins with many items per
-       bin, plain LPT with few, where rounding the split per bin costs more);
-    3. with token capacities: largest size first, least resulting load (``"lpt-by-size"``);
-       then largest size first, best fit by tokens (``"best-fit"``).
-
-    Returns (bin_of, rule name); raises :class:`GreedyFailure` when every rule fails.
-    """
-    ids = np.arange(inst.n)
-    attempts = []
-    if allowed is not None:
-        guided = np.ascontiguousarray(np.where(allowed, inst.times, np.inf))
-        attempts.append((np.lexsort((ids, -difficulty(inst, guided))), 2, "lp-lpt", guided))
-    diff = difficulty(inst, inst.times)
-    attempts.append((np.lexsort((ids, -diff)), 0, "lpt", inst.times))
-    if inst.has_capacity:
-        by_size = np.lexsort((ids, -diff, -inst.sizes))
-        attempts += [(by_size, 0, "lpt-by-size", inst.times), (by_size, 1, "best-fit", inst.times)]
-    failed = -1
-    found: list[tuple[float, np.ndarray, str]] = []
-    for order, rule, name, times in attempts:
-        bin_of, failed = _greedy_kernel(
-            order.astype(np.int64), rule, times, inst.bin_type, inst.speed, inst.pp_weight,
-            inst.sizes, inst.bin_capacity, *_cls_args(inst),
-        )
-        if failed < 0:
-            found.append((float(bin_loads(inst.times, inst.bin_type, inst.speed, inst.pp_weight, bin_of).max()), bin_of, name))
-            if name != "lp-lpt":  # the LP-guided answer is compared with plain LPT, then stop
-                break
-    if found:
-        _, bin_of, name = min(found, key=lambda f: f[0])
-        return bin_of, name
-    i = int(failed)
-    raise GreedyFailure(
-        f"could not place item {i} ({int(inst.sizes[i])} tokens): every bin it may go to is full "
-        f"(total {int(inst.sizes.sum())} tokens, total capacity {int(inst.bin_capacity.sum())} tokens); "
-        "the instance may be infeasible — add bins or capacity, or try the CP-SAT model"
-    )
 
 
 def improve(
@@ -874,7 +452,7 @@ def improve(
     stats = np.zeros(5, dtype=np.int64)  # accepted: moves, splits, swaps, wide splits, wide swaps
     rounds, empty = _improve_kernel(
         out, bool(require_nonempty), bool(local_search), int(max_rounds), stats, inst.times, inst.bin_type,
-        inst.speed, inst.pp_weight, inst.sizes, inst.bin_capacity, *_cls_args(inst),
+        inst.speed, inst.pp_weight, inst.sizes, inst.bin_capacity, *cls_args(inst),
     )
     report = SearchReport(
         rounds=int(rounds), empty_bins=int(empty), moves=int(stats[0]), splits=int(stats[1]), swaps=int(stats[2]),
