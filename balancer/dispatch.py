@@ -189,8 +189,12 @@ def refine_dispatch(
     time_limit: float,
     seed: int,
     num_workers: int = 1,
+    deterministic_time: float | None = None,
 ) -> Dispatch:
-    """CP-SAT on the same stage-1 objective, warm-started with ``hint``; never worse than the hint."""
+    """CP-SAT on the same stage-1 objective, warm-started with ``hint``; never worse than the hint.
+
+    ``time_limit`` is wall seconds; ``deterministic_time`` (CP-SAT deterministic units)
+    replaces it for a clock-independent, reproducible answer (one worker)."""
     res = packers.cpsat_makespan(
         w,
         table.bin_type,
@@ -201,6 +205,7 @@ def refine_dispatch(
         time_limit=time_limit,
         seed=seed,
         num_workers=num_workers,
+        deterministic_time=deterministic_time,
     )
     return Dispatch(
         bin_of=np.asarray(res.bin_of, dtype=np.int64),

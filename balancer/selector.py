@@ -17,10 +17,10 @@ proportionally less work from the next plan on.
 Determinism: planning uses no clock and no unseeded randomness, so the same (config,
 candidates, speeds, previous strategy, step, batch) give byte-identical
 ``plan.canonical_json()`` in any process; CP-SAT refinement runs with one worker and a
-fixed seed derived from ``(seed, step)`` when ``deterministic`` is set, and its answer is
-used only when CP-SAT proves it optimal within the time limit (a sequential search
-reaches its optimum along the same path on every machine; a solution cut off by the
-wall clock would depend on machine load). Every rank must
+fixed seed derived from ``(seed, step)`` when ``deterministic`` is set, stopped by
+CP-SAT's deterministic time (``refine_time_limit`` read as deterministic units, about a
+second of search each) instead of the wall clock, so its answer is the same on every
+rank whatever the machine's load. Every rank must
 call :meth:`Balancer.observe` with the same numbers (the runtime all-gathers them) in
 the same order relative to :meth:`Balancer.plan` / ``next()`` on :meth:`Balancer.prefetch`.
 """
@@ -59,7 +59,8 @@ class BalancerConfig:
     refine: str = "none"
     """``"none"`` (greedy only) or ``"cpsat"`` (CP-SAT refinement of the chosen plan's stage 1)."""
     refine_time_limit: float = 0.05
-    """CP-SAT solve budget per step, seconds."""
+    """CP-SAT solve budget per step: wall seconds, or CP-SAT deterministic units (about a
+    second each; ~1.7 wall seconds on a 2-core CI machine) when ``deterministic``."""
     refine_min_gap: float = 1e-3
     """Skip CP-SAT when the greedy estimate is within this relative gap of the lower bound."""
     refine_max_variables: int = 200_000
@@ -70,7 +71,8 @@ class BalancerConfig:
     seed: int = 0
     """Seed of the CP-SAT search (combined with the step number)."""
     deterministic: bool = True
-    """CP-SAT with one worker and a fixed seed, so every rank derives the same plan."""
+    """CP-SAT with one worker, a fixed seed and a deterministic-time budget, so every rank
+    derives the same plan."""
     cpsat_workers: int = 1
     """CP-SAT worker threads when ``deterministic`` is off."""
     local_search: bool = True
@@ -374,11 +376,8 @@ class Balancer:
             time_limit=cfg.refine_time_limit,
             seed=seed,
             num_workers=1 if cfg.deterministic else cfg.cpsat_workers,
+            deterministic_time=cfg.refine_time_limit if cfg.deterministic else None,
         )
-        if cfg.deterministic and d2.status != "OPTIMAL":
-            # A wall-clock limit stops the search at load-dependent points; only a proven
-            # optimum is the same on every rank, so anything else keeps the greedy plan.
-            return sol, "greedy (cpsat: no proof in time)"
         if not np.array_equal(d2.bin_of, sol.dispatch.bin_of):
             micro = _stage2(sol.table, lengths, sol.item_seconds, d2, cfg)
             if micro.step_seconds < sol.est_step_seconds:

@@ -29,13 +29,21 @@ type preferred), solves that sub-model with the other bins fixed for 20 ms
 (presolve off, so the hint is loaded at once), and keeps the answer when the freed
 bins' largest load drops. No global bound is proven then (``bound=None``).
 
+Budgets. ``time_limit`` is wall-clock seconds. ``deterministic_time`` (CP-SAT's
+deterministic work units, roughly seconds of search on a reference machine) replaces it
+when given: every solve is stopped by ``max_deterministic_time`` instead of the clock, the
+LNS spends the budget round by round as the solver reports it, and with one worker the
+answer depends only on (instance, hint, seed, budget): the same in every process and
+under any load. Wall time then follows the machine (measured: ``benchmarks/packers.py``).
+
 Every status is handled: OPTIMAL / FEASIBLE are decoded; INFEASIBLE, MODEL_INVALID and
 UNKNOWN (time out before a solution) fall back to the greedy answer. The returned
 answer is never worse than the hint: both are re-scored exactly and the better kept.
 ``.solver`` is ``"cpsat:<STATUS>"`` (``"cpsat-lns:<STATUS>"``) when CP-SAT's answer is
 returned and ``"<greedy>;cpsat:<STATUS>"`` when the hint is kept; ``.status`` is the
 solver status. With ``num_workers=1`` the search is sequential, but a wall-clock time
-limit can still cut it at different points on a loaded machine.
+limit can still cut it at different points on a loaded machine; pass
+``deterministic_time`` for answers that never depend on the clock.
 """
 
 from __future__ import annotations
@@ -68,6 +76,47 @@ _LNS_ROUND = 0.02
 """Seconds of solver time per LNS round (small neighbourhoods, presolve off: the hint is loaded at once)."""
 _LNS_PAIRS = 600
 """Most eligible pairs per LNS neighbourhood (fewer bins when the bottleneck holds many items)."""
+_LNS_MAX_ROUNDS = 100_000
+"""Safety cap on LNS rounds (a round that spends no deterministic time cannot loop forever)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """How long CP-SAT may search: wall seconds, or deterministic work units when given."""
+
+    time_limit: float
+    """Seconds of wall-clock time (ignored when ``deterministic_time`` is set)."""
+    deterministic_time: float | None = None
+    """CP-SAT deterministic time units; makes every stop independent of the clock."""
+
+    @property
+    def deterministic(self) -> bool:
+        return self.deterministic_time is not None
+
+    @property
+    def amount(self) -> float:
+        """The budget in its own unit (seconds or deterministic units)."""
+        return float(self.deterministic_time if self.deterministic_time is not None else self.time_limit)
+
+    def check(self, num_workers: int) -> None:
+        if not (np.isfinite(self.time_limit) and self.time_limit >= 0):
+            raise ValueError(f"time_limit={self.time_limit} s must be a finite number >= 0")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0 (0 = all cores)")
+        if self.deterministic_time is not None:
+            if not (np.isfinite(self.deterministic_time) and self.deterministic_time >= 0):
+                raise ValueError(f"deterministic_time={self.deterministic_time} must be a finite number >= 0 (e.g. 0.1)")
+            if num_workers != 1:
+                raise ValueError(
+                    f"deterministic_time needs one worker for a reproducible search; got num_workers={num_workers} (set 1)"
+                )
+
+    def apply(self, params: object, amount: float) -> None:
+        """Set ``amount`` of this budget's unit as the solve's only limit."""
+        if self.deterministic:
+            params.max_deterministic_time = max(float(amount), 0.0)  # type: ignore[attr-defined]
+        else:
+            params.max_time_in_seconds = max(float(amount), 0.0)  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------------------------
@@ -250,10 +299,10 @@ def add_hint(model: cp_model.CpModel, data: CpsatData, v: CpsatVars) -> None:
 
 
 def solve(
-    model: cp_model.CpModel, *, time_limit: float, seed: int, num_workers: int, presolve: bool = True
+    model: cp_model.CpModel, *, budget: Budget, amount: float, seed: int, num_workers: int, presolve: bool = True
 ) -> tuple[cp_model.CpSolver, str]:
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(float(time_limit), 0.0)
+    budget.apply(solver.parameters, amount)
     solver.parameters.random_seed = int(seed)
     solver.parameters.num_workers = int(num_workers)
     solver.parameters.cp_model_presolve = presolve
@@ -271,19 +320,31 @@ def decode(solver: cp_model.CpSolver, data: CpsatData, v: CpsatVars) -> np.ndarr
     return bin_of
 
 
+@dataclass(frozen=True, slots=True)
+class ModelResult:
+    bin_of: np.ndarray | None
+    """The decoded assignment, or None when no solution was found."""
+    status: str
+    bound: float | None
+    """Proven lower bound in seconds (None without a solution)."""
+    spent: float
+    """Budget used, in the budget's unit (wall seconds or deterministic units)."""
+
+
 def run_model(
-    data: CpsatData, *, time_limit: float, seed: int, num_workers: int, presolve: bool = True
-) -> tuple[np.ndarray | None, str, float | None]:
-    """Build, solve, decode. Returns (bin_of or None, status name, proven bound in seconds or None)."""
+    data: CpsatData, *, budget: Budget, amount: float, seed: int, num_workers: int, presolve: bool = True
+) -> ModelResult:
+    """Build, solve, decode, with ``amount`` of ``budget``'s unit as the limit."""
     model = cp_model.CpModel()
     v = new_variables(model, data)
     add_constraints(model, data, v)
     set_objective(model, v)
     add_hint(model, data, v)
-    solver, status = solve(model, time_limit=time_limit, seed=seed, num_workers=num_workers, presolve=presolve)
+    solver, status = solve(model, budget=budget, amount=amount, seed=seed, num_workers=num_workers, presolve=presolve)
+    spent = float(solver.deterministic_time if budget.deterministic else solver.wall_time)
     if status in ("OPTIMAL", "FEASIBLE"):
-        return decode(solver, data, v), status, float(solver.best_objective_bound) / data.scale
-    return None, status, None
+        return ModelResult(decode(solver, data, v), status, float(solver.best_objective_bound) / data.scale, spent)
+    return ModelResult(None, status, None, spent)
 
 
 # ----------------------------------------------------------------------------------------
@@ -324,17 +385,21 @@ def _neighbourhood(inst: Instance, bin_of: np.ndarray, loads: np.ndarray, rng: n
     return np.array(sorted(chosen), dtype=np.int64)
 
 
-def _lns(inst: Instance, start: np.ndarray, *, require_nonempty: bool, time_limit: float, seed: int, num_workers: int, max_pairs: int) -> tuple[np.ndarray, str, int]:
-    """Returns (best bin_of, status summary, rounds improved)."""
-    deadline = time.perf_counter() + time_limit
+def _lns(inst: Instance, start: np.ndarray, *, require_nonempty: bool, budget: Budget, seed: int, num_workers: int, max_pairs: int) -> tuple[np.ndarray, str, int]:
+    """Returns (best bin_of, status summary, rounds improved).
+
+    A wall-clock budget is spent by the clock (model building included); a deterministic
+    one by the solver's reported deterministic time, so the rounds run are reproducible."""
+    deadline = time.perf_counter() + budget.time_limit
+    left_units = budget.amount
     rng = np.random.default_rng(seed)
     cur = start.copy()
     loads = bin_loads(inst.times, inst.bin_type, inst.speed, inst.pp_weight, cur)
     keep_nonempty = require_nonempty and inst.n >= inst.m
     statuses: list[str] = []
     improved = 0
-    while True:
-        left = deadline - time.perf_counter()
+    while len(statuses) < _LNS_MAX_ROUNDS:
+        left = left_units if budget.deterministic else deadline - time.perf_counter()
         if left < _LNS_MIN_ROUND:
             break
         bins = _neighbourhood(inst, cur, loads, rng, max_pairs)
@@ -345,9 +410,13 @@ def _lns(inst: Instance, start: np.ndarray, *, require_nonempty: bool, time_limi
         local_of = np.searchsorted(bins, cur[items]).astype(np.int64)
         old = float(loads[bins].max())
         data = model_data(sub, local_of, require_nonempty=keep_nonempty, reference=old)
-        got, status, _ = run_model(
-            data, time_limit=min(left, _LNS_ROUND), seed=seed + len(statuses), num_workers=num_workers, presolve=False
+        res = run_model(
+            data, budget=budget, amount=min(left, _LNS_ROUND), seed=seed + len(statuses), num_workers=num_workers,
+            presolve=False,
         )
+        got, status = res.bin_of, res.status
+        # at least the minimum round, so a solve that reports no work still ends the loop
+        left_units -= max(res.spent, _LNS_MIN_ROUND / 4)
         statuses.append(status)
         if got is None:
             continue
@@ -386,13 +455,9 @@ def _check_hint(inst: Instance, hint: object) -> np.ndarray:
 
 
 def _solve(
-    inst: Instance, hint: np.ndarray | None, hint_solver: str, *, require_nonempty: bool, time_limit: float,
+    inst: Instance, hint: np.ndarray | None, hint_solver: str, *, require_nonempty: bool, budget: Budget,
     seed: int, num_workers: int, max_model_pairs: int,
 ) -> Assignment:
-    if time_limit < 0:
-        raise ValueError(f"time_limit={time_limit} s must be >= 0")
-    if num_workers < 0:
-        raise ValueError(f"num_workers={num_workers} must be >= 0 (0 = all cores)")
 
     def exact(b: np.ndarray) -> np.ndarray:
         return bin_loads(inst.times, inst.bin_type, inst.speed, inst.pp_weight, b)
@@ -403,13 +468,14 @@ def _solve(
             np.where(np.isfinite(inst.times), inst.times, 0.0).max(initial=0.0)
         )
         data = model_data(inst, hint, require_nonempty=require_nonempty, reference=reference)
-        got, status, bound = run_model(data, time_limit=time_limit, seed=seed, num_workers=num_workers)
+        res = run_model(data, budget=budget, amount=budget.amount, seed=seed, num_workers=num_workers)
+        got, status, bound = res.bin_of, res.status, res.bound
         name = "cpsat"
         if got is not None and hint is None and require_nonempty and inst.n >= inst.m:
             got, _ = improve(inst, got, require_nonempty=True, local_search=False, max_rounds=0)
     else:
         got, status, _ = _lns(
-            inst, hint, require_nonempty=require_nonempty, time_limit=time_limit, seed=seed,
+            inst, hint, require_nonempty=require_nonempty, budget=budget, seed=seed,
             num_workers=num_workers, max_pairs=min(max_model_pairs, _LNS_PAIRS),
         )
         bound = None
@@ -441,18 +507,23 @@ def cpsat_makespan(
     seed: int = 0,
     num_workers: int = 1,
     max_model_pairs: int = MAX_MODEL_PAIRS,
+    deterministic_time: float | None = None,
 ) -> Assignment:
     """Makespan assignment by CP-SAT, warm-started and never worse than the hint.
 
     Same instance arguments as :func:`packers.makespan.lpt_makespan`. ``hint`` (int64[n])
     defaults to the ``lpt_makespan`` answer. ``time_limit`` is in seconds (the whole call's
     solver time; model building adds to it), ``seed`` the solver's random seed,
-    ``num_workers`` its threads (1 = sequential). Instances with more than
+    ``num_workers`` its threads (1 = sequential). ``deterministic_time`` (CP-SAT
+    deterministic units) replaces the wall-clock limit and, with one worker, makes the
+    answer independent of the clock and the machine's load. Instances with more than
     ``max_model_pairs`` eligible (item, bin) pairs are improved by LNS (module docstring).
 
     Returns an :class:`Assignment`; ``bound`` is CP-SAT's proven lower bound in seconds
     (full model only). Raises ``ValueError`` for bad input or an invalid hint.
     """
+    budget = Budget(float(time_limit), None if deterministic_time is None else float(deterministic_time))
+    budget.check(num_workers)
     inst = makespan_instance(times, bin_type, speed=speed, pp_weight=pp_weight, sizes=sizes, bin_capacity=bin_capacity)
     if hint is None:
         try:
@@ -463,7 +534,7 @@ def cpsat_makespan(
     else:
         h, hint_solver = _check_hint(inst, hint), "hint"
     return _solve(
-        inst, h, hint_solver, require_nonempty=require_nonempty, time_limit=time_limit, seed=seed,
+        inst, h, hint_solver, require_nonempty=require_nonempty, budget=budget, seed=seed,
         num_workers=num_workers, max_model_pairs=max_model_pairs,
     )
 
@@ -480,12 +551,15 @@ def cpsat_minmax_pack(
     num_workers: int = 1,
     require_nonempty: bool = False,
     max_model_pairs: int = MAX_MODEL_PAIRS,
+    deterministic_time: float | None = None,
 ) -> Assignment:
     """Min-max packing (see :func:`packers.minmax.minmax_pack`) by CP-SAT, never worse than the hint.
 
-    ``hint`` defaults to the ``minmax_pack`` answer. Raises ``ValueError`` for bad input,
-    an invalid hint, or an instance no method can fit.
+    ``hint`` defaults to the ``minmax_pack`` answer; budgets as in :func:`cpsat_makespan`.
+    Raises ``ValueError`` for bad input, an invalid hint, or an instance no method can fit.
     """
+    budget = Budget(float(time_limit), None if deterministic_time is None else float(deterministic_time))
+    budget.check(num_workers)
     inst = minmax_instance(times, sizes, num_bins, capacity)
     if hint is None:
         try:
@@ -497,6 +571,6 @@ def cpsat_minmax_pack(
     else:
         h, hint_solver = _check_hint(inst, hint), "hint"
     return _solve(
-        inst, h, hint_solver, require_nonempty=require_nonempty, time_limit=time_limit, seed=seed,
+        inst, h, hint_solver, require_nonempty=require_nonempty, budget=budget, seed=seed,
         num_workers=num_workers, max_model_pairs=max_model_pairs,
     )

@@ -79,3 +79,53 @@ def test_minmax_cpsat_optimal_on_small_case():
     assert (np.bincount(c.bin_of, weights=sizes, minlength=2) <= 9).all()
     greedy = P.minmax_pack(times, sizes, 2, 9)
     assert c.makespan <= greedy.makespan
+
+
+_REPRO_SCRIPT = r"""
+import sys, threading, hashlib
+import numpy as np
+sys.path.insert(0, {root!r})
+import packers as P
+from tests.test_packers_cpsat import _instance
+
+if {load}:  # a busy thread changes wall-clock timing, never a deterministic budget
+    stop = threading.Event()
+    def spin():
+        x = 0
+        while not stop.is_set():
+            x += 1
+    threading.Thread(target=spin, daemon=True).start()
+out = []
+for n, m, pairs in ((60, 6, 6000), (400, 8, 500)):  # full model, then LNS
+    times, bin_type, _, _ = _instance(11, n, m)
+    greedy = P.lpt_makespan(times, bin_type)
+    c = P.cpsat_makespan(times, bin_type, hint=greedy.bin_of, time_limit=0.0, deterministic_time=0.05,
+                         seed=3, max_model_pairs=pairs)
+    out.append(c.solver + ":" + hashlib.sha256(c.bin_of.tobytes()).hexdigest())
+print("|".join(out))
+"""
+
+
+def test_deterministic_time_gives_the_same_answer_in_every_process():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    runs = [
+        subprocess.run([sys.executable, "-c", _REPRO_SCRIPT.format(root=root, load=load)], capture_output=True,
+                       text=True, timeout=120, check=True, cwd=root).stdout.strip()
+        for load in (False, True)
+    ]
+    assert runs[0] == runs[1], runs
+    assert "cpsat-lns" in runs[0]
+
+
+def test_deterministic_time_is_validated():
+    import pytest
+
+    times, bin_type, _, _ = _instance(1, 10, 2)
+    with pytest.raises(ValueError, match="num_workers"):
+        P.cpsat_makespan(times, bin_type, deterministic_time=0.1, num_workers=2)
+    with pytest.raises(ValueError, match="deterministic_time"):
+        P.cpsat_makespan(times, bin_type, deterministic_time=-1.0)

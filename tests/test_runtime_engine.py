@@ -246,7 +246,10 @@ def test_gradients_equal_single_device(run, reference):
     _, _, want = reference
     for step, g in enumerate(want):
         for rank, out in enumerate(run):
-            torch.testing.assert_close(out["grads"][step], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()),
+            # fp32 partial sums over tp/cp shards add in a different order than one device:
+            # ~1e-6 of the largest gradient is rounding (BLAS-path dependent); a wrong
+            # gradient is off by O(1) of it.
+            torch.testing.assert_close(out["grads"][step], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()),
                                        msg=lambda m, r=rank, s=step: f"rank {r} step {s} ({SCHEDULE[s]}): {m}")
 
 
