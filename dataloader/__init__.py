@@ -4,7 +4,7 @@ See ``docs/dataloader.md``. Typical use::
 
     loader = BalancedDataLoader(dataset, balancer=balancer, tokens_per_step=1 << 20, num_workers=4)
     for batch in loader:                 # one StepBatch per optimizer step
-        ...
+        train_step(batch.micro_batches)  # your forward/backward per micro-batch
 """
 
 from .collate import Collator, ContextParallelCollator, PackedCollator, PaddedCollator, block_causal_mask, cp_shard
