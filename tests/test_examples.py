@@ -55,3 +55,21 @@ def test_hf_trainer_trains_balanced_steps_on_a_tiny_llama(tmp_path: Path) -> Non
     losses = [float(x) for x in m.group(2).split(",")]
     assert int(m.group(1)) == 3 and len(losses) == 3
     assert losses[-1] < losses[0]
+
+
+# ~15 s warm: four ranks under torchrun, the README's runtime example with fewer steps.
+def test_train_gpt_balanced_runs_on_four_cpu_ranks(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                          str(EXAMPLES / "train_gpt_balanced.py"), "--steps", "3"], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "4 ranks on cpu" in run.stdout, run.stdout
+    candidates = re.search(r"candidates: (.+)", run.stdout)
+    assert candidates, run.stdout
+    names = [c.strip() for c in candidates.group(1).split(",")]
+    rows = re.findall(r"^\s+(\d+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", run.stdout, re.M)
+    assert [int(r[0]) for r in rows] == [0, 1, 2], run.stdout
+    for _, strategy, est, measured, step_s, loss in rows:
+        assert strategy in names  # every step ran one of the built candidates
+        assert float(est) > 0 and float(measured) > 0 and float(step_s) >= float(measured) * 0.5
+        assert 0 < float(loss) < 10
