@@ -6,8 +6,9 @@ for every ``Layout(tp, cp, pp)`` (formulas, sources and a worked example in
 
 * **compute** — matmul FLOPs of one sequence of ``s`` tokens on the busiest pipeline
   stage, forward ×3 for forward + backward (×4 with full recomputation), split over the
-  ``tp·cp`` ranks of the stage, at ``peak · mfu · efficiency(tp·cp)``. Causal attention
-  gives the ``s²`` term; everything else is linear in ``s``.
+  ``tp·cp`` ranks of the stage, at ``peak · mfu · efficiency``: the matmuls (linear term)
+  at ``tp_efficiency(tp) · cp_efficiency(cp)`` — tables fitted to the Hydraulis 13B
+  profile — and causal attention (the ``s²`` term) at ``cp_efficiency(cp)``.
 * **communication** (added to ``b``, never overlapped) — tensor-parallel all-reduces,
   context-parallel K/V all-gathers and dK/dV reduce-scatters, pipeline sends.
 * **overhead** ``c`` — a fixed time per layer per micro-batch from the hardware spec.
@@ -31,12 +32,64 @@ from strategies.layout import Layout
 from .cost import LayoutCost, UnsupportedLayoutError
 from .specs import HardwareSpec, ModelSpec
 
-__all__ = ["AnalyticOptions", "ForwardFlops", "LayoutAnalysis", "AnalyticModel", "forward_flops"]
+__all__ = [
+    "CP_EFFICIENCY_DEFAULT",
+    "TP_EFFICIENCY_HYDRAULIS_13B",
+    "AnalyticOptions",
+    "ForwardFlops",
+    "LayoutAnalysis",
+    "AnalyticModel",
+    "forward_flops",
+]
 
 SOFTMAX_STATS_BYTES = 4
 """FlashAttention keeps one fp32 log-sum-exp per query head per token for its backward."""
 LOSS_BYTES = 4
 """The cross-entropy works on an fp32 copy of the logits (kept for its backward)."""
+
+TP_EFFICIENCY_HYDRAULIS_13B: tuple[float, ...] = (1.0, 0.90, 0.84, 0.66)
+"""Matmul efficiency at tp = 1, 2, 4, 8, fitted so that ``llama-13b`` on ``a100-80g`` (with
+this module's all-reduce times) reproduces the per-GPU linear cost ``b·tp·pp`` of the
+Hydraulis authors' published 13B profile: ×1.154 (tp2pp2), ×1.278 (tp4), ×1.708 (tp8)
+against tp1 (``balancer/data/instances_hydraulis_13b_64gpu.json``; ``docs/cost_model.md``)."""
+CP_EFFICIENCY_DEFAULT: tuple[float, ...] = (1.0, 0.95, 0.90, 0.85)
+"""Efficiency at cp = 1, 2, 4, 8: 5 % per doubling (cp keeps matmul widths; no published
+per-degree profile to fit)."""
+
+
+def _efficiency_table(name: str, values: Any) -> tuple[float, ...]:
+    """Validate a per-doubling efficiency table and return it as a tuple of floats."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"AnalyticOptions: {name}={values!r} must be a sequence of factors at degree 1, 2, 4, … (e.g. (1.0, 0.9, 0.84))")
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"AnalyticOptions: {name}={values!r} must hold numbers in (0, 1]") from None
+    if not out or out[0] != 1.0:
+        raise ValueError(f"AnalyticOptions: {name}={values!r} must start with 1.0 (degree 1 is the reference; mfu covers it)")
+    for k, v in enumerate(out):
+        if not (math.isfinite(v) and 0 < v <= 1):
+            raise ValueError(f"AnalyticOptions: {name}[{k}]={v!r} (degree {2**k}) must be in (0, 1]")
+        if k and v > out[k - 1]:
+            raise ValueError(
+                f"AnalyticOptions: {name}[{k}]={v!r} (degree {2**k}) exceeds {out[k - 1]!r} at degree {2 ** (k - 1)}; "
+                "efficiency must not rise with the degree"
+            )
+    return out
+
+
+def _table_factor(table: tuple[float, ...], degree: int) -> float:
+    """Factor of ``degree`` from a per-doubling table: exact at powers of two, linear in
+    ``log2(degree)`` between entries, and past the last entry the last doubling's ratio
+    repeats (``table[-1]·(table[-1]/table[-2])^(x − last)``, ``x = log2(degree)``)."""
+    last = len(table) - 1
+    if last == 0:
+        return table[0]
+    x = math.log2(degree)
+    if x >= last:
+        return table[-1] * (table[-1] / table[-2]) ** (x - last)
+    k = int(x)
+    return table[k] + (table[k + 1] - table[k]) * (x - k)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -58,11 +111,22 @@ class AnalyticOptions:
     gradient accumulation)."""
     optimizer_bytes: int = 12
     """Optimizer bytes per parameter: fp32 master weights + Adam's two fp32 moments."""
-    efficiency_decay: float = 0.05
-    """``δ`` in ``efficiency = max(min_efficiency, 1 − δ·log2(tp·cp))``: smaller per-rank
-    matmuls and more synchronisation at high degrees (tp8 → 0.85 with the default)."""
+    tp_efficiency: tuple[float, ...] = TP_EFFICIENCY_HYDRAULIS_13B
+    """Efficiency of the matmuls (the linear term ``b``) at ``tp = 1, 2, 4, 8, …`` (one entry
+    per doubling, the first 1.0). The default is fitted to the Hydraulis 13B / A100 profile
+    (``docs/cost_model.md``): with our communication terms it reproduces their per-GPU ``b``
+    ratios ×1.15 (tp2pp2), ×1.28 (tp4), ×1.71 (tp8) against tp1. The attention term ``a`` is
+    not charged for tp (heads split, each head's kernel is unchanged). Between entries the
+    factor is interpolated in ``log2(tp)``; past the last, the last doubling's ratio repeats."""
+    cp_efficiency: tuple[float, ...] = CP_EFFICIENCY_DEFAULT
+    """Efficiency of both terms at ``cp = 1, 2, 4, 8, …`` (same conventions as
+    ``tp_efficiency``). cp splits tokens, not matmul widths, so it costs less than tp: the
+    default keeps the former 5 % per doubling (no published per-degree profile; see docs)."""
+    efficiency_decay: float | None = None
+    """Legacy single-term form: when set, ``efficiency = max(min_efficiency, 1 − δ·log2(tp·cp))``
+    on both ``a`` and ``b`` replaces the two tables (``0.05`` was the former default)."""
     min_efficiency: float = 0.25
-    """Floor of the efficiency factor."""
+    """Floor of every efficiency factor."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -82,17 +146,37 @@ class AnalyticOptions:
             raise ValueError(
                 f"AnalyticOptions: optimizer_bytes={self.optimizer_bytes!r} must be a non-negative integer (Adam: 12)"
             )
-        if not (math.isfinite(self.efficiency_decay) and 0 <= self.efficiency_decay < 1):
-            raise ValueError(f"AnalyticOptions: efficiency_decay={self.efficiency_decay!r} must be in [0, 1) (e.g. 0.05)")
+        for name in ("tp_efficiency", "cp_efficiency"):
+            object.__setattr__(self, name, _efficiency_table(name, getattr(self, name)))
+        d = self.efficiency_decay
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not (math.isfinite(d) and 0 <= d < 1)):
+            raise ValueError(
+                f"AnalyticOptions: efficiency_decay={d!r} must be in [0, 1) (e.g. 0.05) or None (use the tp/cp tables)"
+            )
         if not (math.isfinite(self.min_efficiency) and 0 < self.min_efficiency <= 1):
             raise ValueError(f"AnalyticOptions: min_efficiency={self.min_efficiency!r} must be in (0, 1] (e.g. 0.25)")
 
-    def efficiency(self, degree: int) -> float:
-        """Fraction of ``peak · mfu`` reached when one stage's work is split over ``degree`` ranks."""
-        return max(self.min_efficiency, 1.0 - self.efficiency_decay * math.log2(degree))
+    def efficiency(self, tp: int, cp: int = 1) -> float:
+        """Fraction of ``peak · mfu`` the matmuls (linear term ``b``) reach on a ``tp × cp`` split
+        of one stage: ``tp_efficiency(tp) · cp_efficiency(cp)``, or the legacy
+        ``1 − δ·log2(tp·cp)`` when ``efficiency_decay`` is set; never below ``min_efficiency``."""
+        if self.efficiency_decay is not None:
+            return max(self.min_efficiency, 1.0 - self.efficiency_decay * math.log2(tp * cp))
+        return max(self.min_efficiency, _table_factor(self.tp_efficiency, tp) * _table_factor(self.cp_efficiency, cp))
+
+    def attention_efficiency(self, tp: int, cp: int = 1) -> float:
+        """Fraction of ``peak · mfu`` causal attention (quadratic term ``a``) reaches:
+        ``cp_efficiency(cp)`` (tp splits heads, leaving each head's kernel as it was), or the
+        legacy ``1 − δ·log2(tp·cp)`` when ``efficiency_decay`` is set."""
+        if self.efficiency_decay is not None:
+            return self.efficiency(tp, cp)
+        return max(self.min_efficiency, _table_factor(self.cp_efficiency, cp))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for name in ("tp_efficiency", "cp_efficiency"):
+            out[name] = list(out[name])
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AnalyticOptions":
@@ -160,7 +244,9 @@ class LayoutAnalysis:
     layout: Layout
     layers_per_stage: int
     efficiency: float
-    """Factor on ``peak · mfu`` from :meth:`AnalyticOptions.efficiency`."""
+    """Factor on ``peak · mfu`` of the matmuls (linear term), :meth:`AnalyticOptions.efficiency`."""
+    attention_efficiency: float
+    """Factor on ``peak · mfu`` of causal attention (``a``), :meth:`AnalyticOptions.attention_efficiency`."""
     flops_quadratic: float
     """Forward + backward (+ recompute) FLOPs per token² on one rank of the busiest stage."""
     flops_linear: float
@@ -251,10 +337,10 @@ class AnalyticModel:
         layer_passes = 4 if recompute_full else 3
         quad = layer_passes * layers * fwd.attention_quadratic / cp
         lin = (layer_passes * layers * fwd.layer_linear + 3 * fwd.head_linear) / cp
-        eff = opt.efficiency(tp * cp)
-        flop_rate = hw.effective_flops * eff
-        a = quad / flop_rate
-        b_compute = lin / flop_rate
+        eff = opt.efficiency(tp, cp)
+        eff_attention = opt.attention_efficiency(tp, cp)
+        a = quad / (hw.effective_flops * eff_attention)
+        b_compute = lin / (hw.effective_flops * eff)
 
         # communication per token on one rank (ring collectives, nothing overlapped)
         B = m.dtype_bytes
@@ -282,7 +368,7 @@ class AnalyticModel:
         capacity = min(math.floor((available - s) / t) for s, t in zip(static, per_token))
         binding = min(range(len(static)), key=lambda k: (available - static[k]) / per_token[k])
         return LayoutAnalysis(
-            layout=layout, layers_per_stage=layers, efficiency=eff,
+            layout=layout, layers_per_stage=layers, efficiency=eff, attention_efficiency=eff_attention,
             flops_quadratic=quad, flops_linear=lin, a=a, b_compute=b_compute,
             b_tp=b_tp, b_cp=b_cp, b_pp=b_pp, c=c,
             static_bytes=static[binding], activation_bytes_per_token=per_token[binding],

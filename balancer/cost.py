@@ -291,7 +291,8 @@ class CostModel:
         ``model`` and ``hardware`` are specs or preset names (``"llama-7b"``, ``"h100-80g"``).
         Options are an :class:`~balancer.analytic.AnalyticOptions` or its fields as keywords:
         ``zero_stage``, ``num_ranks``, ``reserve_bytes``, ``grad_bytes``, ``optimizer_bytes``,
-        ``efficiency_decay``, ``min_efficiency``. Layouts are priced on first use and cached;
+        ``tp_efficiency``, ``cp_efficiency``, ``efficiency_decay`` (legacy single-term form),
+        ``min_efficiency``. Layouts are priced on first use and cached;
         the specs go into ``meta`` so :meth:`from_dict` rebuilds the same resolver.
         """
         from .analytic import AnalyticModel, AnalyticOptions

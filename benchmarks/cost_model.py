@@ -12,6 +12,12 @@ published 13B coefficients, pricing latency, and a CPU calibration.
    ranks) next to the coefficients the Hydraulis authors fitted on their 13B runs
    (``balancer.data.INSTANCES_FILE``, converted to seconds): per layout, the ratio of
    predicted to published time at the file's median, p90 and largest length that fits.
+   **Parallel efficiency** — the per-GPU linear cost ``b·tp·pp`` (and quadratic ``a·tp·pp``)
+   of every published layout over tp1's, published vs the analytic model with its default
+   ``tp_efficiency`` table (fitted to these ratios) and with the former single-term
+   ``efficiency_decay=0.05``.
+   **7B throughput** — tokens/s per GPU and MFU of ``llama-7b`` at 4,096 tokens on
+   ``a100-80g`` and ``h100-80g`` (ZeRO-1 over 8) for tp = 1, 2, 4, 8.
 3. **Pricing latency** — a first ``cost(layout)`` (resolving) and cached lookups, and
    ``seconds(lengths, layout)`` over the whole length file.
 4. **Calibration** — ``CostModel.calibrate("tiny")`` on this CPU (one thread, CPU-time
@@ -91,6 +97,36 @@ def hydraulis_comparison(lengths: np.ndarray) -> list[dict[str, Any]]:
     return rows
 
 
+def efficiency_fit() -> list[dict[str, Any]]:
+    """Per-GPU ``b`` and ``a`` of each published layout over tp1's (``a`` over tp2pp2's: the
+    published tp1 ``a`` comes from sequences of at most 1,536 tokens and is poorly determined)."""
+    published = CostModel.from_hydraulis_instance(unit="s")
+    ours = CostModel.analytic("llama-13b", "a100-80g", zero_stage=1, num_ranks=64)
+    legacy = CostModel.analytic("llama-13b", "a100-80g", zero_stage=1, num_ranks=64, efficiency_decay=0.05)
+    ref_a = Layout(tp=2, pp=2)
+    rows = []
+    for lay in published.layouts:
+        row: dict[str, Any] = {"layout": lay.name}
+        for name, m in (("published", published), ("analytic", ours), ("legacy", legacy)):
+            row[f"b_ratio_{name}"] = m.cost(lay).b * lay.size / m.cost(Layout()).b
+            row[f"a_ratio_{name}"] = m.cost(lay).a * lay.size / (m.cost(ref_a).a * ref_a.size)
+        rows.append(row)
+    return rows
+
+
+def throughput_7b(length: int = 4096) -> list[dict[str, Any]]:
+    """Tokens/s per GPU and MFU of llama-7b at ``length`` tokens, ZeRO-1 over 8 GPUs."""
+    rows = []
+    for hw in ("a100-80g", "h100-80g"):
+        am = AnalyticModel(model_preset("llama-7b"), hardware_preset(hw), AnalyticOptions(zero_stage=1, num_ranks=8))
+        for tp in (1, 2, 4, 8):
+            lay = Layout(tp=tp)
+            rows.append({"hardware": hw, "layout": lay.name, "length": length,
+                         "tokens_per_s_per_gpu": am.tokens_per_second(lay, length),
+                         "mfu": am.model_flops_utilization(lay, length)})
+    return rows
+
+
 def pricing_latency(lengths: np.ndarray) -> dict[str, float]:
     model = CostModel.analytic("llama-13b", "a100-80g", zero_stage=1, num_ranks=64)
     lays = _layouts(64)
@@ -157,6 +193,18 @@ def markdown(res: dict[str, Any]) -> str:
             f"{r['analytic_c']:.3g} / {r['published_c']:.3g} | "
             + " | ".join(f"{r[f'ratio_{k}']:.2f} ({r[f'len_{k}']})" for k in ("p50", "p90", "max")) + " |"
         )
+    out += ["", "## Parallel efficiency: per-GPU cost over tp1, published vs analytic", "",
+            "b ratio = b·tp·pp / b(tp1); a ratio = a·tp·pp / that of tp2pp2. analytic: default "
+            "`tp_efficiency` (fitted); legacy: `efficiency_decay=0.05`.", "",
+            "| layout | b published | b analytic | b legacy | a published | a analytic | a legacy |",
+            "|---|---|---|---|---|---|---|"]
+    for r in res["efficiency_fit"]:
+        out.append(f"| {r['layout']} | " + " | ".join(
+            f"{r[f'{t}_ratio_{n}']:.3f}" for t in ("b", "a") for n in ("published", "analytic", "legacy")) + " |")
+    out += ["", "## llama-7b throughput at 4,096 tokens (ZeRO-1 over 8 GPUs)", "",
+            "| hardware | layout | tokens/s/GPU | MFU |", "|---|---|---|---|"]
+    for r in res["throughput_7b"]:
+        out.append(f"| {r['hardware']} | {r['layout']} | {r['tokens_per_s_per_gpu']:,.0f} | {100 * r['mfu']:.1f} % |")
     lat = res["latency"]
     out += ["", "## Pricing latency", "",
             f"resolve a layout: {lat['resolve_us']:.1f} µs; cached cost(): {lat['cached_us']:.2f} µs; "
@@ -196,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load": [round(x, 2) for x in os.getloadavg()],
         "analytic": analytic_table(args, lengths),
         "hydraulis": hydraulis_comparison(lengths),
+        "efficiency_fit": efficiency_fit(),
+        "throughput_7b": throughput_7b(),
         "latency": pricing_latency(lengths),
         "calibration": None if args.no_calibrate else calibration(),
     }

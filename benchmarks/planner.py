@@ -9,21 +9,32 @@ bundled Wikipedia, code, books and SFT sets) with an analytic cost model, and wr
 ``benchmarks/results/planner.json`` and ``planner.md``. It also replays the bundled
 Hydraulis instance file (below) for the comparison table.
 
-Scenarios (``a100-80g`` presets, ZeRO-1, 8 GPUs per node):
+Scenarios (8 GPUs per node):
 
-=======================  ========  ======  ===========  ==================
-name                     model     GPUs    max length   tokens per step
-=======================  ========  ======  ===========  ==================
-7b-16gpu-16k             7B        16      16,384       524,288
-7b-16gpu-32k             7B        16      32,768       524,288
-13b-64gpu-32k            13B       64      32,768       2,097,152
-7b-1024gpu-1.6m          7B        1,024   32,768       1,600,000
-=======================  ========  ======  ===========  ==================
+============================  ========  ======  ===========  ==================  =======================
+name                          model     GPUs    max length   tokens per step     cost model
+============================  ========  ======  ===========  ==================  =======================
+7b-16gpu-16k                  7B        16      16,384       524,288             analytic
+7b-16gpu-32k                  7B        16      32,768       524,288             analytic
+13b-64gpu-32k                 13B       64      32,768       2,097,152           analytic
+7b-1024gpu-1.6m               7B        1,024   32,768       1,600,000           analytic
+hydraulis13b-64gpu-32k        13B       64      32,768       2,097,152           published (Hydraulis)
+hydraulis13b-64gpu-400k       13B       64      32,768       400,000             published (Hydraulis)
+============================  ========  ======  ===========  ==================  =======================
 
-The last is the scale of Hydraulis's planner test (1.6M tokens per step on 1,024 GPUs).
+``analytic``: ``CostModel.analytic`` with the ``a100-80g`` preset and ZeRO-1 over the job.
+``7b-1024gpu-1.6m`` is the scale of Hydraulis's planner test (1.6M tokens per step on
+1,024 GPUs). The two ``hydraulis13b`` scenarios depend on none of our analytic
+assumptions: the cost model is ``CostModel.from_hydraulis_instance`` — the per-layout
+``a, b, c`` and ``max_seqlen`` the Hydraulis authors published for their 13B model
+(tp1, tp2pp2, tp4, tp8; seconds) — candidates may use those layouts, pipelines included,
+and the authors' own 64-GPU heterogeneous strategy (2×tp8, 4×tp4, 2×tp2pp2, 24×tp1) joins
+the candidate pool. ``400k`` is the batch size of the published instances (~400K tokens).
 Targets (fast path, all candidates): median plan latency ≤ 20 ms up to 64 GPUs and
 ≤ 200 ms at 1,024 GPUs; median estimate/bound ≤ 1.03; throughput over the best
-baseline reported per scenario (goal ≥ 1.3× on long-tail sets).
+baseline reported per scenario (goal ≥ 1.3× on long-tail sets), next to the
+heterogeneity ceiling (:func:`heterogeneity_ceiling`): the most per-sequence layout choice
+can gain over a perfectly balanced static baseline under the scenario's cost model.
 
 Instance mode::
 
@@ -59,14 +70,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(ROOT))
 
-from balancer.baselines import greedy_dispatch, random_restart_dispatch  # noqa: E402
+from balancer.baselines import greedy_dispatch, random_restart_dispatch, static_layout  # noqa: E402
 from balancer.cost import CostModel  # noqa: E402
 from balancer.data import INSTANCES_FILE, bundled_path, read_lengths  # noqa: E402
 from balancer.simulate import BALANCER, SimulationConfig, SimulationResult, simulate  # noqa: E402
 from packers.bounds import makespan_lower_bound  # noqa: E402
 from packers.makespan import lpt_makespan  # noqa: E402
-from strategies.candidates import generate_candidates  # noqa: E402
-from strategies.layout import ClusterSpec  # noqa: E402
+from strategies.candidates import enumerate_layouts, generate_candidates  # noqa: E402
+from strategies.layout import ClusterSpec, Layout, Strategy  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_SETS = ("pretrain_wikipedia_flexsp_100k", "code_kafka", "books_eltec_eng", "sft_alpaca_eval_outputs")
@@ -75,17 +86,29 @@ LONG_TAIL_SETS = ("pretrain_wikipedia_flexsp_100k", "code_kafka")
 HARDWARE = "a100-80g"
 
 
+COST_SOURCES = ("analytic", "hydraulis")
+"""``analytic``: ``CostModel.analytic(model, HARDWARE)``; ``hydraulis``: the published 13B
+coefficients of :data:`balancer.data.INSTANCES_FILE` (``CostModel.from_hydraulis_instance``)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Scenario:
     name: str
     model: str
-    """Model preset (``balancer.specs.MODEL_PRESETS``)."""
+    """Model preset (``balancer.specs.MODEL_PRESETS``); with ``cost="hydraulis"`` a label
+    (the coefficients are the published 13B ones)."""
     num_gpus: int
     max_length: int
     """Sequences are capped here, tokens."""
     tokens_per_step: int
     latency_target_ms: float
     """Median plan latency target, milliseconds."""
+    cost: str = "analytic"
+    """Where the cost model comes from: one of :data:`COST_SOURCES`."""
+
+    def __post_init__(self) -> None:
+        if self.cost not in COST_SOURCES:
+            raise ValueError(f"Scenario {self.name}: cost={self.cost!r} must be one of {COST_SOURCES}")
 
 
 SCENARIOS = (
@@ -93,6 +116,10 @@ SCENARIOS = (
     Scenario(name="7b-16gpu-32k", model="llama-7b", num_gpus=16, max_length=32_768, tokens_per_step=524_288, latency_target_ms=20),
     Scenario(name="13b-64gpu-32k", model="llama-13b", num_gpus=64, max_length=32_768, tokens_per_step=2_097_152, latency_target_ms=20),
     Scenario(name="7b-1024gpu-1.6m", model="llama-7b", num_gpus=1024, max_length=32_768, tokens_per_step=1_600_000, latency_target_ms=200),
+    Scenario(name="hydraulis13b-64gpu-32k", model="llama-13b", num_gpus=64, max_length=32_768,
+             tokens_per_step=2_097_152, latency_target_ms=20, cost="hydraulis"),
+    Scenario(name="hydraulis13b-64gpu-400k", model="llama-13b", num_gpus=64, max_length=32_768,
+             tokens_per_step=400_000, latency_target_ms=20, cost="hydraulis"),
 )
 BOUND_TARGET = 1.03
 SPEEDUP_GOAL = 1.3
@@ -309,17 +336,66 @@ def run_instance(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------
 
 
+def hydraulis_strategy(path: str | Path = INSTANCES_FILE) -> Strategy:
+    """The heterogeneous strategy of an instance file (its replicas' ``Layout(tp, 1, pp)``
+    counts), placed with :meth:`Strategy.from_counts`."""
+    d = json.loads(Path(path).read_text())
+    counts: dict[Layout, int] = {}
+    for r in d["replicas"]:
+        lay = Layout(tp=int(r["tp"]), cp=1, pp=int(r["pp"]))
+        counts[lay] = counts.get(lay, 0) + 1
+    return Strategy.from_counts(counts.items(), name="hydraulis_published")
+
+
+def scenario_cost_model(scn: Scenario) -> CostModel:
+    """The scenario's cost model (seconds): analytic on :data:`HARDWARE`, or the published one."""
+    if scn.cost == "hydraulis":
+        return CostModel.from_hydraulis_instance(INSTANCES_FILE, unit="s")
+    return CostModel.analytic(scn.model, HARDWARE, zero_stage=1, num_ranks=scn.num_gpus)
+
+
+def heterogeneity_ceiling(scn: Scenario, lengths: np.ndarray) -> dict[str, Any]:
+    """Upper bound on the speedup per-sequence layout choice alone can give over the
+    baselines' static layout: Σ GPU-seconds ``(a s² + b s)·size`` of every sequence (capped
+    at ``max_length``) on the static layout, over Σ of each sequence on the cheapest layout
+    of the candidate pool's layouts that holds it. Ignores ``c``, pipeline bubbles and
+    balance (a baseline that balances badly can lose more than this)."""
+    cluster = ClusterSpec(num_ranks=scn.num_gpus, ranks_per_node=8)
+    cost = scenario_cost_model(scn)
+    s = np.minimum(lengths, scn.max_length).astype(np.float64)
+    static = static_layout(cluster, cost, scn.max_length)
+    layouts = enumerate_layouts(cluster, cost, allow_pp=scn.cost == "hydraulis")
+
+    def gpu_seconds(lay: Layout) -> np.ndarray:
+        c = cost.cost(lay)
+        return np.where(s <= c.token_capacity, (c.a * s * s + c.b * s) * lay.size, np.inf)
+
+    best = np.min(np.stack([gpu_seconds(lay) for lay in layouts]), axis=0)
+    return {"static_layout": static.name, "ceiling": float(gpu_seconds(static).sum() / best.sum())}
+
+
 def run_scenario(scn: Scenario, lengths: np.ndarray, steps: int, seed: int) -> SimulationResult:
     """All candidates + every baseline on one scenario and one length file."""
     cluster = ClusterSpec(num_ranks=scn.num_gpus, ranks_per_node=8)
-    cost = CostModel.analytic(scn.model, HARDWARE, zero_stage=1, num_ranks=scn.num_gpus)
+    cost = scenario_cost_model(scn)
     capped = np.minimum(lengths, scn.max_length)
-    pool = generate_candidates(capped, cluster, cost, batch_tokens=scn.tokens_per_step, max_length=scn.max_length, seed=seed)
+    published = scn.cost == "hydraulis"
+    pool = generate_candidates(
+        capped, cluster, cost, batch_tokens=scn.tokens_per_step, max_length=scn.max_length, seed=seed,
+        allow_pp=published,  # the published profile includes tp2pp2
+    )
+    candidates = list(pool.strategies)
+    if published:
+        own = hydraulis_strategy()
+        if own.num_ranks == scn.num_gpus and all(own.counts() != c.counts() for c in candidates):
+            candidates.append(own)
     config = SimulationConfig(tokens_per_step=scn.tokens_per_step, num_steps=steps, max_length=scn.max_length, seed=seed)
-    return simulate(capped, cluster, cost, config, candidates=pool.strategies)
+    return simulate(capped, cluster, cost, config, candidates=candidates)
 
 
-def scenario_record(scn: Scenario, set_name: str, res: SimulationResult, load: list[float]) -> dict[str, Any]:
+def scenario_record(
+    scn: Scenario, set_name: str, res: SimulationResult, load: list[float], ceiling: dict[str, Any] | None = None
+) -> dict[str, Any]:
     summ = {name: tr.summary() for name, tr in res.traces.items()}
     best = res.best_baseline()
     bal = summ[BALANCER]
@@ -329,11 +405,13 @@ def scenario_record(scn: Scenario, set_name: str, res: SimulationResult, load: l
         "lengths": set_name,
         "model": scn.model,
         "num_gpus": scn.num_gpus,
+        "cost_model": scn.cost,
         "max_length": scn.max_length,
         "tokens_per_step": scn.tokens_per_step,
         "load_avg_at_end": load,
         "best_baseline": best,
         "speedup_vs_best_baseline": speedup,
+        "heterogeneity_ceiling": ceiling,
         "targets": {
             "plan_ms_median": [bal["plan_ms_median"], scn.latency_target_ms, bal["plan_ms_median"] <= scn.latency_target_ms],
             "estimate_over_bound_median": [
@@ -345,10 +423,14 @@ def scenario_record(scn: Scenario, set_name: str, res: SimulationResult, load: l
     }
 
 
+def _ceiling_cell(c: dict[str, Any] | None) -> str:
+    return "—" if not c else f"{c['ceiling']:.2f}× ({c['static_layout']})"
+
+
 def headline_table(records: list[dict[str, Any]]) -> str:
     head = (
         "| scenario | lengths | Balancer strategies used | plan ms median / p99 | est/bound median | "
-        "best baseline | speedup vs best | load |\n|---|---|---|---|---|---|---|---|\n"
+        "best baseline | speedup vs best | heterogeneity ceiling | load |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in records:
@@ -360,7 +442,7 @@ def headline_table(records: list[dict[str, Any]]) -> str:
             f"| {r['scenario']} | {r['lengths']} | {bal['strategies_used']} | "
             f"{bal['plan_ms_median']:.1f} / {bal['plan_ms_p99']:.1f} {lat_ok} | "
             f"{bal['median_estimate_over_bound']:.3f} {bnd_ok} | {r['best_baseline']} | "
-            f"{sp:.2f}× | {r['load_avg_at_end'][0]:.2f} |"
+            f"{sp:.2f}× | {_ceiling_cell(r.get('heterogeneity_ceiling'))} | {r['load_avg_at_end'][0]:.2f} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -376,7 +458,9 @@ def run_simulations(args: argparse.Namespace) -> int:
     print(f"load average {start['load_avg_1_5_15']} on {start['cpus']} CPUs; {steps} steps per run")
     records = []
     md = ["# Planner benchmark\n\n", f"Machine: {start['cpus']} CPUs, load average at start {start['load_avg_1_5_15']}, "
-          f"{start['time']}. Cost model: analytic, {HARDWARE}, ZeRO-1. {steps} steps per run.\n"]
+          f"{start['time']}. Cost model: analytic ({HARDWARE}, ZeRO-1) unless the scenario name starts with "
+          "`hydraulis13b` (the Hydraulis authors' published 13B coefficients, no analytic assumption). "
+          f"{steps} steps per run.\n"]
     for set_name in sets:
         path = Path(set_name)
         lengths = read_lengths(path if path.suffix else bundled_path(set_name))
@@ -384,7 +468,8 @@ def run_simulations(args: argparse.Namespace) -> int:
         for scn in scenarios:
             t0 = time.perf_counter()
             res = run_scenario(scn, lengths, steps, args.seed)
-            rec = scenario_record(scn, label, res, [round(x, 2) for x in os.getloadavg()])
+            rec = scenario_record(scn, label, res, [round(x, 2) for x in os.getloadavg()],
+                                  heterogeneity_ceiling(scn, lengths))
             records.append(rec)
             print(f"\n## {scn.name} on {label} ({time.perf_counter() - t0:.0f} s, load {rec['load_avg_at_end']})")
             print(res.summary_table())
@@ -393,7 +478,10 @@ def run_simulations(args: argparse.Namespace) -> int:
     head = headline_table(records)
     print("\n" + head)
     md.insert(2, "\n## Headline\n\nSpeedup = Balancer tokens/s over the best baseline's. ✓/✗: latency target "
-              "(20 ms up to 64 GPUs, 200 ms at 1,024) and median estimate/bound ≤ 1.03.\n\n" + head)
+              "(20 ms up to 64 GPUs, 200 ms at 1,024) and median estimate/bound ≤ 1.03. Heterogeneity "
+              "ceiling = Σ GPU-seconds of the length file's sequences on the baselines' static layout (in "
+              "brackets) over Σ on the cheapest layout holding each one (no c, bubbles or imbalance): what "
+              "per-sequence layout choice alone can gain over a perfectly balanced static baseline.\n\n" + head)
     result: dict[str, Any] = {"machine": start, "steps": steps, "hardware": HARDWARE, "runs": records}
     if not args.no_instance:
         rep = replay(INSTANCES_FILE, [m for m in METHODS if m != "ours+cpsat" or args.cpsat_time_limit > 0],

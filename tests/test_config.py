@@ -105,6 +105,21 @@ def test_cluster_file_overrides_reach_the_hardware(tmp_path) -> None:
     assert hw.mfu == 0.3
 
 
+def test_efficiency_tables_in_the_training_section_price_tp_layouts(tmp_path) -> None:
+    from strategies import Layout
+
+    base = "model: {preset: llama-7b}\ncluster: {num_ranks: 16, hardware: {preset: a100-80g}}\n"
+    (tmp_path / "a.yaml").write_text(base + "training: {zero_stage: 1, tp_efficiency: [1.0, 0.9, 0.84, 0.66]}\n")
+    (tmp_path / "b.yaml").write_text(base + "training: {zero_stage: 1, tp_efficiency: [1.0, 0.6, 0.5, 0.4]}\n")
+    a = load_job(config=str(tmp_path / "a.yaml")).cost_model()
+    b = load_job(config=str(tmp_path / "b.yaml")).cost_model()
+    assert a.cost(Layout(1)) == b.cost(Layout(1))  # tp1 runs at full efficiency either way
+    assert b.cost(Layout(2)).b > a.cost(Layout(2)).b  # a lower tp2 efficiency costs more per token
+    (tmp_path / "c.yaml").write_text(base + "training: {zero_stage: 1, tp_efficiency: [1.0, 1.2]}\n")
+    with pytest.raises(ConfigError, match="tp_efficiency"):
+        load_job(config=str(tmp_path / "c.yaml")).cost_model()
+
+
 def test_file_errors_name_the_file_and_section(tmp_path) -> None:
     bad = tmp_path / "job.yaml"
     bad.write_text("model: tiny\nclusters: {num_ranks: 8}\n")

@@ -58,10 +58,15 @@ def test_flops_split_over_tp_with_replicated_kv_head():
     assert fwd.layer_linear == q_proj + kv_proj + attention_diag + out_proj + mlp
     assert fwd.attention_quadratic == 8 and fwd.head_linear == 2 * 8 * 8
     an = AnalyticModel(SMALL, UNIT).analyze(Layout(tp=2))
-    eff = 1 - 0.05 * math.log2(2)
-    assert an.efficiency == pytest.approx(eff)
-    assert an.a == pytest.approx(3 * 2 * 8 / eff)
+    eff = 0.90  # tp_efficiency at tp=2 (the Hydraulis 13B fit); attention is not charged for tp
+    assert an.efficiency == pytest.approx(eff) and an.attention_efficiency == 1.0
+    assert an.a == pytest.approx(3 * 2 * 8)
     assert an.b_compute == pytest.approx(3 * (2 * fwd.layer_linear + fwd.head_linear) / eff)
+    legacy = AnalyticModel(SMALL, UNIT, AnalyticOptions(efficiency_decay=0.05)).analyze(Layout(tp=2))
+    old = 1 - 0.05 * math.log2(2)  # the former single-term form, still reachable
+    assert legacy.efficiency == legacy.attention_efficiency == pytest.approx(old)
+    assert legacy.a == pytest.approx(3 * 2 * 8 / old)
+    assert legacy.b_compute == pytest.approx(3 * (2 * fwd.layer_linear + fwd.head_linear) / old)
 
 
 def test_cp_and_pp_divide_the_work():
@@ -169,10 +174,49 @@ def test_tensor_parallel_communication_uses_the_right_network():
 
 
 def test_efficiency_curve():
-    opt = AnalyticOptions(efficiency_decay=0.1, min_efficiency=0.5)
+    opt = AnalyticOptions(efficiency_decay=0.1, min_efficiency=0.5)  # legacy 1 − δ·log2(tp·cp)
     assert [opt.efficiency(d) for d in (1, 2, 4, 8, 64)] == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.5])
+    assert opt.efficiency(2, 4) == opt.attention_efficiency(2, 4) == pytest.approx(0.7)
     with pytest.raises(ValueError, match="efficiency_decay=1.5 must be in"):
         AnalyticOptions(efficiency_decay=1.5)
+
+
+def test_efficiency_tables_separate_tp_and_cp():
+    opt = AnalyticOptions()  # defaults: tp fitted to Hydraulis 13B, cp 5 % per doubling
+    assert [opt.efficiency(t) for t in (1, 2, 4, 8)] == pytest.approx([1.0, 0.90, 0.84, 0.66])
+    assert [opt.efficiency(1, c) for c in (1, 2, 4, 8)] == pytest.approx([1.0, 0.95, 0.90, 0.85])
+    assert opt.efficiency(4, 2) == pytest.approx(0.84 * 0.95)
+    assert opt.attention_efficiency(8, 2) == pytest.approx(0.95)  # tp splits heads: attention keeps its rate
+    assert opt.efficiency(16) == pytest.approx(0.66 * 0.66 / 0.84)  # the last doubling's ratio repeats
+    assert opt.efficiency(3) == pytest.approx(0.90 - 0.06 * (math.log2(3) - 1))  # linear in log2(tp) between 2 and 4
+    custom = AnalyticOptions(tp_efficiency=(1.0, 0.5), min_efficiency=0.2)
+    assert [custom.efficiency(t) for t in (2, 4, 8)] == pytest.approx([0.5, 0.25, 0.2])  # floored
+    assert AnalyticOptions(cp_efficiency=[1.0]).efficiency(1, 8) == 1.0  # one entry: no loss
+    for bad, msg in (
+        (dict(tp_efficiency=(0.9, 0.8)), r"tp_efficiency=\(0.9, 0.8\) must start with 1.0"),
+        (dict(cp_efficiency=(1.0, 0.8, 0.9)), r"cp_efficiency\[2\]=0.9 \(degree 4\) exceeds 0.8"),
+        (dict(tp_efficiency=(1.0, 0.0)), r"tp_efficiency\[1\]=0.0 \(degree 2\) must be in \(0, 1\]"),
+        (dict(tp_efficiency="fast"), "must be a sequence of factors"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            AnalyticOptions(**bad)
+    d = json.loads(json.dumps(AnalyticOptions(tp_efficiency=(1.0, 0.8)).to_dict()))
+    assert AnalyticOptions.from_dict(d) == AnalyticOptions(tp_efficiency=(1.0, 0.8))
+
+
+def test_tp_efficiency_reproduces_the_published_hydraulis_13b_profile():
+    """Per-GPU linear cost ``b·tp·pp`` over tp1's, analytic vs the Hydraulis authors' fits."""
+    published = CostModel.from_hydraulis_instance(unit="s")
+    ours = CostModel.analytic("llama-13b", "a100-80g", zero_stage=1, num_ranks=64)
+
+    def ratios(m):
+        return [m.cost(lay).b * lay.size / m.cost(Layout()).b for lay in published.layouts]
+
+    pub = ratios(published)
+    assert pub == pytest.approx([1.0, 1.154, 1.278, 1.708], abs=1e-3)  # tp1, tp2pp2, tp4, tp8
+    assert ratios(ours) == pytest.approx(pub, rel=0.01)
+    legacy = CostModel.analytic("llama-13b", "a100-80g", zero_stage=1, num_ranks=64, efficiency_decay=0.05)
+    assert ratios(legacy)[-1] < 1.4  # the former curve was far too mild at tp8
 
 
 def test_llama_7b_throughput_is_in_the_published_range():

@@ -115,3 +115,37 @@ def test_cpsat_never_worse_than_its_hint_and_tightens_the_bound(tmp_path: Path) 
         assert b["makespan"] <= a["makespan"] * (1 + 1e-12)
         assert a["lower_bound"] == b["lower_bound"] <= b["makespan"] * (1 + 1e-9)
         assert math.isclose(b["makespan"], _makespan(d, lengths, b["assignment"]), rel_tol=1e-12)
+
+
+def test_hydraulis_scenarios_use_the_published_profile_and_strategy() -> None:
+    from balancer.cost import CostModel
+    from strategies.layout import Layout
+
+    scenarios = [s for s in planner.SCENARIOS if s.cost == "hydraulis"]
+    assert scenarios and all(s.num_gpus == 64 for s in scenarios)
+    published = CostModel.from_hydraulis_instance(INSTANCES_FILE, unit="s")
+    for scn in scenarios:
+        cost = planner.scenario_cost_model(scn)
+        assert cost.source == "coefficients" and cost.layouts == published.layouts
+        assert cost.cost(Layout(tp=8)) == published.cost(Layout(tp=8))  # seconds, not the file's ms
+    own = planner.hydraulis_strategy()
+    assert own.num_ranks == 64
+    assert {lay.name: n for lay, n in own.counts().items()} == {"tp8": 2, "tp4": 4, "tp2pp2": 2, "tp1": 24}
+    with pytest.raises(ValueError, match="cost='guess' must be one of"):
+        planner.Scenario(name="x", model="llama-7b", num_gpus=8, max_length=4096, tokens_per_step=65536,
+                         latency_target_ms=20, cost="guess")
+
+
+def test_heterogeneity_ceiling_prices_each_sequence_on_its_cheapest_layout() -> None:
+    from balancer.cost import CostModel
+    from strategies.layout import Layout
+
+    scn = next(s for s in planner.SCENARIOS if s.cost == "hydraulis")
+    pub = CostModel.from_hydraulis_instance(INSTANCES_FILE, unit="s")
+    tp1, tp8 = pub.cost(Layout(tp=1)), pub.cost(Layout(tp=8))
+    s = 1000.0  # fits tp1 (1,536 tokens): cheapest per GPU there; only tp8 holds the 32K cap
+    got = planner.heterogeneity_ceiling(scn, np.full(50, 1000))
+    assert got["static_layout"] == "tp8"
+    assert got["ceiling"] == pytest.approx((tp8.a * s * s + tp8.b * s) * 8 / (tp1.a * s * s + tp1.b * s))
+    longest = planner.heterogeneity_ceiling(scn, np.full(50, 40_000))  # capped at 32K: tp8 only
+    assert longest["ceiling"] == pytest.approx(1.0)
