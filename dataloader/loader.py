@@ -13,11 +13,13 @@ normalisation::
                 loss.backward()
         optimizer.step(); optimizer.zero_grad()
 
-Map-style datasets: planning runs ahead in a background thread (``plan_ahead`` steps)
-and real ``torch.utils.data.DataLoader`` workers fetch and collate the micro-batches
-(the micro-batches are the DataLoader's batches, so ``num_workers`` workers fetch them in
-parallel). Iterable datasets (``torch.utils.data.IterableDataset``, Hugging Face
-streaming): see :mod:`dataloader.stream`.
+Map-style datasets: planning runs ahead in a background thread (``plan_ahead`` steps),
+paced to start further plans while the loop holds a yielded step (its training step) or
+when nothing planned is left, and real ``torch.utils.data.DataLoader`` workers fetch and
+collate the micro-batches (the micro-batches are the DataLoader's batches, so
+``num_workers`` workers fetch them in parallel). Iterable datasets
+(``torch.utils.data.IterableDataset``, Hugging Face streaming): see
+:mod:`dataloader.stream`.
 
 Resuming: :meth:`BalancedDataLoader.state_dict` records the steps *consumed* by the
 training loop (not the ones prefetched). Iterating again after a ``break`` continues
@@ -29,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -349,6 +352,9 @@ class BalancedDataLoader:
         elif len(sampler.lengths) != len(dataset):
             raise ValueError(f"the sampler has lengths for {len(sampler.lengths)} samples but the dataset has {len(dataset)}")
         self.sampler = sampler
+        self._training = threading.Event()
+        """Set while the training loop holds a yielded step: background planning works then (PlanStream ``pace``)."""
+        sampler._pace = self._training
         self._feed = _SpecFeed(sampler)
         self._loader = tud.DataLoader(
             _FetchDataset(dataset, input_key, sequence_keys),
@@ -470,7 +476,11 @@ class BalancedDataLoader:
                     got, specs, step = [], [], None
                     self._consumed = (batch.epoch, batch.step_in_epoch + 1, batch.step + 1)
                     self._consumed_strategy = batch.plan.strategy
-                    yield batch
+                    self._training.set()
+                    try:
+                        yield batch
+                    finally:
+                        self._training.clear()
         finally:
             if self.sampler.completed_epochs > completed:
                 self._consumed = (self.sampler.epoch, 0, self.sampler._global_step)

@@ -10,6 +10,12 @@ of the consumer, in one background thread. With ``sync``:
   (required when ``Balancer.observe`` feeds measured times back, because which plan
   sees an observation depends on timing).
 
+``pace`` (optional): an event the consumer sets while it is busy with something other
+than taking data (the training step) and clears when it comes back. The thread then
+starts each further plan while the event is set — planning overlaps the training step
+instead of competing for the GIL with the consumer's own data handling — or as soon as
+the consumer has nothing planned left, so it never waits on the gate.
+
 Collectives run in the background thread on a dedicated gloo group, so they never
 interleave with the training loop's collectives. Every message is tagged with its step;
 a rank that stops early (``break``) tells the others with a ``stop`` message at its
@@ -57,6 +63,8 @@ class PlanBatch:
 
 
 _STOP = "stop"
+_PACE_POLL = 0.002
+"""Seconds between checks of the consumer's queue while waiting for its training step (``pace``)."""
 
 
 class PlanStream(Generic[T]):
@@ -72,6 +80,7 @@ class PlanStream(Generic[T]):
         sync: str = "none",
         group: Any = None,
         rank: int = 0,
+        pace: threading.Event | None = None,
     ) -> None:
         if sync not in PLAN_SYNC_MODES:
             raise ValueError(f"plan sync {sync!r}: choose one of {list(PLAN_SYNC_MODES)}")
@@ -84,6 +93,7 @@ class PlanStream(Generic[T]):
         self._sync = sync
         self._group = group
         self._rank = rank
+        self._pace = pace
         self._out: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
         self._abandoned = threading.Event()
         self.completed = False
@@ -129,6 +139,14 @@ class PlanStream(Generic[T]):
             )
 
     # -- background thread --------------------------------------------------------------------
+    def _wait_for_turn(self) -> None:
+        """With ``pace``: wait until the consumer trains (event set) or has no plan left, or we are closed."""
+        pace = self._pace
+        if pace is None:
+            return
+        while not (pace.is_set() or self._out.empty() or self._abandoned.is_set()):
+            pace.wait(_PACE_POLL)
+
     def _emit(self, kind: str, value: Any) -> None:
         while not self._abandoned.is_set():
             try:
@@ -157,6 +175,7 @@ class PlanStream(Generic[T]):
             else:
                 source = ((b, None) for b in self._batches)
             while True:
+                self._wait_for_turn()
                 try:
                     batch, plan = next(source)
                 except StopIteration:

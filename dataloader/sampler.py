@@ -252,6 +252,8 @@ class BalancedBatchSampler:
         self._stream: PlanStream[SamplerStep] | None = None
         self._last_strategy: str | None = getattr(balancer, "previous_strategy", None)
         self._iteration = 0
+        self._pace: Any = None
+        """A ``threading.Event`` set while the consumer trains (BalancedDataLoader sets it): see PlanStream's ``pace``."""
         self.completed_epochs = 0
         """Epochs iterated to their end by this object (a broken-off or closed one does not count)."""
 
@@ -498,6 +500,7 @@ class BalancedBatchSampler:
             sync=self._sync,
             group=self._group,
             rank=self.rank,
+            pace=self._pace,
         )
         self._stream = stream
         finished = False
