@@ -29,13 +29,34 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from numba import njit
 
 import packers
+from packers._lp import type_lp
+from packers._state import build_instance
+from packers.bounds import combined_makespan_bound
+from packers.makespan import solve_instance
+from packers.validate import UNLIMITED_TOKENS
 from strategies.layout import Layout, Strategy
 
 from .cost import CostModel
 
-__all__ = ["ReplicaTable", "Dispatch", "item_seconds", "stage1_times", "dispatch", "refine_dispatch", "lower_bound"]
+__all__ = [
+    "ReplicaTable",
+    "Dispatch",
+    "Stage1LP",
+    "item_seconds",
+    "stage1_times",
+    "stage1_arrays",
+    "stage1_lp",
+    "quick_lower_bound",
+    "dispatch",
+    "refine_dispatch",
+    "lower_bound",
+]
+
+_LP_SAFETY = 1.0 - 1e-9
+"""An LP value is scaled by this before it is used as a bound (floating-point slack)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,6 +164,113 @@ def stage1_times(table: ReplicaTable, lengths: np.ndarray, t: np.ndarray | None 
     return w
 
 
+@njit(cache=True, nogil=True)
+def _stage1_kernel(lengths, a, b, c, capacity):
+    n = lengths.shape[0]
+    num_types = a.shape[0]
+    t = np.empty((n, num_types))
+    w = np.empty((n, num_types))
+    for i in range(n):
+        s = float(lengths[i])
+        for k in range(num_types):
+            x = a[k] * s * s + b[k] * s  # same operations, in the same order, as item_seconds
+            t[i, k] = x
+            w[i, k] = np.inf if lengths[i] > capacity[k] else x + c[k] * s / float(capacity[k])
+    return t, w
+
+
+def stage1_arrays(table: ReplicaTable, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(item_seconds, stage1_times)`` of int64 ``lengths`` in one pass (numba): the same
+    float64[n, K] arrays as :func:`item_seconds` and :func:`stage1_times`, bit for bit."""
+    return _stage1_kernel(np.ascontiguousarray(lengths, dtype=np.int64), table.a, table.b, table.c, table.capacity)
+
+
+@dataclass(frozen=True, eq=False)
+class Stage1LP:
+    """The LP by replica type on the anticipated stage-1 times ``w`` (:func:`stage1_lp`)."""
+
+    value: float
+    """LP optimum, seconds (the best dual value found: valid even if not converged). Below
+    the step time of every plan of the strategy (:func:`lower_bound`, bound 4), up to
+    floating-point slack (users scale it by ``1 − 1e-9``)."""
+    x: np.ndarray | None
+    """float64[n, K] fractional type split (``None`` for a one-type strategy); guides the greedy."""
+
+
+def stage1_lp(table: ReplicaTable, w: np.ndarray, counts: np.ndarray | None = None) -> Stage1LP:
+    """Solve the LP by type on ``w`` (:func:`packers._lp.type_lp`, numba cutting planes).
+
+    ``counts``: when given, row ``i`` of ``w`` stands for ``counts[i]`` sequences of one
+    length (``w`` of the distinct lengths): the same LP with fewer rows; ``x`` is then per
+    row. With one replica type the LP is the volume ``Σ_i w_i / Σ_j speed_j`` and ``x`` is
+    ``None``.
+    """
+    if table.capacity.size == 1:
+        col = w[:, 0] if counts is None else w[:, 0] * counts
+        return Stage1LP(value=float(col.sum() / table.speed.sum()), x=None)
+    weights = None if counts is None else np.asarray(counts, dtype=np.float64)
+    value, x, _ = type_lp(np.ascontiguousarray(w), table.bin_type, table.speed, weights=weights)
+    return Stage1LP(value=float(value), x=x)
+
+
+def quick_lower_bound(
+    table: ReplicaTable, lengths: np.ndarray, t: np.ndarray, lp: Stage1LP, counts: np.ndarray | None = None
+) -> float:
+    """Bounds 1, 4 (its LP) and 5 of :func:`lower_bound`, scaled down by ``1 − 1e-9``
+    (floating-point slack): cheap once ``lp`` is solved, and valid for every plan of the
+    strategy, so the selector can skip a strategy whose bound already exceeds the best
+    estimate found. ``counts``: multiplicity of each row (``lengths`` distinct)."""
+    work = float(t[:, 0].sum() if counts is None else (t[:, 0] * counts).sum())
+    bound = max(_single_item_bound(table, lengths, t), lp.value, _pipeline_volume_bound(table, work))
+    return bound * _LP_SAFETY
+
+
+def _pipeline_volume_bound(table: ReplicaTable, work: float) -> float:
+    """Bound 5 of :func:`lower_bound` (one layout, ``pp > 1``; else 0): the largest
+    makespan ``M`` found infeasible by bisection, ``work`` = ``Σ_i t(s_i)`` seconds."""
+    if table.capacity.size != 1 or int(table.pp[0]) < 2 or work <= 0.0:
+        return 0.0
+    a = float((table.pp[0] - 1) * table.c[0])
+    root_a = np.sqrt(a)
+    speed = table.speed
+    lo = 0.0
+    hi = (work + 2.0 * np.sqrt(a * work)) / float(speed.min())  # feasible: one replica does it all
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if float(((np.sqrt(mid * speed + a) - root_a) ** 2).sum()) < work:
+            lo = mid  # the replicas cannot absorb the work within mid
+        else:
+            hi = mid
+    return lo
+
+
+@njit(cache=True, nogil=True)
+def _single_item_kernel(lengths, t, pp, c, capacity, fastest):
+    """``max_i min_{k holds i} pp_k·(t[i, k] + c_k) / fastest_k`` (bound 1 of :func:`lower_bound`)."""
+    out = 0.0
+    for i in range(lengths.shape[0]):
+        best = np.inf
+        for k in range(pp.shape[0]):
+            if lengths[i] <= capacity[k]:
+                v = pp[k] * (t[i, k] + c[k]) / fastest[k]
+                if v < best:
+                    best = v
+        if best > out:
+            out = best
+    return out
+
+
+def _single_item_bound(table: ReplicaTable, lengths: np.ndarray, t: np.ndarray) -> float:
+    fastest = np.zeros(table.capacity.size, dtype=np.float64)
+    np.maximum.at(fastest, table.bin_type, table.speed)
+    return float(
+        _single_item_kernel(
+            np.ascontiguousarray(lengths, dtype=np.int64), np.ascontiguousarray(t, dtype=np.float64),
+            table.pp.astype(np.float64), table.c, table.capacity, fastest,
+        )
+    )
+
+
 def _check_eligible(table: ReplicaTable, lengths: np.ndarray) -> None:
     if lengths.size and int(lengths.max()) > table.max_capacity:
         i = int(np.argmax(lengths))
@@ -159,23 +287,34 @@ def dispatch(
     *,
     local_search: bool = True,
     max_rounds: int | None = None,
+    lp: Stage1LP | None = None,
 ) -> Dispatch:
     """Greedy stage 1 (heterogeneous LPT + local search) on anticipated times ``w``.
 
     Every replica gets at least one sequence when there are at least as many sequences as
-    replicas (and eligibility allows it).
+    replicas (and eligibility allows it). ``lp``: :func:`stage1_lp` of this ``w`` when
+    already solved (the greedy's type split reuses it instead of solving it again).
+    ``w`` from :func:`stage1_times` / :func:`stage1_arrays` is valid by construction, so
+    the packer's input checks are skipped.
     """
     _check_eligible(table, lengths)
     if w is None:
         w = stage1_times(table, lengths)
-    res = packers.lpt_makespan(
-        w,
+    n, m = lengths.size, table.num_replicas
+    inst = build_instance(
+        np.ascontiguousarray(w, dtype=np.float64),
         table.bin_type,
-        speed=table.speed,
-        pp_weight=table.pp_weight,
-        require_nonempty=lengths.size >= table.num_replicas,
+        table.speed,
+        table.pp_weight,
+        np.zeros(n, dtype=np.int64),
+        np.full(m, UNLIMITED_TOKENS, dtype=np.int64),
+    )
+    res = solve_instance(
+        inst,
+        require_nonempty=n >= m,
         local_search=local_search,
         max_rounds=max_rounds,
+        lp=None if lp is None or lp.x is None else (lp.value, lp.x),
     )
     return Dispatch(bin_of=np.asarray(res.bin_of, dtype=np.int64), stage1_makespan=float(res.makespan), solver="greedy")
 
@@ -215,8 +354,15 @@ def refine_dispatch(
     )
 
 
-def lower_bound(table: ReplicaTable, lengths: np.ndarray, t: np.ndarray | None = None) -> float:
-    """Seconds no two-stage plan of this strategy can beat; ``max`` of three valid bounds.
+def lower_bound(
+    table: ReplicaTable,
+    lengths: np.ndarray,
+    t: np.ndarray | None = None,
+    *,
+    w: np.ndarray | None = None,
+    lp: Stage1LP | None = None,
+) -> float:
+    """Seconds no two-stage plan of this strategy can beat; ``max`` of five valid bounds.
 
     With ``T_j`` the exact replica time ``(Σ_k T(m_k) + v·c + (pp−1)·max_k T(m_k)) / speed``,
     ``v ≥ pp`` micro-batches on a non-idle replica and ``v ≥ Σ s / capacity``:
@@ -227,23 +373,47 @@ def lower_bound(table: ReplicaTable, lengths: np.ndarray, t: np.ndarray | None =
     2. *area*: ``Σ_j speed_j·T_j ≥ Σ_i min_k (t_k(s_i) + c_k·s_i/capacity_k)``, so the
        makespan is at least that sum over ``Σ_j speed_j``.
     3. :func:`packers.makespan_lower_bound` on the pure times ``t`` with ``pp_weight = pp−1``,
-       an objective the exact replica time never falls below.
+       an objective the exact replica time never falls below (computed only when some
+       layout has ``pp > 1``: with ``pp = 1`` everywhere it has no pipeline term, and
+       bound 4 evaluates the same terms on the larger times ``w ≥ t``).
+    4. *stage-1 relaxation*: every replica satisfies ``speed_j·T_j ≥ Σ_{i∈j} w(s_i)``
+       (``v ≥ Σ s / capacity``), so the makespan of assigning the anticipated times ``w``
+       with no pipeline term bounds the step time from below, and so does every lower
+       bound of that problem: its LP by type (:func:`stage1_lp`), its single-item and
+       volume bounds, and its eligibility pigeonhole
+       (:func:`packers.bounds.combined_makespan_bound`). ``w`` and ``lp`` are computed
+       when not given; ``lp`` may be :func:`stage1_lp` of the distinct lengths with
+       their counts (the same LP: only its value is used here).
+    5. *pipeline volume* (one layout with ``pp > 1``): a replica given work
+       ``W_j = Σ t`` runs ``v`` micro-batches with ``max T ≥ W_j / v``, so
+       ``speed_j·T_j ≥ W_j + v·c + (pp−1)·W_j/v ≥ W_j + 2·sqrt((pp−1)·c·W_j)`` (the minimum
+       over real ``v > 0``). Inverting, ``W_j ≤ (sqrt(M·speed_j + a) − sqrt(a))²`` with
+       ``a = (pp−1)·c``; the step time ``M`` must let the replicas absorb ``Σ_j W_j = Σ_i
+       t(s_i)``, and bisection finds the largest ``M`` that cannot. The LP ignores the
+       bubble, so on all-pipeline strategies this is the tight bound.
     """
     if lengths.size == 0:
         return 0.0
     if t is None:
         t = item_seconds(table, lengths)
+    if w is None:
+        w = stage1_times(table, lengths, t)
+    if lp is None:
+        lp = stage1_lp(table, w)
     eligible = lengths[:, None] <= table.capacity[None, :]
-    num_types = table.capacity.size
-    fastest = np.zeros(num_types, dtype=np.float64)
-    np.maximum.at(fastest, table.bin_type, table.speed)
-    single = np.where(eligible, table.pp[None, :] * (t + table.c[None, :]) / fastest[None, :], np.inf)
-    bound_single = float(single.min(axis=1).max())
-    s = lengths.astype(np.float64)[:, None]
-    per_token = np.where(eligible, t + table.c[None, :] * s / table.capacity[None, :].astype(np.float64), np.inf)
+    bound_single = _single_item_bound(table, lengths, t)
+    per_token = np.where(eligible, w, np.inf)
     bound_area = float(per_token.min(axis=1).sum() / table.speed.sum())
-    t_eligible = np.where(eligible, t, np.inf)
-    bound_packers = float(
-        packers.makespan_lower_bound(t_eligible, table.bin_type, speed=table.speed, pp_weight=table.pp_weight)
+    bound_packers = 0.0
+    if int(table.pp.max()) > 1:
+        t_eligible = np.where(eligible, t, np.inf)
+        bound_packers = float(
+            packers.makespan_lower_bound(t_eligible, table.bin_type, speed=table.speed, pp_weight=table.pp_weight)
+        )
+    bound_stage1 = float(
+        combined_makespan_bound(
+            np.ascontiguousarray(w), table.bin_type, table.speed, np.zeros(table.num_replicas), lp.value
+        )
     )
-    return max(bound_single, bound_area, bound_packers)
+    bound_pipeline = _pipeline_volume_bound(table, float(t[:, 0].sum())) * _LP_SAFETY
+    return max(bound_single, bound_area, bound_packers, bound_stage1, bound_pipeline)

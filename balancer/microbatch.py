@@ -43,8 +43,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 import packers
+from packers._greedy import _greedy_kernel
+from packers._search import _improve_kernel
+from packers.binpack import _first_fit, first_fit_decreasing_groups
 
 from .dispatch import ReplicaTable
 
@@ -109,37 +113,126 @@ class MicroBatches:
         ]
 
 
-def _pipeline_search(
-    sizes: np.ndarray, times: np.ndarray, capacity: int, c: float, pp: int, max_extra: int
-) -> tuple[np.ndarray, int]:
-    """Best ``(micro-batch of each item, v)`` for one pipeline replica with more than ``pp`` items."""
-    n = sizes.size
-    ffd = packers.first_fit_decreasing(sizes, capacity)
-    v0 = max(pp, int(ffd.num_bins))
-    sum_t = float(times.sum())
-    t_max = float(times.max())
+@njit(cache=True, nogil=True)
+def _group_order(bin_of: np.ndarray, m: int) -> np.ndarray:
+    """Positions grouped by replica, increasing inside each (= a stable argsort of
+    ``bin_of``, by counting sort in O(n + m))."""
+    start = np.zeros(m + 1, dtype=np.int64)
+    for i in range(bin_of.shape[0]):
+        start[bin_of[i] + 1] += 1
+    for j in range(m):
+        start[j + 1] += start[j]
+    order = np.empty(bin_of.shape[0], dtype=np.int64)
+    for i in range(bin_of.shape[0]):
+        order[start[bin_of[i]]] = i
+        start[bin_of[i]] += 1
+    return order
+
+
+@njit(cache=True, nogil=True)
+def _minmax_trusted(times, sizes, k, capacity):
+    """:func:`packers.minmax_pack` (``require_nonempty=True``, default rounds) on inputs
+    valid by construction, in numba: the same kernels, orders and fallbacks, so the same
+    answer. Returns ``(bin_of, found)``; ``found`` is False where ``minmax_pack`` raises
+    (no greedy rule and no first-fit decreasing packing fits ``k`` bins)."""
+    n = times.shape[0]
+    t2 = np.empty((n, 1))
+    for i in range(n):
+        t2[i, 0] = times[i]
+    bin_type = np.zeros(k, dtype=np.int64)
+    speed = np.ones(k)
+    pp_weight = np.zeros(k)
+    bin_capacity = np.full(k, capacity, dtype=np.int64)
+    leaves = 1
+    while leaves < k:
+        leaves *= 2
+    cls_of = np.zeros(k, dtype=np.int64)
+    cls_pos = np.arange(k)
+    cls_type = np.zeros(1, dtype=np.int64)
+    cls_cap = np.full(1, capacity, dtype=np.int64)
+    cls_ptr = np.array([0, k], dtype=np.int64)
+    cls_bins = np.arange(k)
+    cls_off = np.zeros(1, dtype=np.int64)
+    cls_leaves = np.full(1, leaves, dtype=np.int64)
+    tree_size = 2 * leaves
+    # greedy rules in solve_greedy's order: LPT by time, largest size first, best fit
+    by_time = np.argsort(-times, kind="mergesort")
+    by_size = by_time[np.argsort(-sizes[by_time], kind="mergesort")]
+    bin_of = np.full(n, -1, dtype=np.int64)
+    found = False
+    for attempt in range(3):
+        order = by_time if attempt == 0 else by_size
+        rule = 1 if attempt == 2 else 0
+        bin_of, failed = _greedy_kernel(
+            order, rule, t2, bin_type, speed, pp_weight, sizes, bin_capacity,
+            cls_of, cls_pos, cls_type, cls_cap, cls_ptr, cls_bins, cls_off, cls_leaves, tree_size,
+        )
+        if failed < 0:
+            found = True
+            break
+    if not found:  # minmax_greedy's fallback: first-fit decreasing by tokens
+        bin_of, used = _first_fit(np.argsort(-sizes, kind="mergesort"), sizes, capacity)
+        if used > k:
+            return bin_of, False
+    stats = np.zeros(5, dtype=np.int64)
+    _improve_kernel(
+        bin_of, True, True, 256 + k // 2, stats, t2, bin_type, speed, pp_weight, sizes, bin_capacity,
+        cls_of, cls_pos, cls_type, cls_cap, cls_ptr, cls_bins, cls_off, cls_leaves, tree_size,
+    )
+    return bin_of, True
+
+
+@njit(cache=True, nogil=True)
+def _pipeline_kernel(sizes, times, capacity, c, pp, max_extra, sum_t, t_max, total_tokens):
+    n = sizes.shape[0]
+    best_mb, v0 = _first_fit(np.argsort(-sizes, kind="mergesort"), sizes, capacity)
+    v0 = max(pp, v0)
     # Fallback that is always feasible: the bin-packing answer, padded with empty micro-batches.
-    best_mb = np.asarray(ffd.bin_of, dtype=np.int64)
+    loads = np.zeros(v0)
+    for i in range(n):
+        loads[best_mb[i]] += times[i]
+    best = sum_t + v0 * c + (pp - 1) * loads.max()
     best_v = v0
-    best = sum_t + v0 * c + (pp - 1) * float(np.bincount(best_mb, weights=times).max())
     for v in range(v0, min(n, v0 + max_extra) + 1):
         if sum_t + v * c + (pp - 1) * t_max >= best:
             break  # every larger v costs more than the best already found
         if sum_t + v * c + (pp - 1) * max(t_max, sum_t / v) >= best:
             continue
         if v == n:
-            mb, max_t = np.arange(n, dtype=np.int64), t_max
+            mb = np.arange(n)
+            max_t = t_max
         else:
-            try:
-                res = packers.minmax_pack(times, sizes, v, capacity, require_nonempty=True)
-            except ValueError:
+            if total_tokens > v * capacity:
+                continue  # no packing into v bins under the cap
+            mb, ok = _minmax_trusted(times, sizes, v, capacity)
+            if not ok:
                 continue  # the heuristic found no packing into v bins under the cap
-            mb = np.asarray(res.bin_of, dtype=np.int64)
-            max_t = float(np.bincount(mb, weights=times, minlength=v).max())
+            loads = np.zeros(v)
+            for i in range(n):
+                loads[mb[i]] += times[i]
+            max_t = loads.max()
         est = sum_t + v * c + (pp - 1) * max_t
         if est < best:
-            best, best_mb, best_v = est, mb, v
+            best = est
+            best_mb = mb
+            best_v = v
     return best_mb, best_v
+
+
+def _pipeline_search(
+    sizes: np.ndarray, times: np.ndarray, capacity: int, c: float, pp: int, max_extra: int
+) -> tuple[np.ndarray, int]:
+    """Best ``(micro-batch of each item, v)`` for one pipeline replica with more than ``pp`` items.
+
+    For ``v`` from ``max(pp, FFD bins)`` up to ``max_extra`` more, :func:`packers.minmax_pack`
+    (its kernels, called from numba: one call per replica) gives the smallest ``max T``;
+    the FFD packing padded to ``v`` micro-batches is the always-feasible fallback."""
+    sz = np.ascontiguousarray(sizes, dtype=np.int64)
+    tm = np.ascontiguousarray(times, dtype=np.float64)
+    mb, v = _pipeline_kernel(
+        sz, tm, int(capacity), float(c), int(pp), int(max_extra), float(tm.sum()), float(tm.max()), int(sz.sum())
+    )
+    return np.asarray(mb, dtype=np.int64), int(v)
 
 
 def pack_replica(
@@ -195,7 +288,7 @@ def pack_micro_batches(
     tokens = np.bincount(bin_of, weights=lengths.astype(np.float64), minlength=m)
 
     # Easy replicas, all at once: one micro-batch (pp = 1, fits) or one item per micro-batch (pp > 1, ≤ pp items).
-    order = np.argsort(bin_of, kind="stable")
+    order = _group_order(bin_of, m)
     starts = np.concatenate(([0], np.cumsum(count)))
     rank_in_rep = np.empty(n, dtype=np.int64)
     rank_in_rep[order] = np.arange(n, dtype=np.int64) - starts[bin_of[order]]
@@ -203,7 +296,19 @@ def pack_micro_batches(
     mb_of = np.where(pipeline_item, rank_in_rep, 0).astype(np.int64)
     v = np.where((pp_r > 1) & (count > 0), pp_r, 1).astype(np.int64)
 
-    hard = np.flatnonzero((count > 0) & (((pp_r == 1) & (tokens > cap_r)) | ((pp_r > 1) & (count > pp_r))))
+    # pp = 1 replicas over their capacity: first-fit decreasing for every replica in one numba call.
+    over = np.flatnonzero((count > 0) & (pp_r == 1) & (tokens > cap_r))
+    if over.size and not balance_times:
+        is_over = np.zeros(m, dtype=bool)
+        is_over[over] = True
+        group = np.where(is_over[bin_of], bin_of, -1)
+        local, used = first_fit_decreasing_groups(lengths, group, cap_r)
+        packed = group >= 0
+        mb_of[packed] = local[packed]
+        v[over] = used[over]
+        over = over[:0]
+    # the rest, one replica at a time: pipelines that need a search, and balanced pp = 1 packing
+    hard = np.union1d(over, np.flatnonzero((count > 0) & (pp_r > 1) & (count > pp_r)))
     for j in hard.tolist():
         idx = order[starts[j] : starts[j + 1]]
         local, v[j] = pack_replica(

@@ -40,7 +40,17 @@ import numpy as np
 from strategies.layout import ClusterSpec, Strategy
 
 from .cost import CostModel
-from .dispatch import Dispatch, ReplicaTable, dispatch, item_seconds, lower_bound, refine_dispatch, stage1_times
+from .dispatch import (
+    Dispatch,
+    ReplicaTable,
+    Stage1LP,
+    dispatch,
+    lower_bound,
+    quick_lower_bound,
+    refine_dispatch,
+    stage1_arrays,
+    stage1_lp,
+)
 from .microbatch import MicroBatches, pack_micro_batches
 from .plan import ReplicaPlan, StepPlan
 
@@ -158,10 +168,10 @@ def _stage2(table: ReplicaTable, lengths: np.ndarray, t: np.ndarray, d: Dispatch
 def solve_strategy(table: ReplicaTable, lengths: np.ndarray, config: BalancerConfig | None = None) -> StrategySolution:
     """Fast path of both stages for one strategy; ``lengths`` int64 tokens, all ``≤ table.max_capacity``."""
     config = config or BalancerConfig()
-    t = item_seconds(table, lengths)
-    w = stage1_times(table, lengths, t)
+    t, w = stage1_arrays(table, lengths)
     d = dispatch(table, lengths, w, local_search=config.local_search, max_rounds=config.local_search_rounds)
-    return StrategySolution(table=table, dispatch=d, micro=_stage2(table, lengths, t, d, config), stage1_times=w, item_seconds=t)
+    micro = _stage2(table, lengths, t, d, config)
+    return StrategySolution(table=table, dispatch=d, micro=micro, stage1_times=w, item_seconds=t)
 
 
 @dataclass(frozen=True, eq=False)
@@ -296,17 +306,37 @@ class Balancer:
             self._raise_too_long(lengths, sample_ids)
         cfg = self.config
         with self._lock:
+            # Every candidate's bound (one item; LP by type on the stage-1 times) first, then
+            # both stages in increasing bound order, skipping the candidates whose bound
+            # (plus switch penalty) already exceeds the best score found: their estimate
+            # cannot beat it, so the choice is the one an exhaustive loop makes (lowest
+            # score, ties to the earlier candidate).
+            # The bounds use each distinct length once (with its count): same values, and the
+            # LP has a row per distinct length instead of per sequence.
+            distinct, counts = np.unique(lengths, return_counts=True)
+            prepared = []
+            for k in feasible:
+                table = state.tables[k]
+                t_d, w_d = stage1_arrays(table, distinct)
+                lp_d = stage1_lp(table, w_d, counts)
+                penalty = 0.0
+                if self._previous is not None and self.candidates[k].name != self._previous:
+                    penalty = cfg.switch_penalty
+                prepared.append((quick_lower_bound(table, distinct, t_d, lp_d, counts) + penalty, k, penalty, lp_d))
+            prepared.sort(key=lambda p: (p[0], p[1]))
             best: StrategySolution | None = None
             best_score = math.inf
-            for k in feasible:
+            best_k = -1
+            best_lp: Stage1LP | None = None
+            for bound_score, k, penalty, lp_d in prepared:
+                if bound_score > best_score:
+                    break  # sorted by bound: no later candidate can win either
                 sol = solve_strategy(state.tables[k], lengths, cfg)
-                score = sol.est_step_seconds
-                if self._previous is not None and self.candidates[k].name != self._previous:
-                    score += cfg.switch_penalty
-                if score < best_score:
-                    best, best_score = sol, score
+                score = sol.est_step_seconds + penalty
+                if score < best_score or (score == best_score and k < best_k):
+                    best, best_score, best_k, best_lp = sol, score, k, lp_d
             assert best is not None
-            bound = lower_bound(best.table, lengths, best.item_seconds)
+            bound = lower_bound(best.table, lengths, best.item_seconds, w=best.stage1_times, lp=best_lp)
             best, solver = self._refine(best, lengths, bound, step)
             plan = self._assemble(best, lengths, sample_ids, loss, bound, step, solver, time.perf_counter() - t0)
             self._previous = plan.strategy

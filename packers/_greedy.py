@@ -6,19 +6,23 @@ Items are placed one by one in a given order; the rules are described in
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit
 
-from packers._state import Instance, _add, _class_pick, _new_state, bin_loads, cls_args
+from packers._state import Instance, _class_pick, _new_state, _tree_set, bin_loads, cls_args
+from packers.binpack import decreasing_order
 
-__all__ = ["GreedyFailure", "difficulty", "solve_greedy"]
+__all__ = ["GreedyFailure", "descending_order", "difficulty", "solve_greedy"]
 
 _INF = np.inf
 _NO_FIT = np.int64(2**62)  # larger than any residual token count
 _MANY_ITEMS_PER_BIN = 16  # from here on the LP-guided greedy start is kept (benchmarked)
+_SMALL_SORT = 256  # up to here a stable argsort beats ranks + counting sort (same order)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _greedy_kernel(
     order, rule, times, bin_type, speed, pp_weight, sizes, bin_capacity,
     cls_of, cls_pos, cls_type, cls_cap, cls_ptr, cls_bins, cls_off, cls_leaves, tree_size,
@@ -107,10 +111,42 @@ def _greedy_kernel(
                     pick = j
         if pick < 0:
             return bin_of, i
-        _add(i, pick, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves)
+        # _state._add(i, pick, ...) written out: a call per item passes 19 arguments, and the
+        # reference counting of its 17 arrays made the loop ~4x slower (measured; the same
+        # statements in place run at ~40 ns per item).
+        j = pick
+        t = times[i, bin_type[j]]
+        prv[i] = -1
+        nxt[i] = head[j]
+        if head[j] >= 0:
+            prv[head[j]] = i
+        head[j] = i
+        bin_of[i] = j
+        fs[0, j] += t
+        if t > fs[1, j]:
+            fs[2, j] = fs[1, j]
+            fs[1, j] = t
+        elif t > fs[2, j]:
+            fs[2, j] = t
+        ist[0, j] += sizes[i]
+        ist[1, j] += 1
+        fs[3, j] = (fs[0, j] + pp_weight[j] * fs[1, j]) / speed[j]
+        c = cls_of[j]
+        _tree_set(tval, tidx, cls_off[c], cls_leaves[c], cls_pos[j], fs[3, j], j)
     return bin_of, -1
 
 
+
+
+def descending_order(values: np.ndarray) -> np.ndarray:
+    """Indices by decreasing value, ties by increasing index: ``np.lexsort((ids, -values))``
+    for values without NaN, computed as ranks among the distinct values (a sort of the
+    values only) plus a stable counting sort of the ranks — several times faster than a
+    stable float sort, and the same answer on every machine."""
+    if values.shape[0] <= _SMALL_SORT:
+        return np.argsort(-values, kind="stable")
+    _, rank = np.unique(values, return_inverse=True)  # rank among distinct values, 0 = smallest
+    return decreasing_order(rank.reshape(-1).astype(np.int64) + 1)
 
 
 class GreedyFailure(ValueError):
@@ -148,21 +184,33 @@ def solve_greedy(inst: Instance, allowed: np.ndarray | None = None) -> tuple[np.
     Returns (bin_of, rule name); raises :class:`GreedyFailure` when every rule fails.
     """
     ids = np.arange(inst.n)
-    attempts = []
+    cached: dict[str, np.ndarray] = {}
+
+    def diff() -> np.ndarray:
+        if "diff" not in cached:
+            cached["diff"] = difficulty(inst, inst.times)
+        return cached["diff"]
+
+    def by_size() -> np.ndarray:
+        if "by_size" not in cached:
+            cached["by_size"] = np.lexsort((ids, -diff(), -inst.sizes))
+        return cached["by_size"]
+
+    # (order, rule, name, times); orders are built only when their attempt runs
+    attempts: list[tuple[Any, int, str, np.ndarray]] = []
     if allowed is not None:
         guided = np.ascontiguousarray(np.where(allowed, inst.times, np.inf))
-        attempts.append((np.lexsort((ids, -difficulty(inst, guided))), 2, "lp-lpt", guided))
-    diff = difficulty(inst, inst.times)
-    attempts.append((np.lexsort((ids, -diff)), 0, "lpt", inst.times))
+        attempts.append((lambda: descending_order(difficulty(inst, guided)), 2, "lp-lpt", guided))
+    attempts.append((lambda: descending_order(diff()), 0, "lpt", inst.times))
     if inst.has_capacity:
-        by_size = np.lexsort((ids, -diff, -inst.sizes))
         attempts += [(by_size, 0, "lpt-by-size", inst.times), (by_size, 1, "best-fit", inst.times)]
     failed = -1
     found: list[tuple[float, np.ndarray, str]] = []
-    for order, rule, name, times in attempts:
+    args = cls_args(inst)
+    for make_order, rule, name, times in attempts:
         bin_of, failed = _greedy_kernel(
-            order.astype(np.int64), rule, times, inst.bin_type, inst.speed, inst.pp_weight,
-            inst.sizes, inst.bin_capacity, *cls_args(inst),
+            make_order().astype(np.int64), rule, times, inst.bin_type, inst.speed, inst.pp_weight,
+            inst.sizes, inst.bin_capacity, *args,
         )
         if failed < 0:
             found.append((float(bin_loads(inst.times, inst.bin_type, inst.speed, inst.pp_weight, bin_of).max()), bin_of, name))

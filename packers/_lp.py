@@ -30,9 +30,10 @@ __all__ = ["type_lp"]
 _EPS = 1e-12
 
 
-@njit(cache=True)
-def _evaluate(c, ok, mu, arg):
-    """g(μ), its supergradient, and the argmin type of every item (written to ``arg``)."""
+@njit(cache=True, nogil=True)
+def _evaluate(c, ok, mu, arg, weight):
+    """g(μ), its supergradient, and the argmin type of every item (written to ``arg``).
+    Row ``i`` stands for ``weight[i]`` identical items (1.0 everywhere: plain items)."""
     n, num = c.shape
     grad = np.zeros(num)
     g = 0.0
@@ -45,13 +46,13 @@ def _evaluate(c, ok, mu, arg):
                 if v < best:
                     best = v
                     bk = k
-        g += best
-        grad[bk] += c[i, bk]
+        g += weight[i] * best
+        grad[bk] += weight[i] * c[i, bk]
         arg[i] = bk
     return g, grad
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _master(cuts, num_cuts, num):
     """Solve max z s.t. z - cuts[r]·μ <= 0 (r < num_cuts), Σμ <= 1, μ, z >= 0.
 
@@ -116,8 +117,8 @@ def _master(cuts, num_cuts, num):
     return z, mu, p
 
 
-@njit(cache=True)
-def _kelley(c, ok, tol, max_cuts):
+@njit(cache=True, nogil=True)
+def _kelley(c, ok, weight, tol, max_cuts):
     n, num = c.shape
     cuts = np.zeros((max_cuts, num))
     args = np.zeros((max_cuts, n), dtype=np.int64)
@@ -128,7 +129,7 @@ def _kelley(c, ok, tol, max_cuts):
     num_cuts = 0
     upper = np.inf
     for it in range(max_cuts):
-        g, grad = _evaluate(c, ok, mu, args[it])
+        g, grad = _evaluate(c, ok, mu, args[it], weight)
         if g > best:
             best = g
             best_mu = mu.copy()
@@ -156,8 +157,21 @@ def _kelley(c, ok, tol, max_cuts):
     return best, upper, best_mu, x, num_cuts
 
 
-def type_lp(times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray, *, tol: float = 1e-6, max_cuts: int = 60) -> tuple[float, np.ndarray, int]:
+def type_lp(
+    times: np.ndarray,
+    bin_type: np.ndarray,
+    speed: np.ndarray,
+    *,
+    weights: np.ndarray | None = None,
+    tol: float = 1e-6,
+    max_cuts: int = 60,
+) -> tuple[float, np.ndarray, int]:
     """LP by type on validated inputs.
+
+    ``weights``: float64[n] multiplicity of every row (default 1): row ``i`` stands for
+    ``weights[i]`` items with identical times, so callers can solve the LP once per
+    distinct item (e.g. per distinct sequence length). Each item of a row gets the row's
+    share in ``x``. With ``weights=None`` the arithmetic is exactly that of unit weights.
 
     Returns (lower bound in seconds — the best ``g(μ)``, a valid bound even when not
     converged; x float64[n, K] fractional share of every item on every type (0 for types
@@ -169,14 +183,18 @@ def type_lp(times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray, *, tol: 
     t = times[:, present]
     ok = np.isfinite(t)
     x_full = np.zeros((n, num_types))
+    wt = np.ones(n) if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
+    if wt.shape != (n,) or not np.all(np.isfinite(wt)) or np.any(wt < 0):
+        raise ValueError(f"weights must be {n} finite numbers >= 0 (one per row of times), got shape {wt.shape}")
     if present.shape[0] == 1:
         x_full[:, present[0]] = 1.0
-        return float(t[:, 0].sum() / cap[0]), x_full, 0
+        total = t[:, 0].sum() if weights is None else float((wt * t[:, 0]).sum())
+        return float(total / cap[0]), x_full, 0
     c = np.where(ok, t, 0.0) / cap[None, :]
     scale = float(c.max())
     if scale <= 0.0:  # all times zero
         x_full[np.arange(n), present[np.argmax(ok, axis=1)]] = 1.0
         return 0.0, x_full, 0
-    best, _, _, x, cuts = _kelley(np.ascontiguousarray(c / scale), np.ascontiguousarray(ok), tol, max_cuts)
+    best, _, _, x, cuts = _kelley(np.ascontiguousarray(c / scale), np.ascontiguousarray(ok), wt, tol, max_cuts)
     x_full[:, present] = x
     return float(best) * scale, x_full, int(cuts)

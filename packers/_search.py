@@ -22,7 +22,7 @@ _SWAP_PARTNERS = 4  # narrow phase: swaps with the 4 least-loaded class roots
 _WIDE_PER_TYPE = 16  # wide phase (only when the narrow one fails): the 16 least-loaded bins of every type
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves, cls_type, cls_cap):
     """Give every empty bin an item, along augmenting paths where needed.
 
@@ -132,7 +132,7 @@ def _fill_empty_bins(times, bin_type, speed, pp_weight, sizes, bin_capacity, bin
     return still_empty
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist, tval, tidx, cls_type, cls_cap, cls_off, cls_ptr, cls_bins):
     """Best single-item move out of bin b: (item, target, new max of the two loads)."""
     best = fs[3, b] * (1.0 - _MIN_GAIN)
@@ -173,12 +173,22 @@ def _best_move(b, keep_nonempty, times, bin_type, speed, pp_weight, sizes, bin_c
     return bi, bj, best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _best_swap(b, partners, num_partners, first, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, fs, ist, g_id, g_tb, g_tj):
     """Best exchange of an item of bin b with an item of a partner bin: (item in b, other
     item, value). Partners are scanned in the given order; with ``first``, stop after the
-    first partner that offers an improving swap (its best one). The partner's items are
-    gathered into the scratch arrays ``g_*`` so the pair loop runs over contiguous data."""
+    first partner that offers an improving swap (its best one).
+
+    The answer is that of scanning every pair (items of b in list order, the partner's
+    items in list order) and keeping each strict improvement of ``max(new load of b, new
+    load of the partner)``: the smallest value, ties to the first pair in that order. The
+    pairs are not all scanned: a partner's items (gathered into the scratch arrays ``g_*``)
+    are sorted by their time ``x`` on b's type; b's new load grows with ``x`` (so the
+    improving swaps of an item of b have ``x`` below a cut found by binary search), and
+    when the partner has no pipeline weight and its own times rise along that order (b's
+    type, or any type whose costs grow with length) its new load falls along it (a second
+    cut from below). Only the window between the cuts is evaluated, with the same
+    formulas; ties inside it go to the lowest list position."""
     lb = fs[3, b]
     best = lb * (1.0 - _MIN_GAIN)
     bi = -1
@@ -198,8 +208,24 @@ def _best_swap(b, partners, num_partners, first, times, bin_type, speed, pp_weig
             g_tj[cnt] = times[i2, kj]
             cnt += 1
             i2 = nxt[i2]
+        if cnt == 0:
+            continue
+        perm = np.argsort(g_tb[:cnt], kind="mergesort")
+        xs = np.empty(cnt)
+        ys = np.empty(cnt)
+        for p in range(cnt):
+            xs[p] = g_tb[perm[p]]
+            ys[p] = g_tj[perm[p]]
         rest_j1 = fs[1, j]
         rest_j2 = fs[2, j]
+        # the partner's new load falls along the sorted order when it has no pipeline term
+        # and its own times rise with x (always for b's type; for another type when longer
+        # sequences are slower on both, as with a·s² + b·s costs)
+        falls = pp_weight[j] == 0.0
+        for p in range(1, cnt):
+            if ys[p] < ys[p - 1]:
+                falls = False
+                break
         i = head[b]
         while i >= 0:
             tb = times[i, kb]
@@ -207,7 +233,32 @@ def _best_swap(b, partners, num_partners, first, times, bin_type, speed, pp_weig
             if tij != _INF:
                 rest_b = fs[2, b] if tb == fs[1, b] else fs[1, b]
                 sum_b = fs[0, b] - tb
-                for r in range(cnt):
+                # hi: first position where "x < tb and b's new load < best" fails
+                lo = 0
+                hi = cnt
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    x = xs[mid]
+                    if x < tb and (sum_b + x + pp_weight[b] * max(rest_b, x)) / speed[b] < best:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                hi = lo
+                lo = 0
+                if falls:
+                    # lo: first position where the partner's new load is below best
+                    top = hi
+                    while lo < top:
+                        mid = (lo + top) >> 1
+                        y = ys[mid]
+                        if (fs[0, j] - y + tij + pp_weight[j] * max(rest_j1, tij)) / speed[j] < best:
+                            top = mid
+                        else:
+                            lo = mid + 1
+                found_v = best
+                found_r = -1
+                for p in range(lo, hi):
+                    r = perm[p]
                     t2b = g_tb[r]
                     if t2b < tb:  # the swap must shrink bin b's sum (necessary for any gain on b)
                         nb = (sum_b + t2b + pp_weight[b] * max(rest_b, t2b)) / speed[b]
@@ -218,16 +269,21 @@ def _best_swap(b, partners, num_partners, first, times, bin_type, speed, pp_weig
                             if nj < best:
                                 i2 = g_id[r]
                                 if ist[0, b] - sizes[i] + sizes[i2] <= bin_capacity[b] and ist[0, j] - sizes[i2] + sizes[i] <= bin_capacity[j]:
-                                    best = max(nb, nj)
-                                    bi = i
-                                    bk = i2
+                                    v = max(nb, nj)
+                                    if v < found_v or (v == found_v and found_r >= 0 and r < found_r):
+                                        found_v = v
+                                        found_r = r
+                if found_r >= 0:
+                    best = found_v
+                    bi = i
+                    bk = g_id[found_r]
             i = nxt[i]
         if first and bi >= 0:
             break
     return bi, bk, best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _best_split(b, j, times, bin_type, speed, pp_weight, sizes, bin_capacity, head, nxt, items, keys, suf_sum, suf_max, suf_tok):
     """Re-split the items of bins b and j (of different types) between the two.
 
@@ -291,7 +347,7 @@ def _best_split(b, j, times, bin_type, speed, pp_weight, sizes, bin_capacity, he
     return p, cut, best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _improve_kernel(
     bin_of, require_nonempty, local_search, max_rounds, stats, times, bin_type, speed, pp_weight, sizes, bin_capacity,
     cls_of, cls_pos, cls_type, cls_cap, cls_ptr, cls_bins, cls_off, cls_leaves, tree_size,

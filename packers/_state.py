@@ -117,7 +117,7 @@ def build_instance(
 # loads
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def bin_loads(
     times: np.ndarray, bin_type: np.ndarray, speed: np.ndarray, pp_weight: np.ndarray, bin_of: np.ndarray
 ) -> np.ndarray:
@@ -141,7 +141,7 @@ def bin_loads(
 # per-bin state and class trees
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _tree_set(tval, tidx, off, leaves, pos, val, j):
     node = leaves + pos
     tval[off + node] = val
@@ -158,7 +158,7 @@ def _tree_set(tval, tidx, off, leaves, pos, val, j):
         node >>= 1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rescan(j, k, times, head, nxt, fs):
     """Recompute S_j, M_j and the second-largest time of bin j from its item list."""
     total = 0.0
@@ -179,7 +179,7 @@ def _rescan(j, k, times, head, nxt, fs):
     fs[2, j] = second
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _new_state(times, bin_type, speed, pp_weight, sizes, bin_of, cls_of, cls_pos, cls_off, cls_leaves, tree_size):
     n = times.shape[0]
     m = bin_type.shape[0]
@@ -208,7 +208,7 @@ def _new_state(times, bin_type, speed, pp_weight, sizes, bin_of, cls_of, cls_pos
     return head, nxt, prv, fs, ist, tval, tidx
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _add(i, j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves):
     t = times[i, bin_type[j]]
     prv[i] = -1
@@ -230,7 +230,7 @@ def _add(i, j, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv,
     _tree_set(tval, tidx, cls_off[c], cls_leaves[c], cls_pos[j], fs[3, j], j)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _remove(i, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv, fs, ist, tval, tidx, cls_of, cls_pos, cls_off, cls_leaves):
     j = bin_of[i]
     if prv[i] >= 0:
@@ -250,7 +250,7 @@ def _remove(i, times, bin_type, speed, pp_weight, sizes, bin_of, head, nxt, prv,
     _tree_set(tval, tidx, cls_off[c], cls_leaves[c], cls_pos[j], fs[3, j], j)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _class_pick(c, s, exclude, ist, bin_capacity, fs, tval, tidx, cls_off, cls_ptr, cls_bins):
     """Least-loaded bin of class c with room for s tokens (not ``exclude``); -1 if none."""
     j = tidx[cls_off[c] + 1]

@@ -29,10 +29,10 @@ from numba import njit
 from packers.types import BinPacking
 from packers.validate import as_capacity, as_sizes
 
-__all__ = ["first_fit_decreasing", "best_fit_decreasing", "next_fit", "decreasing_order"]
+__all__ = ["first_fit_decreasing", "first_fit_decreasing_groups", "best_fit_decreasing", "next_fit", "decreasing_order"]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _counting_order_desc(sizes: np.ndarray, max_size: int) -> np.ndarray:
     """Stable order of decreasing size (ties by increasing index) by counting sort."""
     n = sizes.shape[0]
@@ -57,16 +57,30 @@ def decreasing_order(sizes: np.ndarray) -> np.ndarray:
     return np.argsort(-sizes, kind="stable")
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _first_fit(order: np.ndarray, sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
+    n = order.shape[0]
+    leaves = 1
+    while leaves < n:
+        leaves *= 2
+    tree = np.empty(2 * leaves, dtype=np.int64)
+    bin_of = np.empty(n, dtype=np.int64)
+    num_bins = _first_fit_into(order, sizes, capacity, tree, bin_of)
+    return bin_of, num_bins
+
+
+@njit(cache=True, nogil=True)
+def _first_fit_into(order: np.ndarray, sizes: np.ndarray, capacity: int, tree: np.ndarray, bin_of: np.ndarray) -> int:
+    """First fit of the items ``order`` (in that order) into bins of ``capacity``; writes
+    ``bin_of[i]`` for those items and returns the number of bins. ``tree`` is scratch of at
+    least ``2·leaves`` entries (``leaves`` = ``len(order)`` rounded up to a power of two)."""
     n = order.shape[0]
     leaves = 1
     while leaves < n:
         leaves *= 2
     # tree[node] = largest residual capacity (tokens) among the bins under node;
     # leaf p is bin p, all start empty, so the lowest empty bin is the next one to open.
-    tree = np.full(2 * leaves, capacity, dtype=np.int64)
-    bin_of = np.empty(n, dtype=np.int64)
+    tree[: 2 * leaves] = capacity
     num_bins = 0
     for r in range(n):
         i = order[r]
@@ -86,10 +100,45 @@ def _first_fit(order: np.ndarray, sizes: np.ndarray, capacity: int) -> tuple[np.
                 break
             tree[node] = best
             node >>= 1
+    return num_bins
+
+
+@njit(cache=True, nogil=True)
+def _first_fit_groups(order: np.ndarray, group: np.ndarray, sizes: np.ndarray, capacity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First-fit decreasing inside every group: ``order`` is the decreasing order of all
+    items; a stable counting sort by ``group`` keeps it inside each group. Items with
+    group -1 are skipped. Returns (bin within the group or -1, bins per group)."""
+    n = order.shape[0]
+    num_groups = capacity.shape[0]
+    start = np.zeros(num_groups + 1, dtype=np.int64)
+    for i in range(n):
+        if group[i] >= 0:
+            start[group[i] + 1] += 1
+    largest = 0
+    for g in range(num_groups):
+        largest = max(largest, start[g + 1])
+        start[g + 1] += start[g]
+    grouped = np.empty(start[num_groups], dtype=np.int64)
+    fill = start[:num_groups].copy()
+    for r in range(n):
+        i = order[r]
+        g = group[i]
+        if g >= 0:
+            grouped[fill[g]] = i
+            fill[g] += 1
+    leaves = 1
+    while leaves < largest:
+        leaves *= 2
+    tree = np.empty(2 * leaves, dtype=np.int64)
+    bin_of = np.full(n, -1, dtype=np.int64)
+    num_bins = np.zeros(num_groups, dtype=np.int64)
+    for g in range(num_groups):
+        if start[g + 1] > start[g]:
+            num_bins[g] = _first_fit_into(grouped[start[g] : start[g + 1]], sizes, capacity[g], tree, bin_of)
     return bin_of, num_bins
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _best_fit(order: np.ndarray, sizes: np.ndarray, capacity: int, shift: int) -> tuple[np.ndarray, int]:
     n = order.shape[0]
     num_buckets = (capacity >> shift) + 1
@@ -180,7 +229,7 @@ def _best_fit(order: np.ndarray, sizes: np.ndarray, capacity: int, shift: int) -
     return bin_of, num_bins
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _next_fit(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
     n = sizes.shape[0]
     bin_of = np.empty(n, dtype=np.int64)
@@ -220,6 +269,50 @@ def first_fit_decreasing(sizes: np.ndarray, capacity: int) -> BinPacking:
     arr, cap = _checked(sizes, capacity)
     bin_of, num_bins = _first_fit(decreasing_order(arr), arr, cap)
     return _result(arr, cap, bin_of, num_bins, "ffd")
+
+
+def first_fit_decreasing_groups(
+    sizes: np.ndarray, group: np.ndarray, capacity: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`first_fit_decreasing` on many independent groups of items in one call.
+
+    Item ``i`` (``sizes[i]`` tokens) belongs to group ``group[i]`` (``-1``: not packed);
+    group ``g`` packs into bins of ``capacity[g]`` tokens. Inside every group the answer
+    is exactly :func:`first_fit_decreasing` on that group's items taken in index order
+    (decreasing size, ties by index). One sort of all items and one numba call replace a
+    Python loop over groups (stage 2 packs every replica of a strategy at once).
+
+    Returns ``(bin_of, num_bins)``: int64[n] bin of every item *within its group* (-1 for
+    items not packed) and int64[G] bins used per group (0 for an empty group).
+
+    Raises ``ValueError`` for a size < 1, a group outside ``-1 .. G−1``, a capacity < 1,
+    or an item above its group's capacity.
+    """
+    arr = as_sizes(sizes)
+    grp = np.asarray(group)
+    cap = np.asarray(capacity)
+    if grp.shape != arr.shape or grp.dtype.kind not in "iu":
+        raise ValueError(f"group must be {arr.shape[0]} integers (one per item), got shape {grp.shape}, dtype {grp.dtype}")
+    if cap.ndim != 1 or cap.dtype.kind not in "iu":
+        raise ValueError(f"capacity must be a 1-D integer array (tokens per group), got shape {cap.shape}, dtype {cap.dtype}")
+    grp = grp.astype(np.int64, copy=False)
+    cap = cap.astype(np.int64, copy=False)
+    bad = np.flatnonzero((grp < -1) | (grp >= cap.shape[0]))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"group[{i}] = {int(grp[i])}; groups run from 0 to {cap.shape[0] - 1} (-1: not packed)")
+    if cap.size and int(cap.min()) < 1:
+        g = int(np.argmin(cap))
+        raise ValueError(f"capacity[{g}] = {int(cap[g])} tokens; a bin must hold at least 1 token")
+    packed = grp >= 0
+    big = np.flatnonzero(packed & (arr > cap[np.where(packed, grp, 0)])) if cap.size else np.zeros(0, dtype=np.int64)
+    if big.size:
+        i = int(big[0])
+        raise ValueError(
+            f"item {i} has {int(arr[i])} tokens, above its group's capacity {int(cap[grp[i]])}; "
+            "raise the capacity or split/truncate the item"
+        )
+    return _first_fit_groups(decreasing_order(arr), grp, arr, cap)
 
 
 def best_fit_decreasing(sizes: np.ndarray, capacity: int) -> BinPacking:

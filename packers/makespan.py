@@ -127,8 +127,13 @@ def solve_instance(
     local_search: bool = True,
     max_rounds: int | None = None,
     lp_guide: bool = True,
+    lp: tuple[float, np.ndarray] | None = None,
 ) -> Assignment:
-    """Greedy + repair + local search on a validated instance (the body of :func:`lpt_makespan`)."""
+    """Greedy + repair + local search on a validated instance (the body of :func:`lpt_makespan`).
+
+    ``lp``: ``(value, x)`` from :func:`packers._lp.type_lp` on this instance's times, bin
+    types and speeds, when the caller solved it already (e.g. for a bound); used instead
+    of solving the LP again (same answer, so the same assignment)."""
     if max_rounds is None:
         max_rounds = default_rounds(inst.n, inst.m)
     if max_rounds < 0:
@@ -136,7 +141,12 @@ def solve_instance(
     allowed = None
     bound = None
     if lp_guide and np.unique(inst.bin_type).shape[0] > 1:
-        value, x, _ = type_lp(inst.times, inst.bin_type, inst.speed)
+        if lp is None:
+            value, x, _ = type_lp(inst.times, inst.bin_type, inst.speed)
+        else:
+            value, x = float(lp[0]), np.asarray(lp[1])
+            if x.shape != inst.times.shape:
+                raise ValueError(f"lp: x has shape {x.shape} but times has {inst.times.shape}; pass type_lp's x for these times")
         allowed = lp_allowed(inst, x)
         # the LP is solved anyway: report its bound (the pigeonhole terms of
         # makespan_lower_bound cost another millisecond and are left to that function)
@@ -159,6 +169,7 @@ def lpt_makespan(
     local_search: bool = True,
     max_rounds: int | None = None,
     lp_guide: bool = True,
+    lp: tuple[float, np.ndarray] | None = None,
 ) -> Assignment:
     """Assign every item to one bin, heuristically minimising the makespan (seconds).
 
@@ -177,6 +188,8 @@ def lpt_makespan(
 
         lp_guide: solve the LP by type and start from the LP-guided greedy (more than one
             bin type present); also fills ``bound``.
+        lp: ``(value, x)`` of :func:`packers._lp.type_lp` on exactly these ``times``,
+            ``bin_type`` and ``speed``, when already solved (skips solving it again).
 
     Returns:
         :class:`Assignment` with exact loads. ``solver`` names the greedy start and
@@ -191,7 +204,7 @@ def lpt_makespan(
     """
     inst = makespan_instance(times, bin_type, speed=speed, pp_weight=pp_weight, sizes=sizes, bin_capacity=bin_capacity)
     return solve_instance(
-        inst, require_nonempty=require_nonempty, local_search=local_search, max_rounds=max_rounds, lp_guide=lp_guide
+        inst, require_nonempty=require_nonempty, local_search=local_search, max_rounds=max_rounds, lp_guide=lp_guide, lp=lp
     )
 
 

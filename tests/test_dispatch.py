@@ -8,7 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.cost import CostModel, LayoutCost
-from balancer.dispatch import ReplicaTable, dispatch, item_seconds, lower_bound, stage1_times
+from balancer.dispatch import (
+    ReplicaTable,
+    dispatch,
+    item_seconds,
+    lower_bound,
+    quick_lower_bound,
+    stage1_arrays,
+    stage1_lp,
+    stage1_times,
+)
 from balancer.microbatch import pack_micro_batches
 from strategies import Layout, Strategy
 
@@ -58,6 +67,7 @@ STRATS = [
     _strategy((Layout(2), 1), (Layout(1), 2)),
     _strategy((Layout(1, pp=2), 1), (Layout(1), 2)),
     _strategy((Layout(2), 2)),
+    _strategy((Layout(1, pp=2), 2)),
 ]
 
 
@@ -133,3 +143,28 @@ def test_bound_below_exact_optimum(which, lengths):
             )
         best = min(best, worst)
     assert lower_bound(table, s, t) <= best * (1 + 1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(which=st.integers(0, len(STRATS) - 1), n=st.integers(1, 80), seed=st.integers(0, 10_000))
+def test_stage1_arrays_bitwise_and_bounds_from_distinct_lengths(which, n, seed):
+    strat = STRATS[which]
+    table = ReplicaTable.build(strat, MODEL, [1.0] * (strat.num_ranks - 1) + [0.6])
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, table.max_capacity + 1, size=n).astype(np.int64)
+    lengths[: n // 2] = lengths[n // 2 :][: n // 2]  # duplicates: distinct rows carry counts
+    t, w = stage1_arrays(table, lengths)
+    assert np.array_equal(t, item_seconds(table, lengths))
+    assert np.array_equal(w, stage1_times(table, lengths))
+    full = stage1_lp(table, w)
+    distinct, counts = np.unique(lengths, return_counts=True)
+    t_d, w_d = stage1_arrays(table, distinct)
+    agg = stage1_lp(table, w_d, counts)
+    assert abs(agg.value - full.value) <= 1e-5 * full.value
+    quick = quick_lower_bound(table, distinct, t_d, agg, counts)
+    bound = lower_bound(table, lengths, t, w=w, lp=agg)
+    assert quick <= bound * (1 + 1e-9)
+    d = dispatch(table, lengths, w, lp=full)
+    assert np.array_equal(d.bin_of, dispatch(table, lengths).bin_of)  # the reused LP changes nothing
+    t_item = t[np.arange(n), table.bin_type[d.bin_of]]
+    assert bound <= pack_micro_batches(table, d.bin_of, lengths, t_item).step_seconds * (1 + 1e-9)

@@ -164,3 +164,75 @@ def test_pack_invariants(n, seed, layouts):
             assert mb.est_seconds[j] == pytest.approx(want, rel=1e-9)
         else:
             assert len(per_rep[j]) == 1 and mb.est_seconds[j] == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 200), seed=st.integers(0, 10_000))
+def test_batched_pp1_packing_equals_per_replica_packing(n, seed):
+    """Stage 2 packs all pp = 1 replicas in one call; each must equal pack_replica on its own items."""
+    table = _table([Layout(2), Layout(1), Layout(1), Layout(1, pp=2), Layout(1)])
+    rng = np.random.default_rng(seed)
+    m = table.num_replicas
+    bin_of = rng.integers(0, m, size=n).astype(np.int64)
+    caps = table.capacity[table.bin_type[bin_of]]
+    lengths = (rng.integers(1, 1 << 30, size=n) % caps + 1).astype(np.int64)
+    t = item_seconds(table, lengths)[np.arange(n), table.bin_type[bin_of]]
+    mb = pack_micro_batches(table, bin_of, lengths, t)
+    for j in range(m):
+        k = table.bin_type[j]
+        idx = np.flatnonzero(bin_of == j)
+        if idx.size == 0:
+            continue
+        local, v = pack_replica(lengths[idx], t[idx], int(table.capacity[k]), float(table.c[k]), int(table.pp[k]))
+        assert mb.num_micro_batches[j] == v
+        np.testing.assert_array_equal(mb.mb_of[idx], local)
+
+
+def _pipeline_reference(sizes, times, capacity, c, pp, max_extra):
+    """The v search written with the public packers (the definition the numba search matches)."""
+    import packers
+
+    n = sizes.size
+    ffd = packers.first_fit_decreasing(sizes, capacity)
+    v0 = max(pp, int(ffd.num_bins))
+    sum_t, t_max = float(times.sum()), float(times.max())
+    best_mb, best_v = np.asarray(ffd.bin_of, dtype=np.int64), v0
+    best = sum_t + v0 * c + (pp - 1) * float(np.bincount(best_mb, weights=times).max())
+    for v in range(v0, min(n, v0 + max_extra) + 1):
+        if sum_t + v * c + (pp - 1) * t_max >= best:
+            break
+        if sum_t + v * c + (pp - 1) * max(t_max, sum_t / v) >= best:
+            continue
+        if v == n:
+            mb, max_t = np.arange(n, dtype=np.int64), t_max
+        else:
+            try:
+                res = packers.minmax_pack(times, sizes, v, capacity, require_nonempty=True)
+            except ValueError:
+                continue
+            mb = np.asarray(res.bin_of, dtype=np.int64)
+            max_t = float(np.bincount(mb, weights=times, minlength=v).max())
+        est = sum_t + v * c + (pp - 1) * max_t
+        if est < best:
+            best, best_mb, best_v = est, mb, v
+    return best_mb, best_v
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 120), seed=st.integers(0, 10_000), pp=st.sampled_from([2, 4]), tight=st.booleans())
+def test_pipeline_search_equals_reference(n, seed, pp, tight):
+    rng = np.random.default_rng(seed)
+    cap = 1000
+    sizes = rng.integers(1, 300 if tight else 60, size=n).astype(np.int64)
+    if tight:
+        sizes[: n // 3] = rng.integers(400, cap + 1, size=n // 3)  # some items too big to share a bin
+    times = _times(sizes, A / pp, B / pp)
+    if rng.random() < 0.3:
+        times = np.round(times, 4)  # ties
+    c = float(rng.choice([C / pp, 1e-4, 0.2]))
+    if n <= pp:
+        return
+    got = pack_replica(sizes, times, cap, c, pp, max_extra_micro_batches=8)
+    want = _pipeline_reference(sizes, times, cap, c, pp, 8)
+    assert got[1] == want[1]
+    np.testing.assert_array_equal(got[0], want[0])

@@ -120,3 +120,41 @@ def test_l2_beats_l1_on_classic_instance():
     sizes = np.array([6, 6, 6])
     assert P.bin_packing_lower_bound(sizes, 10) == 3
     assert P.first_fit_decreasing(sizes, 10).num_bins == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 12))
+def test_ffd_groups_equal_ffd_per_group(seed, num_groups):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 200))
+    caps = rng.integers(50, 400, size=num_groups)
+    group = rng.integers(-1, num_groups, size=n)
+    sizes = rng.integers(1, 50, size=n)
+    packed = group >= 0
+    sizes[packed] = rng.integers(1, caps[group[packed]] + 1)  # every packed item fits its group
+    bin_of, num_bins = P.binpack.first_fit_decreasing_groups(sizes, group, caps)
+    assert np.all(bin_of[~packed] == -1)
+    for g in range(num_groups):
+        idx = np.flatnonzero(group == g)
+        if idx.size == 0:
+            assert num_bins[g] == 0
+            continue
+        ref = P.first_fit_decreasing(sizes[idx], int(caps[g]))
+        np.testing.assert_array_equal(bin_of[idx], ref.bin_of)
+        assert num_bins[g] == ref.num_bins
+
+
+def test_ffd_groups_rejects_bad_input():
+    import pytest
+
+    ffd = P.binpack.first_fit_decreasing_groups
+    with pytest.raises(ValueError, match="above its group's capacity 5"):
+        ffd(np.array([3, 6]), np.array([0, 1]), np.array([10, 5]))
+    with pytest.raises(ValueError, match="groups run from 0 to 1"):
+        ffd(np.array([3, 6]), np.array([0, 2]), np.array([10, 5]))
+    with pytest.raises(ValueError, match="one per item"):
+        ffd(np.array([3, 6]), np.array([0]), np.array([10, 5]))
+    with pytest.raises(ValueError, match=">= 1 token"):
+        ffd(np.array([0, 6]), np.array([0, 1]), np.array([10, 10]))
+    with pytest.raises(ValueError, match="at least 1 token"):
+        ffd(np.array([3, 6]), np.array([0, -1]), np.array([0, 10]))

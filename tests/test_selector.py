@@ -17,7 +17,7 @@ from balancer.cost import CostModel, LayoutCost
 from balancer.plan import validate
 from balancer.dispatch import Dispatch, item_seconds, lower_bound, stage1_times
 from balancer.microbatch import pack_micro_batches
-from balancer.selector import Balancer, BalancerConfig, StrategySolution
+from balancer.selector import Balancer, BalancerConfig, StrategySolution, solve_strategy
 from strategies import ClusterSpec, Layout, Strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +116,41 @@ def test_plans_are_valid(n, seed, which, long_tail):
         assert len(idle) >= num_replicas - n
     elif lengths.max() <= 4096:  # every replica eligible for every sequence
         assert not idle
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 120),
+    seed=st.integers(0, 10_000),
+    penalty=st.sampled_from([0.0, 0.05, 1e3]),
+    long_tail=st.booleans(),
+)
+def test_bound_pruning_picks_what_the_exhaustive_loop_picks(n, seed, penalty, long_tail):
+    """The selector skips candidates by lower bound; the choice must equal trying them all
+    (lowest estimate + switch penalty, ties to the earlier candidate) — including an exact
+    tie between two copies of one strategy under different names."""
+    twin = Strategy(name="tp1-copy", replicas=HOMO_TP1.replicas)
+    cands = [HOMO_TP8, PIPE, HOMO_TP1, HETERO, twin]
+    cfg = BalancerConfig(switch_penalty=penalty)
+    bal = Balancer(CLUSTER, cands, _model(), cfg)
+    rng = np.random.default_rng(seed)
+    previous = None
+    for step in range(3):
+        top = bal.max_sequence_length if long_tail else 4096
+        lengths = rng.integers(1, top + 1, size=n).astype(np.int64)
+        plan = bal.plan(lengths, step=step)
+        scores = []
+        for k, table in enumerate(bal._state.tables):
+            if table.max_capacity < lengths.max():
+                continue
+            est = solve_strategy(table, lengths, cfg).est_step_seconds
+            extra = penalty if previous is not None and cands[k].name != previous else 0.0
+            scores.append((est + extra, k, est))
+        _, k_best, est_best = min(scores)
+        assert plan.strategy == cands[k_best].name
+        assert plan.est_step_seconds == est_best
+        assert plan.strategy != twin.name  # the tie goes to the earlier copy
+        previous = plan.strategy
 
 
 def test_loss_tokens_and_sample_ids_pass_through():
