@@ -6,7 +6,7 @@ unit works if used consistently. Every entry point validates its input and raise
 See ``docs/packers.md`` for the algorithms, their guarantees and the bound formulas.
 """
 
-from packers.binpack import best_fit_decreasing, first_fit_decreasing, next_fit
+from packers.binpack import best_fit_decreasing, first_fit_decreasing, first_fit_decreasing_groups, next_fit
 from packers.bounds import bin_packing_lower_bound, makespan_lower_bound, minmax_pack_lower_bound
 from packers.cpsat import cpsat_makespan, cpsat_minmax_pack
 from packers.makespan import lpt_makespan, makespan_loads
@@ -22,6 +22,7 @@ __all__ = [
     "cpsat_makespan",
     "cpsat_minmax_pack",
     "first_fit_decreasing",
+    "first_fit_decreasing_groups",
     "karmarkar_karp",
     "lpt_makespan",
     "makespan_loads",
