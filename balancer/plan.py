@@ -52,10 +52,9 @@ class ReplicaPlan:
     """Estimated replica time from the cost model, seconds."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
-        object.__setattr__(
-            self, "micro_batches", tuple(tuple(int(i) for i in mb) for mb in self.micro_batches)
-        )
+        # map(int, ...) normalises numpy integers at C speed (this runs for every plan)
+        object.__setattr__(self, "ranks", tuple(map(int, self.ranks)))
+        object.__setattr__(self, "micro_batches", tuple(tuple(map(int, mb)) for mb in self.micro_batches))
         object.__setattr__(self, "est_seconds", float(self.est_seconds))
 
     @property
