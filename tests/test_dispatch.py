@@ -18,6 +18,7 @@ from balancer.dispatch import (
     stage1_lp,
     stage1_times,
 )
+from balancer.dispatch import _dual_approximation_bound, _replica_capacity
 from balancer.microbatch import pack_micro_batches
 from strategies import Layout, Strategy
 
@@ -168,3 +169,154 @@ def test_stage1_arrays_bitwise_and_bounds_from_distinct_lengths(which, n, seed):
     assert np.array_equal(d.bin_of, dispatch(table, lengths).bin_of)  # the reused LP changes nothing
     t_item = t[np.arange(n), table.bin_type[d.bin_of]]
     assert bound <= pack_micro_batches(table, d.bin_of, lengths, t_item).step_seconds * (1 + 1e-9)
+
+
+def _set_partitions(items: list[int]):
+    """Every partition of ``items`` into non-empty blocks."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        yield [[first]] + part
+        for b in range(len(part)):
+            yield part[:b] + [[first] + part[b]] + part[b + 1 :]
+
+
+def _exact_replica_partitions(sizes, times, cap, c, pp, speed):
+    """Exact best stage 2 of one replica: the micro-batches are a partition of its items
+    (plus empty ones up to ``pp``; more empty ones only add ``c``)."""
+    if len(sizes) == 0:
+        return 0.0
+    best = np.inf
+    for part in _set_partitions(list(range(len(sizes)))):
+        if any(sum(sizes[i] for i in block) > cap for block in part):
+            continue
+        tt = [sum(times[i] for i in block) for block in part]
+        best = min(best, (sum(tt) + max(pp, len(part)) * c + (pp - 1) * max(tt)) / speed)
+    return best
+
+
+def _exact_optimum(table, s, t):
+    """Optimum of both stages by enumeration (tiny instances): every assignment, every micro-batching."""
+    m, n = table.num_replicas, s.size
+    cache: dict[tuple[int, int], float] = {}
+    best = np.inf
+    for assign in itertools.product(range(m), repeat=n):
+        a = np.array(assign)
+        if np.any(s > table.capacity[table.bin_type[a]]):
+            continue
+        worst = 0.0
+        for j in range(m):
+            mask = int(sum(1 << i for i in range(n) if a[i] == j))
+            if (j, mask) not in cache:
+                k = table.bin_type[j]
+                idx = np.flatnonzero(a == j)
+                cache[(j, mask)] = _exact_replica_partitions(
+                    s[idx].tolist(), t[idx, k].tolist(), int(table.capacity[k]), float(table.c[k]), int(table.pp[k]),
+                    float(table.speed[j]),
+                )
+            worst = max(worst, cache[(j, mask)])
+            if worst >= best:
+                break
+        best = min(best, worst)
+    return best
+
+
+# micro-batch overhead c large next to the item times and small capacities, so that whole
+# micro-batches, pipeline bubbles and lumpy items all matter on tiny instances
+LUMPY = CostModel.from_coefficients(
+    {
+        Layout(1): LayoutCost(a=4e-7, b=2e-4, c=0.05, token_capacity=300),
+        Layout(2): LayoutCost(a=1.5e-7, b=1.2e-4, c=0.06, token_capacity=600),
+        Layout(1, pp=2): LayoutCost(a=2.2e-7, b=1.1e-4, c=0.03, token_capacity=400),
+        Layout(1, pp=3): LayoutCost(a=1.6e-7, b=0.8e-4, c=0.02, token_capacity=500),
+    }
+)
+LUMPY_STRATS = [
+    _strategy((Layout(1), 3)),
+    _strategy((Layout(2), 1), (Layout(1), 2)),
+    _strategy((Layout(1, pp=2), 1), (Layout(1), 2)),
+    _strategy((Layout(1, pp=3), 1), (Layout(2), 1)),
+    _strategy((Layout(1, pp=2), 2)),
+    _strategy((Layout(1, pp=3), 1), (Layout(1, pp=2), 1), (Layout(1), 1)),
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    which=st.integers(0, len(LUMPY_STRATS) - 1),
+    lengths=st.lists(st.integers(1, 600), min_size=1, max_size=5),
+    slow=st.sampled_from([1.0, 0.6]),
+)
+def test_every_bound_below_exact_two_stage_optimum(which, lengths, slow):
+    """lower_bound (bound 6 included, and on its own from a weak start) never exceeds the
+    exact optimum of both stages, with pipelines, mixed layouts and a straggler."""
+    strat = LUMPY_STRATS[which]
+    table = ReplicaTable.build(strat, LUMPY, [1.0] * (strat.num_ranks - 1) + [slow])
+    s = np.array(lengths, dtype=np.int64)
+    if s.max() > table.max_capacity:
+        return
+    t = item_seconds(table, s)
+    best = _exact_optimum(table, s, t)
+    assert lower_bound(table, s, t) <= best * (1 + 1e-9)
+    start = 1e-3 * best  # bound 6 searches upward from any valid start
+    assert _dual_approximation_bound(table, s, start) <= best * (1 + 1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    y=st.floats(0.0, 5.0),
+    c=st.sampled_from([0.0, 0.01, 0.07, 0.3]),
+    b=st.sampled_from([0.0, 1e-4, 3e-4]),
+    cap=st.integers(50, 3000),
+    theta=st.sampled_from([0.0, 0.5, 3.0]),
+    pp=st.sampled_from([1, 2, 4]),
+)
+def test_replica_capacity_is_the_max_over_micro_batch_counts(y, c, b, cap, theta, pp):
+    """The binary search of γ(y) finds max(0, max_{pp ≤ v ≤ y/c} α·min(v·cap, W_v/b) + W_v),
+    ``W_v = (y − v·c)·v/(v + pp − 1)``, found here by enumeration."""
+    strat = _strategy((Layout(1, pp=pp), 1))
+    model = CostModel.from_coefficients({Layout(1, pp=pp): LayoutCost(a=0.0, b=b, c=c, token_capacity=cap)})
+    table = ReplicaTable.build(strat, model)
+    alpha = np.array([c / cap + theta * b])
+    got = float(_replica_capacity(table, np.array([y]), alpha)[0])
+    if c == 0.0:
+        want = np.inf if b == 0.0 else y + alpha[0] * y / b
+    else:
+        v = np.arange(pp, int(np.floor(y / c)) + 1, dtype=np.float64)
+        work = (y - c * v) * v / (v + pp - 1)
+        tokens = np.minimum(v * cap, work / b) if b > 0 else v * cap
+        want = max(0.0, float((alpha[0] * tokens + work).max())) if v.size else 0.0
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_dual_approximation_sees_lumpy_items_and_whole_micro_batches():
+    """Two long sequences and one fast replica: the LP by type spreads the second over the
+    slow replicas; bound 6 knows it cannot, and lands within a few percent of the optimum."""
+    strat = _strategy((Layout(2), 1), (Layout(1), 3))
+    table = ReplicaTable.build(strat, LUMPY)
+    s = np.array([292, 275, 198, 186, 156], dtype=np.int64)
+    t = item_seconds(table, s)
+    best = _exact_optimum(table, s, t)
+    lp = stage1_lp(table, stage1_times(table, s, t)).value
+    bound = lower_bound(table, s, t)
+    assert lp < 0.8 * best
+    assert 0.97 * best <= bound <= best * (1 + 1e-9)
+
+
+def test_dual_approximation_sees_the_bubble_of_mixed_pipelines():
+    """Pipeline and non-pipeline replicas together, many short sequences: bound 6 charges
+    the bubble the stage-1 LP ignores, and stays below the greedy plan."""
+    strat = _strategy((Layout(1, pp=2), 4), (Layout(2), 2))
+    table = ReplicaTable.build(strat, LUMPY)
+    rng = np.random.default_rng(3)
+    s = rng.integers(20, 300, size=300).astype(np.int64)
+    t, w = stage1_arrays(table, s)
+    lp = stage1_lp(table, w)
+    bound = lower_bound(table, s, t, w=w, lp=lp)
+    d = dispatch(table, s, w, lp=lp)
+    est = pack_micro_batches(table, d.bin_of, s, t[np.arange(s.size), table.bin_type[d.bin_of]]).step_seconds
+    assert bound > 1.01 * lp.value
+    assert bound <= est * (1 + 1e-9)
+    assert lower_bound(table, s, t, w=w, lp=lp) == bound  # deterministic
