@@ -175,6 +175,7 @@ def main() -> None:
                   flush=True)
     loader.close()
     if distributed:
+        dist.barrier()  # all ranks done before teardown (gloo can abort a rank whose peer tears down first)
         dist.destroy_process_group()
 
 

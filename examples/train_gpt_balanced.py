@@ -177,6 +177,8 @@ def main() -> None:
         if rank == 0:
             print(f"{batch.step:>4}  {batch.plan.strategy:<24} {batch.plan.est_step_seconds:>8.4f} "
                   f"{max(result.rank_seconds):>10.4f} {result.step_seconds:>8.4f} {result.loss:>7.4f}", flush=True)
+    loader.close()
+    dist.barrier()  # all ranks done before teardown (gloo can abort a rank whose peer tears down first)
     dist.destroy_process_group()
 
 

@@ -51,6 +51,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout_s))
         result = ("ok", fn(rank, world_size, *args))
+        # every rank done before any tears down: gloo aborts a process ("terminate called
+        # without an active exception") when a peer destroys its group mid-exchange
+        dist.barrier()
     except BaseException:  # noqa: BLE001 — report every failure to the parent
         result = ("error", traceback.format_exc())
     finally:
