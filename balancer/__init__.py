@@ -1,12 +1,18 @@
-"""The balancer: cost model, two-stage assignment, strategy selection and the StepPlan."""
+"""The balancer: cost model, two-stage assignment, strategy selection, candidate pools, baselines.
+
+Floor 3 of the project: it imports ``packers`` and ``strategies`` (the plan format lives in
+``strategies.plan``), never the loader, the runtime or the CLI. Public names are imported
+lazily so that ``hydraulis --help`` and light users (plan JSON, profiles) do not pay for
+numba and OR-tools start-up.
+"""
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
-# Public name -> submodule. Imported lazily so that `hydraulis --help` and light users
-# (plan JSON, profiles) do not pay for numba and OR-tools start-up.
+# Public name -> submodule.
 _EXPORTS: dict[str, str] = {
     "AnalyticModel": "analytic",
     "AnalyticOptions": "analytic",
@@ -18,43 +24,51 @@ _EXPORTS: dict[str, str] = {
     "score_plan": "baselines",
     "static_layout": "baselines",
     "static_strategy": "baselines",
+    "CandidateConfig": "candidates",
+    "enumerate_layouts": "candidates",
+    "heterogeneous_mixes": "candidates",
     "CostModel": "cost",
-    "LayoutCost": "cost",
-    "UnsupportedLayoutError": "cost",
-    "replica_seconds": "cost",
-    "Dispatch": "dispatch",
-    "ReplicaTable": "dispatch",
-    "dispatch": "dispatch",
-    "item_seconds": "dispatch",
-    "lower_bound": "dispatch",
-    "refine_dispatch": "dispatch",
-    "stage1_times": "dispatch",
+    "Dispatch": "stage1",
+    "ReplicaTable": "stage1",
+    "dispatch": "stage1",
+    "item_seconds": "stage1",
+    "lower_bound": "bounds",
+    "refine_dispatch": "stage1",
+    "stage1_times": "stage1",
     "FitResult": "fit",
     "fit_quadratic": "fit",
+    "LengthHistogram": "histogram",
+    "LayoutCost": "layout_cost",
+    "UnsupportedLayoutError": "layout_cost",
+    "replica_seconds": "layout_cost",
     "MicroBatches": "microbatch",
     "pack_micro_batches": "microbatch",
     "pack_replica": "microbatch",
-    "PLAN_VERSION": "plan",
-    "PlanError": "plan",
-    "RankPlan": "plan",
-    "ReplicaPlan": "plan",
-    "StepPlan": "plan",
-    "validate": "plan",
+    "CandidatePool": "pool",
+    "generate_candidates": "pool",
+    "load_candidates": "pool",
+    "save_candidates": "pool",
     "LengthProfile": "profile",
     "Balancer": "selector",
-    "BalancerConfig": "selector",
-    "StrategySolution": "selector",
-    "solve_strategy": "selector",
-    "SimulationConfig": "simulate",
-    "SimulationResult": "simulate",
-    "simulate": "simulate",
+    "BalancerConfig": "solve",
+    "StrategySolution": "solve",
+    "solve_strategy": "solve",
+    "SimulationConfig": "simulation",
+    "SimulationResult": "simulation",
+    "simulate": "simulation",
     "HARDWARE_PRESETS": "specs",
     "HardwareSpec": "specs",
     "MODEL_PRESETS": "specs",
     "ModelSpec": "specs",
     "hardware_preset": "specs",
     "model_preset": "specs",
+    "validate": "validation",
 }
+
+_MOVED: dict[str, str] = {
+    name: "strategies.plan" for name in ("PLAN_VERSION", "PlanError", "RankPlan", "ReplicaPlan", "StepPlan")
+}
+"""Names that moved to a lower floor (0.2): still importable from here with a DeprecationWarning."""
 
 __all__ = sorted(_EXPORTS)
 
@@ -70,24 +84,38 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
         static_layout,
         static_strategy,
     )
-    from .cost import CostModel, LayoutCost, UnsupportedLayoutError, replica_seconds
-    from .dispatch import Dispatch, ReplicaTable, dispatch, item_seconds, lower_bound, refine_dispatch, stage1_times
+    from .bounds import lower_bound
+    from .candidates import CandidateConfig, enumerate_layouts, heterogeneous_mixes
+    from .cost import CostModel
+    from .stage1 import Dispatch, ReplicaTable, dispatch, item_seconds, refine_dispatch, stage1_times
     from .fit import FitResult, fit_quadratic
+    from .histogram import LengthHistogram
+    from .layout_cost import LayoutCost, UnsupportedLayoutError, replica_seconds
     from .microbatch import MicroBatches, pack_micro_batches, pack_replica
-    from .plan import PLAN_VERSION, PlanError, RankPlan, ReplicaPlan, StepPlan, validate
+    from .pool import CandidatePool, generate_candidates, load_candidates, save_candidates
     from .profile import LengthProfile
-    from .selector import Balancer, BalancerConfig, StrategySolution, solve_strategy
-    from .simulate import SimulationConfig, SimulationResult, simulate
+    from .selector import Balancer
+    from .simulation import SimulationConfig, SimulationResult, simulate
+    from .solve import BalancerConfig, StrategySolution, solve_strategy
     from .specs import HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec, hardware_preset, model_preset
+    from .validation import validate
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
+    moved = _MOVED.get(name)
+    if moved is not None:
+        warnings.warn(
+            f"balancer.{name} moved to {moved}.{name}; import it from there (the old path goes in 0.3)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(moved), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

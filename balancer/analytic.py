@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from strategies.layout import Layout
 
-from .cost import LayoutCost, UnsupportedLayoutError
+from .layout_cost import LayoutCost, UnsupportedLayoutError
 from .specs import HardwareSpec, ModelSpec
 
 __all__ = [

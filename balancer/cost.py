@@ -19,89 +19,27 @@ of measurements (:meth:`CostModel.fit`) and calibration on the local device
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from strategies.layout import Layout
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .analytic import AnalyticOptions
-    from .specs import HardwareSpec, ModelSpec
+from . import calibrate as cal
+from .analytic import AnalyticModel, AnalyticOptions
+from .data import INSTANCES_FILE
+from .fit import fit_quadratic
+from .layout_cost import (
+    LayoutCost,
+    LayoutKey,
+    UnsupportedLayoutError,
+    as_layout,
+    replica_seconds,
+)
+from .specs import HardwareSpec, ModelSpec, hardware_preset, model_preset
 
 __all__ = ["LayoutCost", "CostModel", "UnsupportedLayoutError", "replica_seconds"]
-
-LayoutKey = Layout | str
-"""A layout or its name (``"tp2cp2"``)."""
-
-
-class UnsupportedLayoutError(ValueError):
-    """A cost model cannot price a layout: unknown to a coefficient table, the model's shape
-    does not split that way (tp not dividing the heads), or not one token fits in memory."""
-
-
-def _as_layout(key: LayoutKey) -> Layout:
-    return key if isinstance(key, Layout) else Layout.parse(str(key))
-
-
-@dataclass(frozen=True, slots=True)
-class LayoutCost:
-    """Coefficients of one layout. Times in seconds (or any one unit used consistently)."""
-
-    a: float
-    """Quadratic coefficient, seconds per token² (attention)."""
-    b: float
-    """Linear coefficient, seconds per token (matmuls, norms, communication per token)."""
-    c: float
-    """Fixed overhead per micro-batch, seconds (kernel launches, pipeline bubbles' fixed part)."""
-    token_capacity: int
-    """Most tokens one micro-batch may hold on this layout (memory model)."""
-
-    def __post_init__(self) -> None:
-        for name in ("a", "b", "c"):
-            v = float(getattr(self, name))
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"LayoutCost: {name}={v} must be finite and >= 0")
-            object.__setattr__(self, name, v)
-        cap = int(self.token_capacity)
-        if cap < 1:
-            raise ValueError(
-                f"LayoutCost: token_capacity={self.token_capacity} must be >= 1 token; "
-                "the layout cannot hold even one token (raise memory or parallel degrees)"
-            )
-        object.__setattr__(self, "token_capacity", cap)
-
-    def seconds(self, lengths: np.ndarray | Sequence[int] | int) -> np.ndarray:
-        """Per-sequence time ``a·s² + b·s`` (float64, same shape as ``lengths``)."""
-        s = np.asarray(lengths, dtype=np.float64)
-        return self.a * s * s + self.b * s
-
-    def to_dict(self) -> dict[str, float | int]:
-        return {"a": self.a, "b": self.b, "c": self.c, "token_capacity": self.token_capacity}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LayoutCost":
-        missing = {"a", "b", "c", "token_capacity"} - set(d)
-        if missing:
-            raise ValueError(f"LayoutCost: missing keys {sorted(missing)} in {dict(d)}")
-        return cls(a=d["a"], b=d["b"], c=d["c"], token_capacity=d["token_capacity"])
-
-
-def replica_seconds(
-    micro_batch_seconds: Sequence[float] | np.ndarray, c: float, pp: int, speed: float = 1.0
-) -> float:
-    """Replica time of micro-batches with times ``T(m_k)`` (1F1B pipeline).
-
-    ``(Σ_k T(m_k) + v·c + (pp−1)·max_k T(m_k)) / speed``. An empty list costs 0.
-    """
-    t = np.asarray(micro_batch_seconds, dtype=np.float64)
-    if t.size == 0:
-        return 0.0
-    return float((t.sum() + t.size * c + (pp - 1) * t.max()) / speed)
-
 
 class CostModel:
     """Per-layout cost coefficients from one source.
@@ -189,7 +127,7 @@ class CostModel:
 
     def fit_r2(self, layout: LayoutKey) -> float:
         """R² of the least-squares fit behind ``layout``'s coefficients (fit and calibrated models)."""
-        lay = _as_layout(layout)
+        lay = as_layout(layout)
         fits = self.meta.get("fit", {})
         if lay.name not in fits:
             have = ", ".join(sorted(fits)) or "none"
@@ -246,7 +184,7 @@ class CostModel:
         max_seqlen``. ``unit="ms"`` keeps the file's numbers (``meta["time_unit"] = "ms"``);
         ``unit="s"`` converts them to seconds. Replicas of one layout must agree.
         """
-        from .data import INSTANCES_FILE
+
 
         if unit not in ("ms", "s"):
             raise ValueError(f"from_hydraulis_instance: unit={unit!r} must be 'ms' (as in the file) or 's'")
@@ -295,8 +233,6 @@ class CostModel:
         ``min_efficiency``. Layouts are priced on first use and cached;
         the specs go into ``meta`` so :meth:`from_dict` rebuilds the same resolver.
         """
-        from .analytic import AnalyticModel, AnalyticOptions
-        from .specs import hardware_preset, model_preset
 
         if options is not None and option_values:
             raise ValueError("CostModel.analytic: pass either options=AnalyticOptions(...) or keywords, not both")
@@ -326,7 +262,7 @@ class CostModel:
         (:meth:`fit_r2`).
         """
         return cls.fit_layouts(
-            {_as_layout(layout): (lengths, seconds)}, token_capacity=token_capacity, c=c, time_unit=time_unit
+            {as_layout(layout): (lengths, seconds)}, token_capacity=token_capacity, c=c, time_unit=time_unit
         )
 
     @classmethod
@@ -342,16 +278,15 @@ class CostModel:
 
         ``token_capacity`` and ``c`` are one value for all layouts or a dict per layout.
         """
-        from .fit import fit_quadratic
 
         if not samples:
             raise ValueError("CostModel.fit_layouts: no samples; give {layout: (lengths, seconds)}")
-        caps = {_as_layout(k): v for k, v in token_capacity.items()} if isinstance(token_capacity, Mapping) else None
-        cs = {_as_layout(k): v for k, v in c.items()} if isinstance(c, Mapping) else None
+        caps = {as_layout(k): v for k, v in token_capacity.items()} if isinstance(token_capacity, Mapping) else None
+        cs = {as_layout(k): v for k, v in c.items()} if isinstance(c, Mapping) else None
         table: dict[Layout, LayoutCost] = {}
         fits: dict[str, dict[str, Any]] = {}
         for key, pair in samples.items():
-            lay = _as_layout(key)
+            lay = as_layout(key)
             if caps is not None and lay not in caps:
                 raise ValueError(f"CostModel.fit_layouts: no token_capacity for layout {lay.name}")
             cap = caps[lay] if caps is not None else token_capacity
@@ -403,11 +338,8 @@ class CostModel:
         """
         import torch
 
-        from . import calibrate as cal
-        from .analytic import AnalyticModel
-        from .specs import hardware_preset, model_preset
 
-        lay = _as_layout(layout)
+        lay = as_layout(layout)
         spec = model_preset(model) if isinstance(model, str) else model
         custom_step = step_fn is not None
         device = cal.calibration_device()
@@ -493,8 +425,6 @@ class CostModel:
 
 def _rebuild_analytic(table: dict[Layout, LayoutCost], meta: dict[str, Any]) -> CostModel:
     """The analytic resolver from the specs stored in ``meta``; stored layouts are kept as written."""
-    from .analytic import AnalyticModel, AnalyticOptions
-    from .specs import HardwareSpec, ModelSpec
 
     missing = {"model", "hardware", "options"} - set(meta)
     if missing:

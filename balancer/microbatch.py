@@ -50,7 +50,7 @@ from packers._greedy import _greedy_kernel
 from packers._search import _improve_kernel
 from packers.binpack import _first_fit, first_fit_decreasing_groups
 
-from .dispatch import ReplicaTable
+from .stage1 import ReplicaTable
 
 __all__ = ["MicroBatches", "pack_micro_batches", "pack_replica"]
 

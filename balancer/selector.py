@@ -1,7 +1,7 @@
-"""The per-step strategy selector: one :class:`~balancer.plan.StepPlan` per optimizer step.
+"""The per-step strategy selector: one :class:`~strategies.plan.StepPlan` per optimizer step.
 
 For every candidate strategy that can hold the step's longest sequence, the
-:class:`Balancer` runs stage 1 (:mod:`balancer.dispatch`) and stage 2
+:class:`Balancer` runs stage 1 (:mod:`balancer.stage1`) and stage 2
 (:mod:`balancer.microbatch`) on the fast path and takes the lowest estimated step time,
 adding ``switch_penalty`` seconds to every candidate other than the previous step's.
 Optionally CP-SAT refines the chosen strategy's stage 1 within a time budget; the
@@ -28,7 +28,6 @@ the same order relative to :meth:`Balancer.plan` / ``next()`` on :meth:`Balancer
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -38,140 +37,25 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from strategies.layout import ClusterSpec, Strategy
+from strategies.plan import ReplicaPlan, StepPlan
 
+from .bounds import lower_bound, quick_lower_bound
 from .cost import CostModel
-from .dispatch import (
-    Dispatch,
+from .stage1 import (
     ReplicaTable,
     Stage1LP,
-    dispatch,
-    lower_bound,
-    quick_lower_bound,
     refine_dispatch,
     stage1_arrays,
     stage1_lp,
 )
-from .microbatch import MicroBatches, pack_micro_batches
-from .plan import ReplicaPlan, StepPlan
+from .prefetch import plan_ahead
+from .solve import BalancerConfig, StrategySolution, solve_strategy, stage2
 
 __all__ = ["BalancerConfig", "Balancer", "StrategySolution", "solve_strategy"]
 
 _STATE_VERSION = 1
-_REFINE_CHOICES = ("none", "cpsat")
 _RECENT_PLANS = 64
 """Plans whose per-replica speeds are remembered for :meth:`Balancer.observe`."""
-
-
-@dataclass(kw_only=True)
-class BalancerConfig:
-    """Knobs of the per-step planner. Times in seconds."""
-
-    refine: str = "none"
-    """``"none"`` (greedy only) or ``"cpsat"`` (CP-SAT refinement of the chosen plan's stage 1)."""
-    refine_time_limit: float = 0.05
-    """CP-SAT solve budget per step: wall seconds, or CP-SAT deterministic units (about a
-    second each; ~1.7 wall seconds on a 2-core CI machine) when ``deterministic``."""
-    refine_min_gap: float = 1e-3
-    """Skip CP-SAT when the greedy estimate is within this relative gap of the lower bound."""
-    refine_max_variables: int = 200_000
-    """Skip CP-SAT when sequences × replicas exceeds this (model building would dominate the step)."""
-    switch_penalty: float = 0.0
-    """Added to every candidate's estimate other than the previous step's strategy, in the
-    cost model's time unit (seconds unless the model says otherwise)."""
-    seed: int = 0
-    """Seed of the CP-SAT search (combined with the step number)."""
-    deterministic: bool = True
-    """CP-SAT with one worker, a fixed seed and a deterministic-time budget, so every rank
-    derives the same plan."""
-    cpsat_workers: int = 1
-    """CP-SAT worker threads when ``deterministic`` is off."""
-    local_search: bool = True
-    """Run the local search after LPT in stage 1."""
-    local_search_rounds: int | None = 128
-    """Most local-search rounds per candidate (each lowers the bottleneck replica; ``None``:
-    the packer's default ``4·(n + m)``). 128 keeps nearly all of the gain on 64–1,024 GPUs
-    while bounding the cost on steps with thousands of sequences."""
-    max_extra_micro_batches: int = 8
-    """Pipeline replicas: try at most this many micro-batch counts above the minimum."""
-    balance_micro_batches: bool = False
-    """``pp = 1``: re-pack the fewest micro-batches to equal times (estimate unchanged)."""
-    speed_ewma: float = 0.3
-    """Weight of a new speed sample in the per-rank EWMA, in (0, 1]."""
-    speed_hysteresis: float = 0.05
-    """Relative change of a rank's EWMA speed needed before planning uses it."""
-    min_speed: float = 0.05
-    """Smallest relative speed a rank can be assigned (guards against broken measurements)."""
-    max_speed: float = 20.0
-    """Largest relative speed a rank can be assigned."""
-
-    def __post_init__(self) -> None:
-        if self.refine not in _REFINE_CHOICES:
-            raise ValueError(f"BalancerConfig: refine={self.refine!r}; choose one of {list(_REFINE_CHOICES)}")
-        for name in ("refine_time_limit", "speed_ewma", "min_speed", "max_speed"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"BalancerConfig: {name}={v!r} must be a positive number")
-        for name in ("refine_min_gap", "switch_penalty", "speed_hysteresis"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"BalancerConfig: {name}={v!r} must be a number >= 0")
-        if self.speed_ewma > 1:
-            raise ValueError(f"BalancerConfig: speed_ewma={self.speed_ewma} must be in (0, 1] (e.g. 0.3)")
-        if self.min_speed >= self.max_speed:
-            raise ValueError(f"BalancerConfig: min_speed={self.min_speed} must be below max_speed={self.max_speed}")
-        if self.local_search_rounds is not None and (
-            isinstance(self.local_search_rounds, bool) or not isinstance(self.local_search_rounds, int) or self.local_search_rounds < 1
-        ):
-            raise ValueError(f"BalancerConfig: local_search_rounds={self.local_search_rounds!r} must be a positive integer or None")
-        for name in ("seed", "max_extra_micro_batches", "refine_max_variables"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"BalancerConfig: {name}={v!r} must be an integer >= 0")
-        if isinstance(self.cpsat_workers, bool) or not isinstance(self.cpsat_workers, int) or self.cpsat_workers < 1:
-            raise ValueError(f"BalancerConfig: cpsat_workers={self.cpsat_workers!r} must be an integer >= 1")
-        if self.deterministic and self.cpsat_workers != 1:
-            raise ValueError(
-                f"BalancerConfig: cpsat_workers={self.cpsat_workers} with deterministic=True; "
-                "deterministic plans need one CP-SAT worker (set deterministic=False to use more)"
-            )
-
-
-@dataclass(frozen=True, eq=False)
-class StrategySolution:
-    """Both stages of one strategy on one batch (positions are batch positions)."""
-
-    table: ReplicaTable
-    dispatch: Dispatch
-    micro: MicroBatches
-    stage1_times: np.ndarray
-    """float64[n, K], the anticipated stage-1 times (kept for refinement)."""
-    item_seconds: np.ndarray
-    """float64[n, K], ``a·s² + b·s`` per type."""
-
-    @property
-    def est_step_seconds(self) -> float:
-        return self.micro.step_seconds
-
-
-def _stage2(table: ReplicaTable, lengths: np.ndarray, t: np.ndarray, d: Dispatch, config: BalancerConfig) -> MicroBatches:
-    t_item = t[np.arange(lengths.size), table.bin_type[d.bin_of]]
-    return pack_micro_batches(
-        table,
-        d.bin_of,
-        lengths,
-        t_item,
-        max_extra_micro_batches=config.max_extra_micro_batches,
-        balance_times=config.balance_micro_batches,
-    )
-
-
-def solve_strategy(table: ReplicaTable, lengths: np.ndarray, config: BalancerConfig | None = None) -> StrategySolution:
-    """Fast path of both stages for one strategy; ``lengths`` int64 tokens, all ``≤ table.max_capacity``."""
-    config = config or BalancerConfig()
-    t, w = stage1_arrays(table, lengths)
-    d = dispatch(table, lengths, w, local_search=config.local_search, max_rounds=config.local_search_rounds)
-    micro = _stage2(table, lengths, t, d, config)
-    return StrategySolution(table=table, dispatch=d, micro=micro, stage1_times=w, item_seconds=t)
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,7 +101,7 @@ class Balancer:
         if not cands:
             raise ValueError(
                 "Balancer: the candidate list is empty; pass at least one Strategy, e.g. "
-                f"[Strategy.homogeneous(Layout(tp=1), {cluster.num_ranks})] or strategies.candidates.generate_candidates(...)"
+                f"[Strategy.homogeneous(Layout(tp=1), {cluster.num_ranks})] or balancer.pool.generate_candidates(...)"
             )
         names: dict[str, int] = {}
         for k, strat in enumerate(cands):
@@ -261,7 +145,7 @@ class Balancer:
 
     @property
     def cluster(self) -> ClusterSpec:
-        """The cluster with the per-rank speeds planning uses now (for :func:`balancer.plan.validate`)."""
+        """The cluster with the per-rank speeds planning uses now (for :func:`strategies.plan.validate`)."""
         return self.cluster_spec.with_speed(self._state.rank_speed.tolist())
 
     @property
@@ -409,7 +293,7 @@ class Balancer:
             deterministic_time=cfg.refine_time_limit if cfg.deterministic else None,
         )
         if not np.array_equal(d2.bin_of, sol.dispatch.bin_of):
-            micro = _stage2(sol.table, lengths, sol.item_seconds, d2, cfg)
+            micro = stage2(sol.table, lengths, sol.item_seconds, d2, cfg)
             if micro.step_seconds < sol.est_step_seconds:
                 refined = StrategySolution(
                     table=sol.table, dispatch=d2, micro=micro, stage1_times=sol.stage1_times, item_seconds=sol.item_seconds
@@ -563,52 +447,9 @@ class Balancer:
         """
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"prefetch: depth={depth!r} must be an integer >= 1")
-        return self._prefetch(iter(batches), depth)
-
-    def _prefetch(self, source: Iterator[tuple[Any, ...]], depth: int) -> Iterator[StepPlan]:
-        requests: queue.Queue[_SpeedState | None] = queue.Queue()
-        results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth + 1)
-        stop = threading.Event()
-
-        def worker() -> None:
-            while True:
-                state = requests.get()
-                if state is None or stop.is_set():
-                    return
-                try:
-                    item = next(source)
-                except StopIteration:
-                    results.put(("done", None))
-                    return
-                except BaseException as e:  # handed to the consumer, which re-raises it
-                    results.put(("error", e))
-                    return
-                try:
-                    if not isinstance(item, tuple) or len(item) not in (3, 4):
-                        raise ValueError(
-                            f"prefetch: each batch must be (step, lengths, sample_ids[, loss_tokens]), got {type(item).__name__}"
-                        )
-                    step, lengths, ids = item[0], item[1], item[2]
-                    loss = item[3] if len(item) == 4 else None
-                    results.put(("plan", self._plan(state, lengths, step, ids, loss)))
-                except BaseException as e:
-                    results.put(("error", e))
-                    return
-
-        thread = threading.Thread(target=worker, name="hydraulis-balancer-prefetch", daemon=True)
-        thread.start()
-        try:
-            for _ in range(depth):
-                requests.put(self._state)
-            while True:
-                kind, value = results.get()
-                if kind == "done":
-                    return
-                if kind == "error":
-                    raise value
-                requests.put(self._state)
-                yield value
-        finally:
-            stop.set()
-            requests.put(None)
-            thread.join()
+        return plan_ahead(
+            lambda state, step, lengths, ids, loss: self._plan(state, lengths, step, ids, loss),
+            lambda: self._state,
+            iter(batches),
+            depth,
+        )

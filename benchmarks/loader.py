@@ -20,7 +20,7 @@ DataLoader workers:
   descriptor per tensor), so the comparison isolates the balanced loader's own costs;
 * **balanced**: :class:`~dataloader.loader.BalancedDataLoader` with a
   :class:`~balancer.selector.Balancer` (analytic ``llama-7b`` on ``a100-80g``, candidates
-  from :func:`strategies.candidates.generate_candidates`).
+  from :func:`balancer.pool.generate_candidates`).
 
 Two measurements:
 
@@ -80,11 +80,11 @@ import torch.utils.data as tud  # noqa: E402
 
 from balancer.cost import CostModel  # noqa: E402
 from balancer.data import bundled_path, read_lengths  # noqa: E402
+from balancer.pool import generate_candidates  # noqa: E402
 from balancer.selector import Balancer  # noqa: E402
 from dataloader import BalancedDataLoader, PackedCollator  # noqa: E402
-from dataloader.loader import _ship, _unship  # noqa: E402
+from dataloader.fetch import ship, unship  # noqa: E402
 from dataloader.sampler import BalancedBatchSampler, SamplerConfig  # noqa: E402
-from strategies.candidates import generate_candidates  # noqa: E402
 from strategies.layout import ClusterSpec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -160,7 +160,7 @@ def plain_collate(samples: list[dict[str, np.ndarray]]) -> dict[str, Any]:
 
 def plain_collate_inline(samples: list[dict[str, np.ndarray]]) -> Any:
     """The plain collate, shipped from the worker the way BalancedDataLoader ships (arrays inline)."""
-    return _ship(PackedCollator()(samples), None)
+    return ship(PackedCollator()(samples), None)
 
 
 def machine() -> dict[str, Any]:
@@ -211,7 +211,7 @@ def _timed(batches: Iterator[Any], tokens_of: Any, *, ready: Any = None) -> dict
 
 
 def time_plain(loader: tud.DataLoader) -> dict[str, Any]:  # type: ignore[type-arg]
-    return _timed((_unship(mb) for mb in loader), lambda mb: (int(mb["input_ids"].shape[1]), None))
+    return _timed((unship(mb) for mb in loader), lambda mb: (int(mb["input_ids"].shape[1]), None))
 
 
 def _all_planned(loader: BalancedDataLoader) -> None:
@@ -277,7 +277,7 @@ def plain_steps(loader: tud.DataLoader, per_step: list[int]) -> Iterator[tuple[i
     for count in per_step:
         tokens = 0
         for _ in range(count):
-            tokens += int(_unship(next(it))["input_ids"].shape[1])
+            tokens += int(unship(next(it))["input_ids"].shape[1])
         yield tokens, None
 
 

@@ -4,7 +4,7 @@ Simulation mode (default)::
 
     python benchmarks/planner.py [--lengths PATH]... [--scenario NAME]... [--steps N] [--quick]
 
-runs :func:`balancer.simulate.simulate` for every scenario × length file (default: the
+runs :func:`balancer.simulation.simulate` for every scenario × length file (default: the
 bundled Wikipedia, code, books and SFT sets) with an analytic cost model, and writes
 ``benchmarks/results/planner.json`` and ``planner.md``. It also replays the bundled
 Hydraulis instance file (below) for the comparison table.
@@ -71,12 +71,13 @@ if str(ROOT) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(ROOT))
 
 from balancer.baselines import greedy_dispatch, random_restart_dispatch, static_layout  # noqa: E402
+from balancer.candidates import enumerate_layouts  # noqa: E402
 from balancer.cost import CostModel  # noqa: E402
 from balancer.data import INSTANCES_FILE, bundled_path, read_lengths  # noqa: E402
-from balancer.simulate import BALANCER, SimulationConfig, SimulationResult, simulate  # noqa: E402
+from balancer.pool import generate_candidates  # noqa: E402
+from balancer.simulation import BALANCER, SimulationConfig, SimulationResult, simulate  # noqa: E402
 from packers.bounds import makespan_lower_bound  # noqa: E402
 from packers.makespan import lpt_makespan  # noqa: E402
-from strategies.candidates import enumerate_layouts, generate_candidates  # noqa: E402
 from strategies.layout import ClusterSpec, Layout, Strategy  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

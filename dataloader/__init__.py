@@ -7,6 +7,7 @@ See ``docs/dataloader.md``. Typical use::
         train_step(batch.micro_batches)  # your forward/backward per micro-batch
 """
 
+from .batch import SEQUENCE_KEYS, StepBatch
 from .collate import Collator, ContextParallelCollator, PackedCollator, PaddedCollator, block_causal_mask, cp_shard
 from .lengths import (
     IGNORE_INDEX,
@@ -18,14 +19,19 @@ from .lengths import (
     lengths_from_dataset,
     lengths_from_file,
 )
-from .loader import BalancedDataLoader, StepBatch
+from .loader import BalancedDataLoader
 from .loss import normalize, packed_loss, target_loss_sum, token_loss_sum
 from .planning import PlanSyncError
 from .sampler import BalancedBatchSampler, SamplerConfig, SamplerStats, SamplerStep
+from .sources import DATA_SUFFIXES, LengthSource, read_dataset_lengths
 from .spec import MicroBatchSpec
 from .stream import StreamingSteps
 
 __all__ = [
+    "DATA_SUFFIXES",
+    "LengthSource",
+    "read_dataset_lengths",
+    "SEQUENCE_KEYS",
     "IGNORE_INDEX",
     "BalancedBatchSampler",
     "BalancedDataLoader",

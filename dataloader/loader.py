@@ -28,221 +28,30 @@ after the last consumed step, the same as loading that state into a fresh loader
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import math
 import threading
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import torch
 import torch.utils.data as tud
 
-from balancer.plan import RankPlan, StepPlan
-
-from .collate import Collator, PackedCollator
+from .batch import SEQUENCE_KEYS, StepBatch
+from .collate import PackedCollator
+from .fetch import INLINE_BYTES_PINNED, CollateSpec, FetchDataset, SpecFeed, unship
 from .lengths import IGNORE_INDEX, compute_lengths, compute_loss_tokens
 from .planning import PlanSyncError
 from .sampler import BalancedBatchSampler, SamplerConfig, SamplerStep
 from .spec import MicroBatchSpec
+from .stream import StreamingSteps
 
-__all__ = ["SEQUENCE_KEYS", "BalancedDataLoader", "StepBatch"]
-
-SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask", "token_type_ids", "position_ids", "loss_mask")
-"""Per-token sample fields cut together when a sample is truncated or split."""
+__all__ = ["BalancedDataLoader"]
 
 _STATE_VERSION = 1
 _CLOSE_TIMEOUT = 30.0
 """Seconds a broken-off iteration waits for its planning thread to finish the stop exchange."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class StepBatch:
-    """One optimizer step on this rank (design.md §7)."""
-
-    step: int
-    """Global step (from the start of the run, across epochs)."""
-    epoch: int
-    step_in_epoch: int
-    plan: StepPlan
-    rank_plan: RankPlan
-    micro_batches: list[Any]
-    """Collated micro-batches in execution order (packed dicts by default)."""
-    specs: tuple[MicroBatchSpec, ...]
-    """What each micro-batch holds (sample ids, pieces, planned loss tokens)."""
-    global_loss_tokens: int
-    """Loss tokens of the whole global batch; divide summed token losses by this."""
-
-    @property
-    def num_micro_batches(self) -> int:
-        return len(self.micro_batches)
-
-    def is_last_micro_batch(self, k: int) -> bool:
-        """True for the micro-batch whose backward must synchronise gradients."""
-        if not 0 <= k < len(self.micro_batches):
-            raise IndexError(f"micro-batch {k} outside 0..{len(self.micro_batches) - 1}")
-        return k == len(self.micro_batches) - 1
-
-    def num_loss_tokens(self, k: int) -> int:
-        """Planned loss tokens of micro-batch ``k`` on this rank."""
-        return self.specs[k].num_loss_tokens
-
-    def sync_context(self, model: Any, k: int) -> contextlib.AbstractContextManager[Any]:
-        """``model.no_sync()`` for all but the last micro-batch (DDP/FSDP), else a null context."""
-        if not self.is_last_micro_batch(k) and hasattr(model, "no_sync"):
-            return model.no_sync()
-        return contextlib.nullcontext()
-
-
-# ---------------------------------------------------------------------------------------
-# pieces of the DataLoader: what workers run
-# ---------------------------------------------------------------------------------------
-def _tokens_of(sample: Any, key: str) -> Any:
-    return sample[key] if isinstance(sample, Mapping) else sample
-
-
-def cut_sample(sample: Any, spec: MicroBatchSpec, j: int, input_key: str, keys: Sequence[str]) -> Any:
-    """Check sequence ``j`` of ``spec`` against the fetched ``sample`` and cut it to its piece."""
-    sid = spec.sample_ids[j]
-    if isinstance(sample, Mapping) and input_key not in sample:
-        raise ValueError(f"sample {sid} has no field {input_key!r}; fields: {sorted(sample)}. Set input_key=...")
-    tokens = _tokens_of(sample, input_key)
-    got = len(tokens)
-    if got != spec.full_lengths[j]:
-        raise ValueError(
-            f"sample {sid} has {got} tokens in the dataset but the length source says {spec.full_lengths[j]}; "
-            "the lengths do not match the dataset (recompute them from this dataset)"
-        )
-    lo, hi = spec.starts[j], spec.ends[j]
-    if lo == 0 and hi == got:
-        return sample
-    if not isinstance(sample, Mapping):
-        return tokens[lo:hi]
-    out = dict(sample)
-    for key in keys:
-        value = out.get(key)
-        if value is not None and hasattr(value, "__len__") and len(value) == got:
-            out[key] = value[lo:hi]
-    return out
-
-
-class _FetchDataset(tud.Dataset):  # type: ignore[type-arg]
-    """Wraps the user's dataset: one ``__getitems__(spec)`` fetches a micro-batch's samples."""
-
-    def __init__(self, dataset: Any, input_key: str, keys: Sequence[str]) -> None:
-        self.dataset = dataset
-        self.input_key = input_key
-        self.keys = tuple(keys)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index]
-
-    def __getitems__(self, spec: MicroBatchSpec) -> tuple[MicroBatchSpec, list[Any]]:
-        ids = list(spec.sample_ids)
-        if not ids:
-            return spec, []
-        getitems = getattr(self.dataset, "__getitems__", None)
-        samples = list(getitems(ids)) if getitems is not None else [self.dataset[i] for i in ids]
-        return spec, [cut_sample(s, spec, j, self.input_key, self.keys) for j, s in enumerate(samples)]
-
-
-_INLINE_BYTES_PINNED = 64 * 1024
-"""With ``pin_memory``, tensors up to this size travel inline; larger ones in pinned flat buffers."""
-
-
-class _Shipped(NamedTuple):
-    """A collated dict packed for the trip from a worker process.
-
-    Every tensor crossing the worker queue travels through its own shared-memory file
-    descriptor with a handshake (about a millisecond each, more under load); a packed
-    micro-batch has six. Instead, tensors go inline as numpy arrays inside the pickle
-    (a memory copy, far cheaper at micro-batch sizes), except — with ``pin_memory`` —
-    those above 64 KiB, which are concatenated into one flat tensor per dtype that the
-    DataLoader's pinning thread pins (``pin_memory`` recurses into this named tuple), so
-    the views rebuilt in the main process are pinned as well.
-    """
-
-    buffers: tuple[torch.Tensor, ...]
-    layout: tuple[tuple[Any, ...], ...]
-    """``("t", key, buffer, offset, shape)``, ``("n", key, ndarray)`` or ``("v", key, value)``."""
-
-
-def _ship(out: Any, inline_bytes: int | None) -> Any:
-    if type(out) is not dict or tud.get_worker_info() is None:
-        return out
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}
-    sizes: dict[torch.dtype, int] = {}
-    layout: list[tuple[Any, ...]] = []
-    for key, value in out.items():
-        if not (isinstance(value, torch.Tensor) and value.device.type == "cpu" and not value.requires_grad):
-            layout.append(("v", key, value))
-        elif inline_bytes is None or value.numel() * value.element_size() <= inline_bytes:
-            layout.append(("n", key, value.numpy()))
-        else:
-            group = groups.setdefault(value.dtype, [])
-            layout.append(("t", key, list(groups).index(value.dtype), sizes.get(value.dtype, 0), tuple(value.shape)))
-            sizes[value.dtype] = sizes.get(value.dtype, 0) + value.numel()
-            group.append(value.reshape(-1))
-    return _Shipped(tuple(torch.cat(ts) for ts in groups.values()), tuple(layout))
-
-
-def _unship(out: Any) -> Any:
-    if not isinstance(out, _Shipped):
-        return out
-    rebuilt: dict[str, Any] = {}
-    for entry in out.layout:
-        kind, key = entry[0], entry[1]
-        if kind == "v":
-            rebuilt[key] = entry[2]
-        elif kind == "n":
-            rebuilt[key] = torch.from_numpy(entry[2])
-        else:
-            _, _, g, off, shape = entry
-            rebuilt[key] = out.buffers[g][off : off + math.prod(shape)].view(shape)
-    return rebuilt
-
-
-@dataclass(frozen=True)
-class _CollateSpec:
-    """Collate ``(spec, samples)``: hydraulis collators get the spec, plain functions the samples."""
-
-    collate: Any
-    inline_bytes: int | None = None
-    """Tensors up to this many bytes leave a worker inline (``None``: all of them)."""
-
-    def __call__(self, data: tuple[MicroBatchSpec, list[Any]]) -> tuple[MicroBatchSpec, Any]:
-        spec, samples = data
-        if isinstance(self.collate, Collator):
-            out = self.collate(samples, spec)
-        else:
-            out = self.collate(samples) if samples else None
-        return spec, _ship(out, self.inline_bytes)
-
-
-class _SpecFeed:
-    """The DataLoader's batch sampler: micro-batch specs of consecutive steps, in order."""
-
-    def __init__(self, sampler: BalancedBatchSampler) -> None:
-        self.sampler = sampler
-        self.steps: collections.deque[SamplerStep] = collections.deque()
-
-    def __iter__(self) -> Iterator[MicroBatchSpec]:
-        steps: collections.deque[SamplerStep] = collections.deque()
-        self.steps = steps
-        for step in self.sampler:
-            steps.append(step)
-            yield from step.micro_batches
-
-
-# ---------------------------------------------------------------------------------------
-# the loader
-# ---------------------------------------------------------------------------------------
 def _is_iterable_dataset(dataset: Any) -> bool:
     if isinstance(dataset, tud.IterableDataset):
         return True
@@ -317,8 +126,6 @@ class BalancedDataLoader:
         self.input_key, self.labels_key = input_key, labels_key
         self.streaming = _is_iterable_dataset(dataset)
         if self.streaming:
-            from .stream import StreamingSteps
-
             if sampler is not None:
                 raise ValueError("an iterable (streaming) dataset cannot use a BalancedBatchSampler (it needs lengths up front)")
             if balancer is None:
@@ -355,11 +162,11 @@ class BalancedDataLoader:
         self._training = threading.Event()
         """Set while the training loop holds a yielded step: background planning works then (PlanStream ``pace``)."""
         sampler._pace = self._training
-        self._feed = _SpecFeed(sampler)
+        self._feed = SpecFeed(sampler)
         self._loader = tud.DataLoader(
-            _FetchDataset(dataset, input_key, sequence_keys),
+            FetchDataset(dataset, input_key, sequence_keys),
             batch_sampler=self._feed,  # type: ignore[arg-type]
-            collate_fn=_CollateSpec(self.collate_fn, _INLINE_BYTES_PINNED if pin_memory else None),
+            collate_fn=CollateSpec(self.collate_fn, INLINE_BYTES_PINNED if pin_memory else None),
             num_workers=num_workers,
             pin_memory=pin_memory,
             prefetch_factor=prefetch_factor,
@@ -455,7 +262,7 @@ class BalancedDataLoader:
         step: SamplerStep | None = None
         try:
             for spec, shipped in inner:
-                out = _unship(shipped)
+                out = unship(shipped)
                 if step is None:
                     step = self._feed.steps.popleft()
                     if step.step != spec.step:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 
-from balancer.plan import StepPlan
+from strategies.plan import StepPlan
 
 __all__ = ["PLAN_SYNC_MODES", "PlanBatch", "PlanStream", "PlanSyncError"]
 

@@ -39,22 +39,23 @@ in ``stats.dropped_last_samples`` and are in the next epoch's shuffle as usual.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from numba import njit
 
-from balancer.plan import RankPlan, StepPlan
+from strategies.plan import RankPlan, StepPlan
 
+from .distributed import check_world, plan_group, rank_and_world, resolve_sync
+from .epochs import epoch_batches, gather_batch
 from .lengths import check_lengths
+from .pieces import OVERLONG_POLICIES, Pieces, build_pieces, check_loss_tokens, describe_cuts
 from .planning import PLAN_SYNC_MODES, PlanBatch, PlanStream
 from .spec import MicroBatchSpec
 
 __all__ = ["OVERLONG_POLICIES", "BalancedBatchSampler", "SamplerConfig", "SamplerStats", "SamplerStep", "balancer_state"]
 
-OVERLONG_POLICIES = ("error", "truncate", "split", "drop")
 _STATE_VERSION = 1
 _LAST = object()
 """Sentinel: "the strategy of the last step yielded"."""
@@ -137,60 +138,6 @@ class SamplerStep:
         return [list(mb.sample_ids) for mb in self.micro_batches]
 
 
-def _check_loss_tokens(loss_tokens: np.ndarray | Sequence[int], lengths: np.ndarray) -> np.ndarray:
-    """``int64[n]`` loss tokens per sample, each in ``0 .. length − 1`` (the first token carries none)."""
-    arr = np.asarray(loss_tokens)
-    if arr.shape != lengths.shape:
-        raise ValueError(f"loss_tokens has shape {arr.shape} but there are {lengths.size} samples; give one count per sample")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"loss_tokens must hold integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    bad = np.flatnonzero((arr < 0) | (arr > lengths - 1))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(
-            f"sample {i}: loss_tokens={int(arr[i])} but a {int(lengths[i])}-token sample has between 0 and "
-            f"{int(lengths[i]) - 1} (the first token carries no loss)"
-        )
-    return arr
-
-
-@njit(cache=True)
-def _token_budget_bounds(tokens: np.ndarray, budget: int) -> np.ndarray:
-    """Batch boundaries: each batch takes samples in order until the next would exceed ``budget``."""
-    n = tokens.size
-    out = np.empty(n + 1, dtype=np.int64)
-    out[0] = 0
-    m = 0
-    acc = 0
-    for i in range(n):
-        t = tokens[i]
-        if acc > 0 and acc + t > budget:
-            m += 1
-            out[m] = i
-            acc = 0
-        acc += t
-    if n > 0:
-        m += 1
-        out[m] = n
-    return out[: m + 1]
-
-
-@dataclass(frozen=True)
-class _Pieces:
-    """Per-sample pieces after the over-long policy (piece id = sample id for the first piece)."""
-
-    kept: np.ndarray  # int64[k] sample ids that take part in epochs
-    first_len: np.ndarray  # int64[n] tokens of the first piece
-    first_loss: np.ndarray  # int64[n] loss tokens of the first piece
-    sample_tokens: np.ndarray  # int64[n] tokens over all pieces of the sample
-    extra_offset: np.ndarray  # int64[n+1] range of the sample's extra pieces
-    extra_sample: np.ndarray  # int64[e]
-    extra_start: np.ndarray  # int64[e]
-    extra_end: np.ndarray  # int64[e]
-    extra_loss: np.ndarray  # int64[e]
-
-
 class BalancedBatchSampler:
     """Global batches → balanced plans → this rank's micro-batches, one step at a time.
 
@@ -224,18 +171,17 @@ class BalancedBatchSampler:
         self.balancer = balancer
         self.lengths = check_lengths(lengths)
         n = self.lengths.size
-        self.loss_tokens = self.lengths - 1 if loss_tokens is None else _check_loss_tokens(loss_tokens, self.lengths)
-        self._custom_loss = bool(np.any(self.loss_tokens != self.lengths - 1))
+        self.loss_tokens = self.lengths - 1 if loss_tokens is None else check_loss_tokens(loss_tokens, self.lengths)
         self._piece_loss_tokens = piece_loss_tokens
-        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.rank, self.world_size = rank_and_world(rank, world_size)
         cluster = getattr(balancer, "cluster_spec", None)
         if cluster is not None and cluster.num_ranks != self.world_size:
             raise ValueError(
                 f"the balancer plans for {cluster.num_ranks} ranks but world_size={self.world_size}; "
                 "build its ClusterSpec with num_ranks=world_size"
             )
-        self._sync = _resolve_sync(config.plan_sync, self.world_size)
-        self._group = _plan_group(self._sync, process_group)
+        self._sync = resolve_sync(config.plan_sync, self.world_size)
+        self._group = plan_group(self._sync, process_group)
         self.max_length = int(config.max_length or balancer.max_sequence_length)
         if self.max_length > int(balancer.max_sequence_length):
             raise ValueError(
@@ -258,115 +204,31 @@ class BalancedBatchSampler:
         """Epochs iterated to their end by this object (a broken-off or closed one does not count)."""
 
     # -- over-long policy ------------------------------------------------------------------------
-    def _build_pieces(self, cap: int, *, announce: bool) -> _Pieces:
-        lengths, loss = self.lengths, self.loss_tokens
-        n = lengths.size
-        over = lengths > cap
-        policy = self.config.overlong
-        if over.any() and policy == "error":
-            i = int(np.flatnonzero(over)[0])
-            raise ValueError(
-                f"sample {i} has {int(lengths[i])} tokens, above the largest capacity {cap} "
-                f"({int(over.sum())} sample(s) too long in all); raise the capacity (more tp/cp, more memory) or use "
-                "overlong='truncate', 'split' or 'drop'"
-            )
-        first_len = np.minimum(lengths, cap) if policy in ("truncate", "split") else lengths.copy()
-        first_loss = loss.copy()
-        kept = np.arange(n, dtype=np.int64)
-        e_sample = np.zeros(0, dtype=np.int64)
-        e_start = e_end = e_loss = e_sample
-        counts = np.zeros(n, dtype=np.int64)
-        stats = self.stats
-        if policy == "drop":
-            kept = np.flatnonzero(~over).astype(np.int64)
-            stats.dropped_overlong = int(over.sum())
-            stats.dropped_overlong_ids = np.flatnonzero(over)[:16].tolist()
-        elif policy in ("truncate", "split") and over.any():
-            ids = np.flatnonzero(over)
-            if policy == "split":
-                counts[ids] = -(-(lengths[ids] - cap) // (cap - 1))  # extra pieces per sample
-                e_sample = np.repeat(ids, counts[ids])
-                within = np.arange(e_sample.size) - np.repeat(np.cumsum(counts[ids]) - counts[ids], counts[ids])
-                e_start = (within + 1) * (cap - 1)
-                e_end = np.minimum(lengths[e_sample], e_start + cap)
-                stats.split, stats.extra_pieces = int(ids.size), int(e_sample.size)
-            else:
-                stats.truncated = int(ids.size)
-                stats.truncated_tokens = int((lengths[ids] - cap).sum())
-            first_loss[ids] = first_len[ids] - 1
-            e_loss = e_end - e_start - 1
-            if self._custom_loss:
-                first_loss, e_loss = self._custom_piece_loss(ids, first_len, first_loss, e_sample, e_start, e_end, e_loss)
-        stats.num_kept = int(kept.size)
-        offset = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(counts, out=offset[1:])
-        sample_tokens = first_len + np.bincount(e_sample, weights=e_end - e_start, minlength=n).astype(np.int64)
-        if announce:
-            self._announce()
-        return _Pieces(kept, first_len, first_loss, sample_tokens, offset, e_sample, e_start, e_end, e_loss)
-
-    def _custom_piece_loss(
-        self,
-        ids: np.ndarray,
-        first_len: np.ndarray,
-        first_loss: np.ndarray,
-        e_sample: np.ndarray,
-        e_start: np.ndarray,
-        e_end: np.ndarray,
-        e_loss: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Loss tokens of the pieces of over-long samples whose labels mask some tokens (read from the data)."""
-        differs = ids[self.loss_tokens[ids] != self.lengths[ids] - 1]
-        if differs.size == 0:
-            return first_loss, e_loss
-        if self._piece_loss_tokens is None:
-            i = int(differs[0])
-            raise ValueError(
-                f"sample {i} is over-long ({int(self.lengths[i])} tokens) and has a custom loss-token count; "
-                f"overlong={self.config.overlong!r} needs piece_loss_tokens=... to count its pieces' loss tokens "
-                "(BalancedDataLoader supplies one from the dataset's labels)"
-            )
-        first_loss, e_loss = first_loss.copy(), e_loss.copy()
-        for i in differs.tolist():
-            lo, hi = np.searchsorted(e_sample, [i, i + 1])
-            starts = np.concatenate([[0], e_start[lo:hi]])
-            ends = np.concatenate([[first_len[i]], e_end[lo:hi]])
-            got = np.asarray(self._piece_loss_tokens(int(i), starts, ends), dtype=np.int64)
-            first_loss[i] = got[0]
-            e_loss[lo:hi] = got[1:]
-        return first_loss, e_loss
-
-    def _announce(self) -> None:
-        s = self.stats
-        parts = []
-        if s.dropped_overlong:
-            parts.append(f"dropped {s.dropped_overlong} sample(s) (e.g. ids {s.dropped_overlong_ids[:4]})")
-        if s.truncated:
-            parts.append(f"truncated {s.truncated} sample(s), losing {s.truncated_tokens} tokens")
-        if s.split:
-            parts.append(f"split {s.split} sample(s) into {s.split + s.extra_pieces} pieces (no attention across pieces)")
-        if parts:
-            warnings.warn(
-                f"overlong={self.config.overlong!r} with max_length={self.max_length} tokens: " + "; ".join(parts),
-                stacklevel=3,
-            )
+    def _build_pieces(self, cap: int, *, announce: bool) -> Pieces:
+        pieces = build_pieces(
+            self.lengths, self.loss_tokens, cap, self.config.overlong, self.stats, self._piece_loss_tokens
+        )
+        message = describe_cuts(self.stats, self.config.overlong, self.max_length) if announce else None
+        if message:
+            warnings.warn(message, stacklevel=3)
+        return pieces
 
     # -- epochs ------------------------------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order, bounds) of ``epoch``: sample ids in epoch order and batch boundaries into it."""
         if self._cached_epoch is not None and self._cached_epoch[0] == epoch:
             return self._cached_epoch[1], self._cached_epoch[2]
-        cfg, kept = self.config, self._pieces.kept
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(kept) if cfg.shuffle else kept
-        if cfg.sequences_per_step is not None:
-            k = cfg.sequences_per_step
-            bounds = np.append(np.arange(0, order.size, k, dtype=np.int64), order.size)
-            partial = order.size % k != 0
-        else:
-            bounds = _token_budget_bounds(self._pieces.sample_tokens[order], int(cfg.tokens_per_step))
-            partial = True
-        if cfg.drop_last and partial and bounds.size > 1:
-            bounds = bounds[:-1]
+        cfg = self.config
+        order, bounds = epoch_batches(
+            self._pieces.kept,
+            self._pieces.sample_tokens,
+            epoch,
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+            tokens_per_step=cfg.tokens_per_step,
+            sequences_per_step=cfg.sequences_per_step,
+            drop_last=cfg.drop_last,
+        )
         self._cached_epoch = (epoch, order, bounds)
         return order, bounds
 
@@ -392,14 +254,7 @@ class BalancedBatchSampler:
         return (self.num_steps(epoch) - step) + sum(self.num_steps(e) for e in range(epoch + 1, new_epoch))
 
     def _batch(self, order: np.ndarray, lo: int, hi: int, step: int, epoch: int, in_epoch: int) -> PlanBatch:
-        p = self._pieces
-        samples = order[lo:hi]
-        cnt = p.extra_offset[samples + 1] - p.extra_offset[samples]
-        extra = np.repeat(p.extra_offset[samples], cnt) + (np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt))
-        n = self.lengths.size
-        ids = np.concatenate([samples, n + extra])
-        lengths = np.concatenate([p.first_len[samples], p.extra_end[extra] - p.extra_start[extra]])
-        loss = np.concatenate([p.first_loss[samples], p.extra_loss[extra]])
+        ids, lengths, loss = gather_batch(self._pieces, order[lo:hi], self.lengths.size)
         return PlanBatch(step=step, lengths=lengths, ids=ids, loss_tokens=loss, meta=(epoch, in_epoch))
 
     def _batches(self, epoch: int, start: int, global_step: int) -> Iterator[PlanBatch]:
@@ -425,7 +280,7 @@ class BalancedBatchSampler:
                 f"step {batch.step}: the plan holds {plan.global_sequences} sequences / {plan.global_loss_tokens} loss "
                 f"tokens but the batch has {batch.ids.size} / {want_loss}; the plan does not belong to this batch"
             )
-        _check_world(plan, self.world_size)
+        check_world(plan, self.world_size)
         rank_plan = plan.for_rank(self.rank)
         layout = rank_plan.layout
         where = {int(pid): j for j, pid in enumerate(batch.ids.tolist())}
@@ -653,60 +508,3 @@ def balancer_state(balancer: Any, previous_strategy: str | None) -> dict[str, An
     if "previous_strategy" in state:
         state["previous_strategy"] = previous_strategy
     return state
-
-
-# -------------------------------------------------------------------------------------------------
-# torch.distributed defaults
-# -------------------------------------------------------------------------------------------------
-def _dist_ready() -> bool:
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return False
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if _dist_ready():
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if rank is None else rank
-        world_size = dist.get_world_size() if world_size is None else world_size
-    rank = 0 if rank is None else int(rank)
-    world_size = 1 if world_size is None else int(world_size)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must be in 0..world_size-1 with world_size={world_size} >= 1")
-    return rank, world_size
-
-
-def _resolve_sync(mode: str, world_size: int) -> str:
-    if mode == "auto":
-        return "broadcast" if world_size > 1 and _dist_ready() else "none"
-    if mode != "none" and not _dist_ready():
-        raise ValueError(f"plan_sync={mode!r} needs an initialised torch.distributed process group; use plan_sync='none'")
-    return mode
-
-
-def _plan_group(sync: str, process_group: Any) -> Any:
-    """A dedicated gloo group for plan exchange (created collectively: every rank builds the sampler)."""
-    if sync == "none":
-        return None
-    import torch.distributed as dist
-
-    if process_group is not None:
-        if dist.get_world_size(process_group) != dist.get_world_size():
-            raise ValueError(
-                f"process_group has {dist.get_world_size(process_group)} ranks but plans are exchanged among all "
-                f"{dist.get_world_size()}; pass a group of every rank (or none: a gloo group is created)"
-            )
-        return process_group
-    return dist.new_group(backend="gloo")
-
-
-def _check_world(plan: StepPlan, world_size: int) -> None:
-    if plan.num_ranks != world_size:
-        raise ValueError(
-            f"plan for step {plan.step} covers {plan.num_ranks} ranks but the sampler runs on {world_size}; "
-            "build the balancer's ClusterSpec with num_ranks=world_size"
-        )
-

@@ -31,13 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from balancer.plan import StepPlan
+from strategies.plan import StepPlan
 
+from .batch import StepBatch, cut_sample
 from .collate import Collator
+from .distributed import plan_group, rank_and_world, resolve_sync
 from .lengths import IGNORE_INDEX
-from .loader import StepBatch, cut_sample
 from .planning import PlanBatch, PlanStream, PlanSyncError
-from .sampler import SamplerConfig, SamplerStats, _plan_group, _rank_and_world, _resolve_sync, balancer_state
+from .sampler import SamplerConfig, SamplerStats, balancer_state
 from .spec import MicroBatchSpec
 
 __all__ = ["PIECE_ID_BASE", "StreamingSteps"]
@@ -73,9 +74,9 @@ class StreamingSteps:
         self.collate = collate
         self.input_key, self.labels_key = input_key, labels_key
         self.sequence_keys = tuple(sequence_keys)
-        self.rank, self.world_size = _rank_and_world(rank, world_size)
-        self._sync = _resolve_sync(config.plan_sync, self.world_size)
-        self._group = _plan_group(self._sync, process_group)
+        self.rank, self.world_size = rank_and_world(rank, world_size)
+        self._sync = resolve_sync(config.plan_sync, self.world_size)
+        self._group = plan_group(self._sync, process_group)
         self.max_length = int(config.max_length or balancer.max_sequence_length)
         if self.max_length > int(balancer.max_sequence_length):
             raise ValueError(

@@ -17,7 +17,7 @@ are derived from it — tp divides all the work at ``--scaling-efficiency`` per 
 divides attention fully but its per-token work at that efficiency squared (the K/V
 all-gather), capacity grows with ``tp·cp`` — a rough model for a demo. Pass
 ``--cost-model FILE`` (``CostModel.save`` JSON) for a measured one. Candidates come from
-:func:`strategies.candidates.generate_candidates` (no pipeline parallelism: the bundled
+:func:`balancer.pool.generate_candidates` (no pipeline parallelism: the bundled
 runtime has none).
 """
 
@@ -34,10 +34,10 @@ import torch.distributed as dist
 
 from balancer.cost import CostModel, LayoutCost
 from balancer.data import bundled_names, read_lengths
+from balancer.pool import generate_candidates
 from balancer.selector import Balancer, BalancerConfig
 from dataloader import BalancedDataLoader
 from strategies import ClusterSpec, Layout
-from strategies.candidates import generate_candidates
 from strategies.runtime import (
     GPT,
     SINGLE_DEVICE,

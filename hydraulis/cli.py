@@ -6,7 +6,7 @@
     hydraulis calibrate --model tiny --out cost_model.json
     hydraulis demo
 
-Each subcommand lives in :mod:`balancer.commands` and imports its heavy dependencies only
+Each subcommand lives in :mod:`hydraulis.commands` and imports its heavy dependencies only
 when it runs, so ``hydraulis --help`` starts fast. A user error (missing file, wrong
 column, bad config key...) prints one line, ``hydraulis: error: <what and how to fix>``,
 to stderr and exits with 1; ``--debug`` (or ``HYDRAULIS_DEBUG=1``) shows the traceback.

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from balancer.specs import HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
 from strategies.layout import ClusterSpec
-
-from .specs import HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
 
 __all__ = [
     "CONFIG_SUFFIXES",
@@ -313,7 +312,7 @@ class JobConfig:
 
     def cost_model(self) -> Any:
         """The analytic :class:`~balancer.cost.CostModel` of this model on this hardware."""
-        from .cost import CostModel
+        from balancer.cost import CostModel
 
         if self.model is None:
             raise ConfigError("no model given; pass --model (a preset or a file) or --cost-model FILE")

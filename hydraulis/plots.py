@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .profile import LengthProfile
-    from .simulate import SimulationResult
+    from balancer.profile import LengthProfile
+    from balancer.simulation import SimulationResult
 
 __all__ = ["BucketShares", "doubling_shares", "plot_length_histogram", "plot_simulation", "plot_time_share"]
 

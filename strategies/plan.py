@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -28,9 +27,7 @@ import numpy as np
 
 from strategies.layout import ClusterSpec, Layout, Replica, Strategy
 
-from .cost import CostModel
-
-__all__ = ["PLAN_VERSION", "PlanError", "ReplicaPlan", "RankPlan", "StepPlan", "validate"]
+__all__ = ["PLAN_VERSION", "PlanError", "ReplicaPlan", "RankPlan", "StepPlan", "check_plan", "length_of"]
 
 PLAN_VERSION = 1
 
@@ -233,7 +230,7 @@ class StepPlan:
         return cls.from_dict(d)
 
 
-def _length_of(lengths: np.ndarray | Mapping[int, int], sid: int) -> int:
+def length_of(lengths: np.ndarray | Mapping[int, int], sid: int) -> int:
     if isinstance(lengths, Mapping):
         if sid not in lengths:
             raise PlanError(f"sample id {sid} has no length")
@@ -243,26 +240,21 @@ def _length_of(lengths: np.ndarray | Mapping[int, int], sid: int) -> int:
     return int(lengths[sid])
 
 
-def validate(
+def check_plan(
     plan: StepPlan,
     lengths: np.ndarray | Sequence[int] | Mapping[int, int],
     *,
     sample_ids: Sequence[int] | np.ndarray | None = None,
-    cost_model: CostModel | None = None,
     cluster: ClusterSpec | None = None,
     strategy: Strategy | None = None,
-    rtol: float = 1e-9,
 ) -> None:
-    """Check a plan's invariants; raise :class:`PlanError` naming the first broken one.
+    """Check a plan's structural invariants (no cost model needed); raise :class:`PlanError` naming the first broken one.
 
     * replicas cover ranks ``0..N-1`` exactly once (and match ``strategy`` if given);
     * every sample id appears exactly once (and the set equals ``sample_ids`` if given);
     * totals (``global_sequences``, ``global_tokens``) add up;
-    * with a ``cost_model``: every micro-batch fits its layout's token capacity (so every
-      sequence is eligible for its replica), each ``est_seconds`` is recomputable from the
-      cost model and the cluster's speeds, ``est_step_seconds`` is their maximum, and
-      ``lower_bound_seconds <= est_step_seconds``.
-    ``lengths`` maps sample id → tokens (an array indexed by id, or a dict).
+    ``lengths`` maps sample id → tokens (an array indexed by id, or a dict). Cost-model
+    checks (capacities, estimates) are :func:`balancer.validation.validate`'s.
     """
     if not isinstance(lengths, Mapping):
         lengths = np.asarray(lengths)
@@ -292,7 +284,7 @@ def validate(
             if sid in seen:
                 raise PlanError(f"sample id {sid} appears twice (replicas {seen[sid]} and {j})")
             seen[sid] = j
-            s = _length_of(lengths, sid)
+            s = length_of(lengths, sid)
             if s <= 0:
                 raise PlanError(f"sample id {sid} has length {s}; lengths must be >= 1 token")
             total_tokens += s
@@ -308,29 +300,3 @@ def validate(
         raise PlanError(f"global_sequences={plan.global_sequences} but the plan holds {len(seen)} sequences")
     if plan.global_tokens != total_tokens:
         raise PlanError(f"global_tokens={plan.global_tokens} but the sequences sum to {total_tokens} tokens")
-
-    if cost_model is None:
-        return
-    worst = 0.0
-    for j, rep in enumerate(plan.replicas):
-        cost = cost_model.cost(rep.layout)
-        mb_lengths = [np.array([_length_of(lengths, i) for i in mb], dtype=np.int64) for mb in rep.micro_batches]
-        for k, arr in enumerate(mb_lengths):
-            if arr.sum() > cost.token_capacity:
-                raise PlanError(
-                    f"replica {j} ({rep.layout.name}) micro-batch {k} holds {int(arr.sum())} tokens, "
-                    f"above the layout's capacity of {cost.token_capacity}"
-                )
-        speed = cluster.replica_speed(rep.replica) if cluster is not None else 1.0
-        est = cost_model.replica_seconds(mb_lengths if rep.sample_ids else [], rep.layout, speed)
-        if not math.isclose(est, rep.est_seconds, rel_tol=rtol, abs_tol=1e-12):
-            raise PlanError(
-                f"replica {j} ({rep.layout.name}) est_seconds={rep.est_seconds!r} but the cost model gives {est!r}"
-            )
-        worst = max(worst, est)
-    if not math.isclose(worst, plan.est_step_seconds, rel_tol=rtol, abs_tol=1e-12):
-        raise PlanError(f"est_step_seconds={plan.est_step_seconds!r} but the slowest replica takes {worst!r}")
-    if plan.lower_bound_seconds > plan.est_step_seconds * (1 + rtol) + 1e-12:
-        raise PlanError(
-            f"lower_bound_seconds={plan.lower_bound_seconds!r} exceeds est_step_seconds={plan.est_step_seconds!r}"
-        )

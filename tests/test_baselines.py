@@ -18,7 +18,7 @@ from balancer.baselines import (
     strategy_lower_bound,
 )
 from balancer.cost import CostModel, LayoutCost
-from balancer.plan import validate
+from balancer.validation import validate
 from strategies import ClusterSpec, Layout, Strategy
 
 CAP_PER_RANK = 1024

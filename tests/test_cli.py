@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from balancer.pool import load_candidates
 from balancer.profile import LengthProfile
-from strategies.candidates import load_candidates
 
 RNG = np.random.default_rng(0)
 LENGTHS = np.concatenate([RNG.lognormal(6.0, 1.0, 400).astype(np.int64) + 1, [9000, 15000]])
@@ -22,9 +22,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def hydraulis(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run the CLI in a fresh interpreter (``python -m balancer.cli``, the console script's target)."""
+    """Run the CLI in a fresh interpreter (``python -m hydraulis.cli``, the console script's target)."""
     env = {**os.environ, "HYDRAULIS_DEBUG": ""}
-    return subprocess.run([sys.executable, "-m", "balancer.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hydraulis.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -53,7 +53,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_help_lists_every_command(data: Path) -> None:
     exe = shutil.which("hydraulis")
-    cmd = [exe, "--help"] if exe else [sys.executable, "-m", "balancer.cli", "--help"]
+    cmd = [exe, "--help"] if exe else [sys.executable, "-m", "hydraulis.cli", "--help"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for name in ("profile", "plan", "simulate", "calibrate", "demo"):
@@ -160,7 +160,7 @@ def bad_runs(data: Path) -> dict[str, subprocess.CompletedProcess]:
     """Every bad-input command, started together (each is mostly interpreter start-up)."""
     env = {**os.environ, "HYDRAULIS_DEBUG": ""}
     procs = {
-        name: subprocess.Popen([sys.executable, "-m", "balancer.cli", *(a.format(d=data) for a in argv)], cwd=data,
+        name: subprocess.Popen([sys.executable, "-m", "hydraulis.cli", *(a.format(d=data) for a in argv)], cwd=data,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for name, (argv, _) in BAD_INPUTS.items()
     }

@@ -165,8 +165,7 @@ def test_tiny_llama_packed_loss_equals_unpacked(impl: str) -> None:
     attention mask is given (sdpa and eager); older versions need the explicit 4-D
     block-diagonal mask from ``block_causal_mask``, which is checked here too.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers import masking_utils
+    from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
 
     torch.manual_seed(0)
     cfg = LlamaConfig(

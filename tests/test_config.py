@@ -1,10 +1,11 @@
-"""balancer.config: presets, YAML/TOML/JSON files, validation messages."""
+"""hydraulis.config: presets, YAML/TOML/JSON files, validation messages."""
 
 import json
 
 import pytest
 
-from balancer.config import (
+from balancer.specs import HARDWARE_PRESETS, MODEL_PRESETS
+from hydraulis.config import (
     ConfigError,
     JobConfig,
     cluster_preset_names,
@@ -15,7 +16,6 @@ from balancer.config import (
     resolve_hardware,
     resolve_model,
 )
-from balancer.specs import HARDWARE_PRESETS, MODEL_PRESETS
 
 
 def test_cluster_preset_means_ranks_of_a_hardware_node() -> None:

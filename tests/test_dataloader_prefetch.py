@@ -9,10 +9,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pytest
+from test_dataloader import hf_dataset, make_balancer, sequences
 
 from dataloader import BalancedDataLoader
 from dataloader.planning import PlanBatch, PlanStream
-from test_dataloader import hf_dataset, make_balancer, sequences
 
 PLANNING_THREADS = ("hydraulis-plan-stream", "hydraulis-balancer-prefetch")
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.cost import CostModel, LayoutCost, replica_seconds
-from balancer.dispatch import ReplicaTable, item_seconds
+from balancer.stage1 import ReplicaTable, item_seconds
 from balancer.microbatch import pack_micro_batches, pack_replica
 from strategies import Layout, Strategy
 

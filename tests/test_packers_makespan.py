@@ -2,8 +2,8 @@
 
 import numpy as np
 from hypothesis import given, settings
-from numba import njit
 from hypothesis import strategies as st
+from numba import njit
 
 import packers as P
 from packers.makespan import makespan_instance, solve_instance

@@ -1,12 +1,12 @@
-"""balancer.plan: JSON round-trip, digest, for_rank, validate."""
+"""strategies.plan: JSON round-trip, digest, for_rank, validate."""
 
 import json
 
 import numpy as np
 import pytest
 
-from balancer import CostModel, LayoutCost, PlanError, ReplicaPlan, StepPlan, validate
-from strategies import ClusterSpec, Layout
+from balancer import CostModel, LayoutCost, validate
+from strategies import ClusterSpec, Layout, PlanError, ReplicaPlan, StepPlan
 
 
 def _model() -> CostModel:

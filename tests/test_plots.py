@@ -1,12 +1,12 @@
-"""balancer.plots: the per-doubling shares behind the time-share plot, and the PNGs."""
+"""hydraulis.plots: the per-doubling shares behind the time-share plot, and the PNGs."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer.plots import doubling_shares, plot_length_histogram, plot_time_share
 from balancer.profile import LengthProfile
+from hydraulis.plots import doubling_shares, plot_length_histogram, plot_time_share
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from balancer.plan import ReplicaPlan, StepPlan
 from strategies import Layout, Replica, Strategy
+from strategies.plan import ReplicaPlan, StepPlan
 from strategies.runtime import (
     GPT,
     SINGLE_DEVICE,

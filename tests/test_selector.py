@@ -13,11 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from balancer.bounds import lower_bound
 from balancer.cost import CostModel, LayoutCost
-from balancer.plan import validate
-from balancer.dispatch import Dispatch, item_seconds, lower_bound, stage1_times
+from balancer.stage1 import Dispatch, item_seconds, stage1_times
 from balancer.microbatch import pack_micro_batches
 from balancer.selector import Balancer, BalancerConfig, StrategySolution, solve_strategy
+from balancer.validation import validate
 from strategies import ClusterSpec, Layout, Strategy
 
 ROOT = Path(__file__).resolve().parents[1]

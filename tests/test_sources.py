@@ -1,4 +1,4 @@
-"""balancer.sources: lengths from Parquet / JSONL / Arrow / save_to_disk, column detection, tokenising."""
+"""dataloader.sources: lengths from Parquet / JSONL / Arrow / save_to_disk, column detection, tokenising."""
 
 import json
 from pathlib import Path
@@ -9,7 +9,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
-from balancer.sources import column_kinds, detect_column, read_dataset_lengths
+from dataloader.sources import column_kinds, detect_column, read_dataset_lengths
 
 RNG = np.random.default_rng(0)
 LENGTHS = RNG.integers(1, 60, size=300)

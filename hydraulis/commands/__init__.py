@@ -8,11 +8,11 @@ the planner are imported inside ``run``, so ``hydraulis --help`` stays fast.
 from __future__ import annotations
 
 COMMANDS: dict[str, str] = {
-    "profile": "balancer.commands.profile",
-    "plan": "balancer.commands.plan",
-    "simulate": "balancer.commands.simulate",
-    "calibrate": "balancer.commands.calibrate",
-    "demo": "balancer.commands.demo",
+    "profile": "hydraulis.commands.profile",
+    "plan": "hydraulis.commands.plan",
+    "simulate": "hydraulis.commands.simulate",
+    "calibrate": "hydraulis.commands.calibrate",
+    "demo": "hydraulis.commands.demo",
 }
 """Subcommand name → module, in the order ``--help`` lists them."""
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
 
-    from balancer.config import JobConfig
     from balancer.cost import CostModel
     from balancer.profile import LengthProfile
+    from hydraulis.config import JobConfig
     from strategies.layout import ClusterSpec
 
 DEFAULT_TOKENS_PER_STEP = 1 << 20
@@ -94,9 +94,9 @@ def load_lengths(args: argparse.Namespace) -> LengthInput:
 
 def read_length_file(value: str) -> "np.ndarray":
     """A bundled name (``code_kafka``) or a Parquet length file, else any dataset file via
-    :mod:`balancer.sources` (auto-detected column)."""
+    :mod:`dataloader.sources` (auto-detected column)."""
     from balancer.data import bundled_names, read_lengths
-    from balancer.sources import DATA_SUFFIXES, read_dataset_lengths
+    from dataloader.sources import DATA_SUFFIXES, read_dataset_lengths
 
     p = Path(value)
     if not p.exists() and not p.suffix:
@@ -119,7 +119,7 @@ def read_length_file(value: str) -> "np.ndarray":
 
 
 def load_job(args: argparse.Namespace) -> "JobConfig":
-    from balancer.config import load_job as _load
+    from hydraulis.config import load_job as _load
 
     return _load(model=getattr(args, "model", None), cluster=getattr(args, "cluster", None),
                  hardware=getattr(args, "hardware", None), config=getattr(args, "config", None))
@@ -158,7 +158,7 @@ def describe_cluster(cluster: "ClusterSpec", hardware_name: str | None) -> str:
 
 def layout_capacities(cluster: "ClusterSpec", cost: "CostModel", *, allow_pp: bool, max_cp: int | None) -> list[tuple[Any, int]]:
     """``[(layout, token capacity)]`` of every layout the cost model prices on this cluster."""
-    from strategies.candidates import enumerate_layouts
+    from balancer.candidates import enumerate_layouts
 
     lays = enumerate_layouts(cluster, cost, allow_pp=allow_pp, max_cp=max_cp)
     return [(lay, int(cost.token_capacity(lay))) for lay in lays]

@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from balancer.config import resolve_hardware, resolve_model
     from balancer.cost import CostModel
+    from hydraulis.config import resolve_hardware, resolve_model
     from strategies.layout import Layout
 
     from ._common import fmt_params, format_table

@@ -15,9 +15,9 @@ from .simulate import headline, run_simulation
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
 
-    from balancer.config import JobConfig
     from balancer.cost import CostModel
     from balancer.profile import LengthProfile
+    from hydraulis.config import JobConfig
 
 HELP = "the whole pipeline on bundled data, then a short real training run"
 DESCRIPTION = """\
@@ -105,8 +105,8 @@ class DemoSettings:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from balancer.config import load_job
     from balancer.data import bundled_names, read_lengths
+    from hydraulis.config import load_job
 
     if args.data not in bundled_names():
         raise ValueError(f"--data {args.data!r} is not a bundled length file; choose one of {', '.join(bundled_names())}")
@@ -171,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _profile_stage(name: str, lengths: "np.ndarray", job: "JobConfig", cost: "CostModel", out: Path) -> "LengthProfile":
     """Profile JSON + plots; prints the quantiles and the long tail's share of time."""
-    from balancer.plots import doubling_shares, plot_length_histogram, plot_time_share
     from balancer.profile import LengthProfile
+    from hydraulis.plots import doubling_shares, plot_length_histogram, plot_time_share
 
     assert job.model is not None and job.hardware is not None
     smallest = _fitting_layouts(cost)[0]  # the time share needs one layout's a, b
@@ -196,7 +196,7 @@ def _profile_stage(name: str, lengths: "np.ndarray", job: "JobConfig", cost: "Co
 def _plan_stage(lengths_input: LengthInput, job: "JobConfig", cost: "CostModel", out: Path,
                 args: argparse.Namespace) -> Planned:
     """Candidate pool for the target cluster; prints the layouts and candidates, writes the JSON."""
-    from strategies.candidates import save_candidates
+    from balancer.pool import save_candidates
 
     assert job.cluster is not None and job.model is not None and job.hardware is not None
     opts = PlanOptions(tokens_per_step=args.tokens_per_step, num_candidates=6, seed=args.seed)

@@ -34,12 +34,20 @@ from balancer.baselines import make_baseline
 from balancer.calibrate import measure
 from balancer.cost import CostModel
 from balancer.data import read_lengths
-from balancer.plan import StepPlan
+from balancer.pool import generate_candidates
 from balancer.selector import Balancer, BalancerConfig
 from dataloader import BalancedDataLoader
-from strategies.candidates import generate_candidates
 from strategies.layout import ClusterSpec, Layout, Strategy
-from strategies.runtime import SINGLE_DEVICE, GPT, Engine, EngineConfig, ModelConfig, check_micro_batch, prepare_micro_batch
+from strategies.plan import StepPlan
+from strategies.runtime import (
+    GPT,
+    SINGLE_DEVICE,
+    Engine,
+    EngineConfig,
+    ModelConfig,
+    check_micro_batch,
+    prepare_micro_batch,
+)
 
 __all__ = ["TrainConfig", "PolicyPlanner", "PatternTokens", "train_rank"]
 

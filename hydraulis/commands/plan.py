@@ -9,20 +9,20 @@ from typing import TYPE_CHECKING
 from ._common import DEFAULT_TOKENS_PER_STEP, add_job_arguments, add_lengths_arguments, positive_int
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from balancer.config import JobConfig
     from balancer.cost import CostModel
-    from strategies.candidates import CandidatePool
+    from balancer.pool import CandidatePool
+    from hydraulis.config import JobConfig
     from strategies.layout import ClusterSpec, Layout
 
     from ._common import LengthInput
 
 HELP = "candidate parallel strategies for a profile, cluster and model"
 DESCRIPTION = """\
-Generate the pool of candidate parallel strategies (strategies.candidates) that the
+Generate the pool of candidate parallel strategies (balancer.candidates) that the
 per-step selector chooses from: homogeneous layouts and heterogeneous mixes sized to the
 length profile, scored on sampled global batches by both balancer stages. Prints the
 layouts that fit memory and the expected step time of every candidate; writes the pool
-as JSON (load it with strategies.candidates.load_candidates or pass it to
+as JSON (load it with balancer.pool.load_candidates or pass it to
 `hydraulis simulate --candidates`).
 
 examples:
@@ -84,7 +84,7 @@ class Planned:
 
 def generate(lengths_input: "LengthInput", cost: "CostModel", cluster: "ClusterSpec", opts: PlanOptions) -> Planned:
     """Choose the max length and generate the candidate pool."""
-    from strategies.candidates import generate_candidates
+    from balancer.pool import generate_candidates
 
     from ._common import choose_max_length, layout_capacities
 
@@ -149,7 +149,7 @@ def print_pool(pool: "CandidatePool", tokens_per_step: int, unit: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from strategies.candidates import save_candidates
+    from balancer.pool import save_candidates
 
     from ._common import load_cost_and_cluster, load_lengths
 

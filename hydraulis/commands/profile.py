@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _time_cost(args: argparse.Namespace) -> tuple[float, float, str]:
     """``(a, b, label)`` of the layout that prices the time share."""
-    from balancer.config import resolve_hardware, resolve_model
     from balancer.cost import CostModel, UnsupportedLayoutError
+    from hydraulis.config import resolve_hardware, resolve_model
     from strategies.layout import Layout
 
     if args.cost_model:
@@ -70,9 +70,9 @@ def _time_cost(args: argparse.Namespace) -> tuple[float, float, str]:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from balancer.plots import doubling_shares, plot_length_histogram, plot_time_share
     from balancer.profile import LengthProfile
-    from balancer.sources import read_dataset_lengths
+    from dataloader.sources import read_dataset_lengths
+    from hydraulis.plots import doubling_shares, plot_length_histogram, plot_time_share
 
     from ._common import format_table, output_dir
 

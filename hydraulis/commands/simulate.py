@@ -11,8 +11,8 @@ from .plan import add_plan_arguments
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from balancer.cost import CostModel
-    from balancer.simulate import SimulationResult
-    from strategies.candidates import CandidatePool
+    from balancer.pool import CandidatePool
+    from balancer.simulation import SimulationResult
     from strategies.layout import ClusterSpec
 
     from ._common import LengthInput
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_policies(text: str | None) -> tuple[str, ...] | None:
     from balancer.baselines import BASELINES
-    from balancer.simulate import BALANCER
+    from balancer.simulation import BALANCER
 
     if text is None:
         return None
@@ -66,7 +66,7 @@ def parse_policies(text: str | None) -> tuple[str, ...] | None:
 
 def headline(result: "SimulationResult") -> list[str]:
     """Lines that say what the balancer gains over the best baseline."""
-    from balancer.simulate import BALANCER
+    from balancer.simulation import BALANCER
 
     if BALANCER not in result.traces or len(result.traces) < 2:
         return []
@@ -102,8 +102,8 @@ def run_simulation(
     """Simulate every policy, write ``out/simulation.json`` (and ``simulation.png``)."""
     import json
 
-    from balancer.plots import plot_simulation
-    from balancer.simulate import SimulationConfig, simulate
+    from balancer.simulation import SimulationConfig, simulate
+    from hydraulis.plots import plot_simulation
 
     n = max(lengths_input.profile.num_sequences, 1)
     lengths = lengths_input.sample(min(n, 1_000_000), seed=seed)
@@ -120,10 +120,10 @@ def run_simulation(
 
 
 def run(args: argparse.Namespace) -> int:
-    from strategies.candidates import load_candidates
+    from balancer.pool import load_candidates
 
     from ._common import choose_max_length, layout_capacities, load_cost_and_cluster, load_lengths, output_dir
-    from .plan import PlanOptions, Planned, generate, print_header, print_pool
+    from .plan import Planned, PlanOptions, generate, print_header, print_pool
 
     cost, cluster, job, label = load_cost_and_cluster(args)
     assert cluster is not None

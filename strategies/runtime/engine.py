@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from balancer.plan import StepPlan
+from strategies.plan import StepPlan
 from strategies.layout import Layout, Strategy
 
 from .batch import LocalBatch, check_micro_batch, prepare_micro_batch

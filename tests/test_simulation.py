@@ -1,4 +1,4 @@
-"""balancer.simulate: the sampler, the per-step traces, the result and the plan dump."""
+"""balancer.simulation: the sampler, the per-step traces, the result and the plan dump."""
 
 import json
 import math
@@ -8,14 +8,14 @@ import pytest
 
 from balancer.baselines import BASELINES
 from balancer.cost import CostModel, LayoutCost
-from balancer.plan import validate
-from balancer.simulate import (
+from balancer.simulation import (
     BALANCER,
     SimulationConfig,
     global_batches,
     load_jsonl_plans,
     simulate,
 )
+from balancer.validation import validate
 from strategies import ClusterSpec, Layout, Strategy
 
 MODEL = CostModel.from_coefficients(

@@ -1,4 +1,4 @@
-"""balancer.dispatch: replica tables, stage-1 times, greedy dispatch and the lower bound."""
+"""balancer.stage1: replica tables, stage-1 times, greedy dispatch and the lower bound."""
 
 import itertools
 
@@ -7,18 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from balancer.bounds import _dual_approximation_bound, _replica_capacity, lower_bound, quick_lower_bound
 from balancer.cost import CostModel, LayoutCost
-from balancer.dispatch import (
+from balancer.stage1 import (
     ReplicaTable,
     dispatch,
     item_seconds,
-    lower_bound,
-    quick_lower_bound,
     stage1_arrays,
     stage1_lp,
     stage1_times,
 )
-from balancer.dispatch import _dual_approximation_bound, _replica_capacity
 from balancer.microbatch import pack_micro_batches
 from strategies import Layout, Strategy
 

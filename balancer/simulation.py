@@ -32,10 +32,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from strategies.layout import ClusterSpec, Strategy
+from strategies.plan import StepPlan
 
 from .baselines import BASELINES, BaselinePolicy, make_baseline, score_plan
 from .cost import CostModel
-from .plan import StepPlan, validate
+from .validation import validate
 
 __all__ = [
     "BALANCER",
@@ -71,7 +72,7 @@ class SimulationConfig:
     baseline_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Extra keywords per baseline name (e.g. ``{"padded": {"micro_batch_size": 2}}``)."""
     validate: bool = True
-    """Run :func:`balancer.plan.validate` (with the cost model) on every plan."""
+    """Run :func:`strategies.plan.validate` (with the cost model) on every plan."""
     warmup: bool = True
     """Plan the first batch once with throw-away planners before timing (JIT compilation)."""
     dump_plans: str | None = None
@@ -325,7 +326,7 @@ def simulate(
         raise ValueError(f"simulate: sample {i} has length {int(table[i])}; lengths must be >= 1 token")
     want_balancer = BALANCER in config.policies
     if want_balancer and not candidates:
-        raise ValueError("simulate: the 'balancer' policy needs candidates (e.g. strategies.candidates.generate_candidates)")
+        raise ValueError("simulate: the 'balancer' policy needs candidates (e.g. balancer.pool.generate_candidates)")
 
     factories: dict[str, Any] = {}
     max_length = config.max_length

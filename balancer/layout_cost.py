@@ -1,0 +1,86 @@
+"""One layout's cost coefficients and the replica-time formula, shared by every cost source.
+
+A small module of its own so that the sources (:mod:`balancer.analytic`,
+:mod:`balancer.fit`, :mod:`balancer.calibrate`) and :class:`balancer.cost.CostModel`,
+which composes them, import it without importing each other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from strategies.layout import Layout
+
+__all__ = ["LayoutCost", "LayoutKey", "UnsupportedLayoutError", "as_layout", "replica_seconds"]
+
+LayoutKey = Layout | str
+"""A layout or its name (``"tp2cp2"``)."""
+
+
+class UnsupportedLayoutError(ValueError):
+    """A cost model cannot price a layout: unknown to a coefficient table, the model's shape
+    does not split that way (tp not dividing the heads), or not one token fits in memory."""
+
+
+def as_layout(key: LayoutKey) -> Layout:
+    return key if isinstance(key, Layout) else Layout.parse(str(key))
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutCost:
+    """Coefficients of one layout. Times in seconds (or any one unit used consistently)."""
+
+    a: float
+    """Quadratic coefficient, seconds per token² (attention)."""
+    b: float
+    """Linear coefficient, seconds per token (matmuls, norms, communication per token)."""
+    c: float
+    """Fixed overhead per micro-batch, seconds (kernel launches, pipeline bubbles' fixed part)."""
+    token_capacity: int
+    """Most tokens one micro-batch may hold on this layout (memory model)."""
+
+    def __post_init__(self) -> None:
+        for name in ("a", "b", "c"):
+            v = float(getattr(self, name))
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"LayoutCost: {name}={v} must be finite and >= 0")
+            object.__setattr__(self, name, v)
+        cap = int(self.token_capacity)
+        if cap < 1:
+            raise ValueError(
+                f"LayoutCost: token_capacity={self.token_capacity} must be >= 1 token; "
+                "the layout cannot hold even one token (raise memory or parallel degrees)"
+            )
+        object.__setattr__(self, "token_capacity", cap)
+
+    def seconds(self, lengths: np.ndarray | Sequence[int] | int) -> np.ndarray:
+        """Per-sequence time ``a·s² + b·s`` (float64, same shape as ``lengths``)."""
+        s = np.asarray(lengths, dtype=np.float64)
+        return self.a * s * s + self.b * s
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"a": self.a, "b": self.b, "c": self.c, "token_capacity": self.token_capacity}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayoutCost":
+        missing = {"a", "b", "c", "token_capacity"} - set(d)
+        if missing:
+            raise ValueError(f"LayoutCost: missing keys {sorted(missing)} in {dict(d)}")
+        return cls(a=d["a"], b=d["b"], c=d["c"], token_capacity=d["token_capacity"])
+
+
+def replica_seconds(
+    micro_batch_seconds: Sequence[float] | np.ndarray, c: float, pp: int, speed: float = 1.0
+) -> float:
+    """Replica time of micro-batches with times ``T(m_k)`` (1F1B pipeline).
+
+    ``(Σ_k T(m_k) + v·c + (pp−1)·max_k T(m_k)) / speed``. An empty list costs 0.
+    """
+    t = np.asarray(micro_batch_seconds, dtype=np.float64)
+    if t.size == 0:
+        return 0.0
+    return float((t.sum() + t.size * c + (pp - 1) * t.max()) / speed)
