@@ -1,9 +1,13 @@
-"""strategies.runtime.Engine on 4 gloo processes: exact heterogeneous training, faults, no late groups.
+"""strategies.runtime.Engine on 4 gloo processes: exact heterogeneous training on sharded state.
 
 One 4-process run (module fixture) trains the reference GPT for 6 AdamW steps, switching
 strategy every step — tp2+tp1×2 (one replica idle), cp2+tp1×2, tp1×4, tp2×2, tp2cp2, and
-tp2+cp2 with out-of-order ranks — and, between steps, feeds the engine bad plans and batches. The tests below check
-that run against a single-process reference trained on the same global batches.
+tp2+cp2 with out-of-order ranks — and, between steps, feeds the engine bad plans and
+batches. Every rank holds 1/4 of the fp32 master parameters, gradients and AdamW state;
+each step gathers its compute weights and reduce-scatters the gradients. It saves a
+checkpoint before the first step and after the third; a 2-process job (another world
+size, other strategies) loads them and trains the last three steps. The tests below
+check both runs against a single-process reference trained on the same global batches.
 """
 
 from __future__ import annotations
@@ -130,6 +134,29 @@ def flat_grads(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.detach().reshape(-1).clone() for p in model.parameters()])
 
 
+def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Full tensors of the engine (model parameter order) as one vector."""
+    return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+
+def memory_bound(engine: Engine, layout: Layout, tp_rank: int) -> dict[str, int]:
+    """What a rank may hold: 1/world of the fp32 master + gradient + AdamW state, and its compute shard.
+
+    Chunks are padded to ``world`` equal pieces (under ``world`` extra elements per
+    parameter) and AdamW keeps a 4-byte ``step`` per parameter; the compute weights are
+    fp32 here (no autocast), with fp32 gradient accumulators of the same shape: exactly
+    8 bytes per element of the layout's shard.
+    """
+    slots = engine.state.layout.slots
+    padded = sum(s.chunk for s in slots)  # elements per rank, padding included
+    shard = sum(s.numel // (layout.tp if s.split_dim is not None else 1) for s in slots)
+    return {
+        "state": 16 * padded + 4 * len(slots),
+        "compute": 8 * shard,
+        "full_model": 16 * engine.num_parameters,
+    }
+
+
 def _expect_step_error(engine: Engine, plan: StepPlan, batch) -> str:
     try:
         engine.step(plan, batch)
@@ -138,9 +165,9 @@ def _expect_step_error(engine: Engine, plan: StepPlan, batch) -> str:
     return "no error"
 
 
-def _worker(rank: int, world: int) -> dict:
+def _worker(rank: int, world: int, ckpt_dir: str) -> dict:
     by_name = {s.name: s for s in candidates()}
-    out: dict = {"losses": [], "rank_seconds": [], "snapshots": {}, "grads": [], "errors": {}}
+    out: dict = {"losses": [], "rank_seconds": [], "snapshots": {}, "grads": [], "errors": {}, "memory": []}
 
     # pp > 1 is refused at construction, on every rank, before any group exists
     try:
@@ -159,6 +186,7 @@ def _worker(rank: int, world: int) -> dict:
 
     torch.distributed.new_group = spy
     try:
+        engine.save_checkpoint(f"{ckpt_dir}/step0")
         for step, name in enumerate(SCHEDULE):
             seqs = global_batch(step)
             plan = make_plan(step, by_name[name], seqs, IDLE.get(step))
@@ -170,9 +198,13 @@ def _worker(rank: int, world: int) -> dict:
             result = engine.step(plan, batch)
             out["losses"].append(result.loss)
             out["rank_seconds"].append(result.rank_seconds)
-            out["grads"].append(flat_grads(engine.model))  # the synchronised global gradient
+            out["grads"].append(flat(engine.full_gradients()))  # the reduce-scattered global gradient
+            view = engine.view(name)
+            out["memory"].append((dict(result.resident_bytes), memory_bound(engine, view.layout, view.context.tp_rank)))
             if step + 1 in (3, len(SCHEDULE)):
-                out["snapshots"][step + 1] = flat_params(engine.model)
+                out["snapshots"][step + 1] = flat(engine.full_parameters())
+            if step + 1 == 3:
+                engine.save_checkpoint(f"{ckpt_dir}/step3")
     finally:
         torch.distributed.new_group = real_new_group
     out["late_groups"] = len(late_groups)
@@ -231,10 +263,42 @@ def _reference() -> tuple[dict[int, torch.Tensor], list[float], list[torch.Tenso
     return snapshots, losses, grads
 
 
+RESUME_SCHEDULE = ["tp2x1", "tp1cp2x1", "tp1x2"]
+"""Strategies of steps 3, 4, 5 in the 2-process job that resumes from the step-3 checkpoint."""
+
+
+def _resume_worker(rank: int, world: int, ckpt_dir: str) -> dict:
+    strategies = [Strategy.homogeneous(TP1, world), Strategy.homogeneous(TP2, world), Strategy.homogeneous(CP2, world)]
+    by_name = {s.name: s for s in strategies}
+    # another initialisation than the saved run's: loading must overwrite every value
+    engine = Engine(strategies, ModelConfig(**MODEL), make_optimizer,
+                    config=EngineConfig(token_capacity=CAPACITY, seed=123))
+    out: dict = {"initial": flat(engine.full_parameters())}
+    engine.load_checkpoint(f"{ckpt_dir}/step0")
+    out["loaded0"] = flat(engine.full_parameters())
+    engine.load_checkpoint(f"{ckpt_dir}/step3")
+    out["loaded3"] = flat(engine.full_parameters())
+    out["chunk"] = sum(p.numel() for p in engine.state.parameters())
+    for step, name in zip(range(3, 6), RESUME_SCHEDULE):
+        seqs = global_batch(step)
+        plan = make_plan(step, by_name[name], seqs)
+        engine.step(plan, rank_batches(plan, rank, seqs))
+    out["final"] = flat(engine.full_parameters())
+    return out
+
+
 @pytest.fixture(scope="module")
-def run() -> list[dict]:
+def runs(tmp_path_factory) -> tuple[list[dict], list[dict]]:
     torch.set_num_threads(1)
-    return run_local(_worker, WORLD, timeout_s=150, collective_timeout_s=30)
+    ckpt = str(tmp_path_factory.mktemp("ckpt"))
+    main = run_local(_worker, WORLD, (ckpt,), timeout_s=150, collective_timeout_s=30)
+    resumed = run_local(_resume_worker, 2, (ckpt,), timeout_s=120, collective_timeout_s=30)
+    return main, resumed
+
+
+@pytest.fixture(scope="module")
+def run(runs) -> list[dict]:
+    return runs[0]
 
 
 @pytest.fixture(scope="module")
@@ -264,10 +328,31 @@ def test_parameters_equal_single_device_adamw(run, reference):
         assert (want[n_steps] - flat_params(make_model())).abs().max() > 1e-3
 
 
-def test_ranks_hold_bitwise_identical_masters(run):
-    for n_steps in (3, len(SCHEDULE)):
-        for out in run[1:]:
-            assert torch.equal(out["snapshots"][n_steps], run[0]["snapshots"][n_steps])
+def test_resident_bytes_are_a_world_share_of_the_state_plus_the_compute_shard(run):
+    for out in run:
+        for step, (held, bound) in enumerate(out["memory"]):
+            state = held["master"] + held["grad"] + held["optimizer"]
+            compute = held["compute_weights"] + held["compute_grads"]
+            where = f"step {step} ({SCHEDULE[step]}): {held} vs {bound}"
+            assert 0 < state <= bound["state"], where
+            assert compute == bound["compute"], where
+            assert state + compute < bound["full_model"], where  # what every rank held before sharding
+    # the state is a quarter of the replicated one, to padding: 16 bytes / 4 ranks per parameter
+    held = run[0]["memory"][-1][0]
+    assert held["master"] + held["grad"] + held["optimizer"] < 0.27 * run[0]["memory"][-1][1]["full_model"]
+
+
+def test_checkpoint_loads_at_another_world_size_and_training_resumes_exactly(runs, reference):
+    main, resumed = runs
+    want, _, _ = reference
+    initial = flat_params(make_model())
+    for out in resumed:
+        assert not torch.equal(out["initial"], initial)  # the 2-rank job started from other values
+        assert torch.equal(out["loaded0"], initial)
+        assert torch.equal(out["loaded3"], main[0]["snapshots"][3])
+        # three more AdamW steps on 2 ranks (restored moments and step counts) = the reference's steps 4–6
+        torch.testing.assert_close(out["final"], want[len(SCHEDULE)], rtol=1e-5, atol=1e-6)
+    assert sum(out["chunk"] for out in resumed) == initial.numel()  # 2 ranks: every element owned once
 
 
 def test_loss_is_global_token_mean_and_seconds_are_shared(run, reference):
@@ -281,8 +366,8 @@ def test_loss_is_global_token_mean_and_seconds_are_shared(run, reference):
 def test_no_process_group_after_startup(run):
     for out in run:
         assert out["late_groups"] == 0
-        # tp (0,1) (2,3); cp (0,2) (1,3) = tp2 buckets; tp2+tp1x2 buckets (0,2,3) (1,2,3); cp2 (0,1)
-        assert set(out["groups_created"]) == {(0, 1), (2, 3), (0, 2), (1, 3), (0, 2, 3), (1, 2, 3)}
+        # tp (0,1) (2,3); cp (0,2) (1,3) of tp2cp2; cp (0,1) of cp2+tp1x2; no gradient groups
+        assert set(out["groups_created"]) == {(0, 1), (2, 3), (0, 2), (1, 3)}
         assert len(out["groups_created"]) == len(set(out["groups_created"]))
 
 

@@ -1,24 +1,16 @@
-"""strategies.runtime on one process: the reference GPT, packing, cp segments, batch checks, bucket plans."""
+"""strategies.runtime on one process: the reference GPT, packing, cp segments, batch checks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from strategies import Layout, Replica, Strategy
-from strategies.context import cp_local_seqlens, cp_token_index
 from strategies.runtime import (
     GPT,
     SINGLE_DEVICE,
     ModelConfig,
-    build_segments,
-    causal_attention,
     check_micro_batch,
-    num_blocks_for,
-    plan_buckets,
     prepare_micro_batch,
     shift_labels,
 )
@@ -94,39 +86,6 @@ def test_shift_labels_stops_at_boundaries():
     np.testing.assert_array_equal(shift_labels(labels), [5, 6, -100, 7, -100, -100])
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 40), min_size=0, max_size=6), st.integers(1, 4))
-def test_cp_segments_are_causal_prefixes_of_the_rows_held(seq_lens, cp):
-    seq_lens = np.array(seq_lens, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(seq_lens)])[:-1]
-    for r in range(cp):
-        seg = build_segments(seq_lens, cp, r)
-        own = cp_token_index(seq_lens, cp, r)
-        assert seg.num_queries == own.size == cp_local_seqlens(seq_lens, cp, r).sum()
-        q = seg.q_bounds
-        assert q.size == 0 or (q[0, 0] == 0 and q[-1, 1] == seg.num_queries and np.all(q[1:, 0] == q[:-1, 1]))
-        for (q_lo, q_hi), (k_lo, k_hi) in zip(seg.q_bounds.tolist(), seg.k_bounds.tolist()):
-            rows = own[q_lo:q_hi]
-            # the queries are the last q_hi-q_lo keys: lower-right causal = mask by true position
-            np.testing.assert_array_equal(rows, np.arange(k_hi - (q_hi - q_lo), k_hi))
-            seq = int(np.searchsorted(starts, rows[0], side="right") - 1)
-            assert k_lo == starts[seq] and k_hi <= starts[seq] + seq_lens[seq]
-
-
-@pytest.mark.parametrize("cp", [2, 3])
-def test_cp_attention_equals_full_attention(cp):
-    seq_lens = np.array([7, 1, 12, 3, 5])
-    g = torch.Generator().manual_seed(3)
-    t = int(seq_lens.sum())
-    q, k, v = (torch.randn(t, n, 8, generator=g) for n in (4, 2, 2))
-    full = causal_attention(q, k, v, build_segments(seq_lens))
-    out = torch.zeros_like(full)
-    for r in range(cp):
-        own = torch.from_numpy(cp_token_index(seq_lens, cp, r))
-        out[own] = causal_attention(q[own], k, v, build_segments(seq_lens, cp, r))
-    torch.testing.assert_close(out, full, rtol=1e-6, atol=1e-6)
-
-
 def _bad(**change) -> dict:
     mb = _pack([torch.arange(4), torch.arange(3)])
     mb.update(change)
@@ -168,56 +127,3 @@ def test_model_config_validates():
         ModelConfig(vocab_size=8, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=3, ffn_hidden_size=8)
     with pytest.raises(ValueError, match="tp=4 does not divide num_kv_heads=2"):
         CFG.check_tp(4)
-
-
-def test_buckets_of_a_heterogeneous_strategy():
-    s = Strategy.from_counts([(Layout(2), 1), (Layout(1), 2)])
-    buckets = plan_buckets(s, num_blocks_for([s]))
-    assert [(b.ranks, b.blocks, b.replicated) for b in buckets] == [
-        ((0, 1, 2, 3), (), True), ((0, 2, 3), (0,), False), ((1, 2, 3), (1,), False)]
-
-
-@st.composite
-def _strategies(draw):
-    layouts = draw(st.lists(st.sampled_from([Layout(1), Layout(2), Layout(4), Layout(1, 2), Layout(2, 2)]),
-                            min_size=1, max_size=4))
-    replicas, nxt = [], 0
-    for lay in layouts:
-        replicas.append(Replica(lay, tuple(range(nxt, nxt + lay.size))))
-        nxt += lay.size
-    return Strategy("s", tuple(replicas))
-
-
-@settings(max_examples=80, deadline=None)
-@given(_strategies(), st.integers(0, 2**31 - 1))
-def test_split_all_reduce_counts_every_replica_once(strategy, seed):
-    """Simulate the buckets: summing the contributions gives Σ over replicas, for every element."""
-    rng = np.random.default_rng(seed)
-    nb = num_blocks_for([strategy])
-    world = strategy.num_ranks
-    # per replica, a gradient per block (sharded) and one for the replicated parameters,
-    # split into cp partial sums; tp ranks of a replica see the same replicated gradient
-    blocks = rng.normal(size=(len(strategy.replicas), nb))
-    repl = rng.normal(size=len(strategy.replicas))
-    partial_b = np.zeros((world, nb))
-    partial_r = np.zeros(world)
-    for j, rep in enumerate(strategy.replicas):
-        tp, cp = rep.layout.tp, rep.layout.cp
-        w = rng.dirichlet(np.ones(cp))
-        for c in range(cp):
-            for t in range(tp):
-                r = rep.rank_at(t, c)
-                held = range(t * nb // tp, (t + 1) * nb // tp)
-                partial_b[r, list(held)] = w[c] * blocks[j, list(held)]
-                partial_r[r] = w[c] * repl[j]
-    buckets = plan_buckets(strategy, nb)
-    seen = [k for b in buckets for k in b.blocks]
-    assert sorted(seen) == list(range(nb))
-    for b in buckets:
-        for k in b.blocks:
-            total = sum(partial_b[r, k] for r in b.ranks)
-            assert total == pytest.approx(blocks[:, k].sum())
-        if b.replicated:
-            contributors = [r for r in b.ranks if strategy.replicas[strategy.replica_index(r)].coords(r)[0] == 0]
-            assert sum(partial_r[r] for r in contributors) == pytest.approx(repl.sum())
-    assert sum(b.replicated for b in buckets) == 1

@@ -1,54 +1,72 @@
-"""The bundled torch runtime: precompiled strategies, reference GPT with TP/CP, exact gradient sync.
+"""The bundled torch runtime: precompiled strategies, sharded model state, exact heterogeneous steps.
 
 >>> device = init_distributed()                                    # torchrun environment
 >>> engine = Engine(candidates, ModelConfig(...), lambda m: torch.optim.AdamW(m.parameters()))
 >>> result = engine.step(plan, step_batch)                        # StepPlan + packed micro-batches
 >>> balancer.observe(result.rank_seconds, plan)
 
-See ``docs/runtime.md`` for the design (groups, split all-reduce, cp attention, state).
+See ``docs/runtime.md`` for the design (groups, sharded state, cp attention, kernels).
 """
 
-from .attention import AttentionSegments, build_segments, causal_attention, flash_attention_available
+from .attention import (
+    KERNELS,
+    KernelSupport,
+    available_kernels,
+    causal_attention,
+    choose_kernel,
+    kernel_support,
+    reference_attention,
+)
 from .batch import IGNORE_INDEX, LocalBatch, check_micro_batch, prepare_micro_batch, shift_labels
+from .checkpoint import load_state, save_state
 from .distributed import default_device, init_distributed
-from .engine import Engine, EngineConfig, StepError, StepResult, StrategyView
-from .grad_sync import GradientSync
-from .groups import GroupRegistry, SyncBucket, block_holders, held_blocks, num_blocks_for, plan_buckets
+from .engine import Engine, EngineConfig, StepResult, StrategyView
+from .groups import GroupRegistry
 from .local import free_port, run_local
-from .model import GPT, ModelConfig
+from .model import GPT, ModelConfig, init_parameter
 from .parallel import SINGLE_DEVICE, ParallelContext, copy_to_tp, gather_from_cp, reduce_from_tp
+from .segments import AttentionSegments, build_segments
+from .state import ParamSlot, ShardedState, ShardLayout, tp_shard, unit_name
+from .validate import StepError
 
 __all__ = [
     "AttentionSegments",
     "Engine",
     "EngineConfig",
     "GPT",
-    "GradientSync",
     "GroupRegistry",
     "IGNORE_INDEX",
+    "KERNELS",
+    "KernelSupport",
     "LocalBatch",
     "ModelConfig",
     "ParallelContext",
+    "ParamSlot",
     "SINGLE_DEVICE",
+    "ShardLayout",
+    "ShardedState",
     "StepError",
     "StepResult",
     "StrategyView",
-    "SyncBucket",
-    "block_holders",
+    "available_kernels",
     "build_segments",
     "causal_attention",
     "check_micro_batch",
+    "choose_kernel",
     "copy_to_tp",
     "default_device",
-    "flash_attention_available",
     "free_port",
     "gather_from_cp",
-    "held_blocks",
     "init_distributed",
-    "num_blocks_for",
-    "plan_buckets",
+    "init_parameter",
+    "kernel_support",
+    "load_state",
     "prepare_micro_batch",
     "reduce_from_tp",
+    "reference_attention",
     "run_local",
+    "save_state",
     "shift_labels",
+    "tp_shard",
+    "unit_name",
 ]

@@ -26,8 +26,8 @@ import torch
 
 from strategies.context import cp_token_index
 
-from .attention import AttentionSegments, build_segments
 from .parallel import ParallelContext
+from .segments import AttentionSegments, build_segments
 
 __all__ = [
     "IGNORE_INDEX", "CheckedMicroBatch", "LocalBatch", "check_micro_batch", "prepare_micro_batch", "shift_labels",
@@ -162,7 +162,7 @@ class LocalBatch:
     targets: torch.Tensor
     """(T_local,) int64 next-token targets, −100 where no loss."""
     segments: AttentionSegments
-    """Host-side attention layout (queries = local rows, keys = full row under cp)."""
+    """Attention layout (queries = local rows, keys = full row under cp); kernel tensors on the device."""
     num_tokens: int
     """Tokens of the whole packed row (before cp sharding)."""
     num_loss_tokens: int
@@ -188,7 +188,7 @@ def prepare_micro_batch(mb: CheckedMicroBatch, pc: ParallelContext, device: torc
             input_ids=dev(mb.input_ids),
             position_ids=dev(mb.position_ids),
             targets=dev(targets),
-            segments=build_segments(mb.seq_lens),
+            segments=build_segments(mb.seq_lens, device=device),
             num_tokens=mb.num_tokens,
             num_loss_tokens=int((targets != IGNORE_INDEX).sum()),
             cp_counts=(mb.num_tokens,),
@@ -203,7 +203,7 @@ def prepare_micro_batch(mb: CheckedMicroBatch, pc: ParallelContext, device: torc
         input_ids=dev(mb.input_ids[own]),
         position_ids=dev(mb.position_ids[own]),
         targets=dev(local_targets),
-        segments=build_segments(mb.seq_lens, cp, pc.cp_rank),
+        segments=build_segments(mb.seq_lens, cp, pc.cp_rank, device),
         num_tokens=mb.num_tokens,
         num_loss_tokens=int((local_targets != IGNORE_INDEX).sum()),
         cp_counts=tuple(int(r.size) for r in rows),

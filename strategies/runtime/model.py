@@ -1,10 +1,14 @@
 """The reference GPT: decoder-only, RMSNorm, RoPE, SwiGLU, grouped-query attention.
 
-One strategy-independent parameter set (an ``nn.Module`` holding full, unsharded
-tensors) and one forward that runs it under any ``(tp, cp)`` context: the forward takes
-*views* (``Tensor.narrow``) of the full parameters for this rank's tensor-parallel
-shard, so the same master tensors serve every strategy and their gradients land in the
-full-shape ``.grad`` (zero outside the shard).
+One module and one forward that runs under any ``(tp, cp)`` context. Its parameters are
+the weights it computes with, in one of two forms:
+
+* **full** (``weights_tp == 1``, the default: a single-process model, tests, the
+  reference): the forward takes views (``Tensor.narrow``) of this rank's tensor-parallel
+  shard, so gradients land in the full-shape ``.grad`` (zero outside the shard);
+* **one tp shard** (``weights_tp == tp``): what the :class:`~.engine.Engine` installs each
+  step — the compute weights gathered from the sharded master state
+  (:mod:`~.state`), already cut for this rank's tp coordinate (bf16 under autocast).
 
 Tensor parallelism (column → row, Megatron-style):
 
@@ -31,7 +35,7 @@ from .attention import causal_attention
 from .batch import IGNORE_INDEX, LocalBatch
 from .parallel import SINGLE_DEVICE, ParallelContext, copy_to_tp, gather_from_cp, reduce_from_tp
 
-__all__ = ["ModelConfig", "GPT", "COLUMN", "ROW"]
+__all__ = ["ModelConfig", "GPT", "COLUMN", "ROW", "init_parameter"]
 
 COLUMN = 0
 """Tensor-parallel split along dim 0 (output rows): ``wq, wk, wv, w_gate, w_up``."""
@@ -113,6 +117,15 @@ class _Block(nn.Module):
 _SPLITS = {"wq": COLUMN, "wk": COLUMN, "wv": COLUMN, "wo": ROW, "w_gate": COLUMN, "w_up": COLUMN, "w_down": ROW}
 
 
+def init_parameter(name: str, tensor: torch.Tensor, std: float, generator: torch.Generator | None = None) -> None:
+    """Initialise parameter ``name`` in place: norm weights 1, every matrix Normal(0, ``std``)."""
+    with torch.no_grad():
+        if name.endswith("norm"):
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, std, generator=generator)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight · x / sqrt(mean(x²) + eps)``, computed in fp32."""
     x32 = x.float()
@@ -146,15 +159,16 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(_Block(config) for _ in range(config.num_layers))
         self.final_norm = nn.Parameter(torch.ones(config.hidden_size))
         self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        self.attention_kernel = "auto"
+        """Attention kernel name (see :func:`~.attention.choose_kernel`); the engine sets it."""
+        self.weights_tp = 1
+        """Tensor-parallel degree the parameters are cut for: 1 = full tensors."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) matrices, unit norm weights (uses the current torch RNG)."""
         for name, p in self.named_parameters():
-            if name.endswith("norm"):
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, mean=0.0, std=self.config.init_std)
+            init_parameter(name, p, self.config.init_std)
 
     def tp_split_dims(self) -> dict[str, int | None]:
         """Per parameter name: the dim split over tensor-parallel ranks (``None`` = replicated)."""
@@ -184,10 +198,15 @@ class GPT(nn.Module):
         return F.cross_entropy(logits, batch.targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
     # -- blocks ----------------------------------------------------------------------------
-    @staticmethod
-    def _shard(w: torch.Tensor, dim: int, pc: ParallelContext) -> torch.Tensor:
-        if pc.tp_size == 1:
+    def _shard(self, w: torch.Tensor, dim: int, pc: ParallelContext) -> torch.Tensor:
+        """This rank's tp shard of weight ``w``: ``w`` itself when it already is one."""
+        if self.weights_tp == pc.tp_size:
             return w
+        if self.weights_tp != 1:
+            raise ValueError(
+                f"the model holds weights cut for tp={self.weights_tp} but runs under tp={pc.tp_size}; "
+                "install the compute weights of the step's strategy first (Engine does)"
+            )
         size = w.shape[dim] // pc.tp_size
         return w.narrow(dim, pc.tp_rank * size, size)
 
@@ -205,7 +224,7 @@ class GPT(nn.Module):
             kv = gather_from_cp(torch.cat([k, v], dim=-1), pc, batch.cp_counts,
                                 batch.cp_full_from_gathered, batch.cp_own_rows)  # (T_row, hkv/tp, 2d)
             k, v = kv[..., :d], kv[..., d:]
-        o = causal_attention(q, k, v, batch.segments).reshape(t, hq * d)  # (T, hq/tp · d)
+        o = causal_attention(q, k, v, batch.segments, self.attention_kernel).reshape(t, hq * d)  # (T, hq/tp · d)
         return reduce_from_tp(F.linear(o, self._shard(layer.wo, ROW, pc)), pc)
 
     def _mlp(self, layer: _Block, x: torch.Tensor, pc: ParallelContext) -> torch.Tensor:
