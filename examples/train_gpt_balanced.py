@@ -3,12 +3,19 @@
     torchrun --nproc_per_node 4 examples/train_gpt_balanced.py --steps 8
 
 Runs unchanged on CPU (gloo) and on GPUs (NCCL + bf16 autocast): the device is chosen in
-one place, :func:`strategies.runtime.init_distributed`. Tokens are synthetic; the sequence
-lengths come from a bundled real length file (capped at ``--max-length``). One step:
+one place, :func:`strategies.runtime.init_distributed`, the attention kernel in another,
+:func:`strategies.runtime.choose_kernel` (``--attention``). Tokens are synthetic; the
+sequence lengths come from a bundled real length file (capped at ``--max-length``). One step:
 
     BalancedDataLoader ── sampler → Balancer.plan (rank 0, broadcast) → PackedCollator
-        → Engine.step(plan, batch)      strategy of the plan, exact gradient sync, AdamW
+        → Engine.step(plan, batch)      gather the plan's compute weights, forward/backward,
+                                        reduce-scatter gradients to the owners, AdamW on the chunks
         → Balancer.observe(per-rank measured seconds)       stragglers get less work
+
+Every rank holds 1/world of the fp32 master parameters, gradients and AdamW state (the
+sharded state, :mod:`strategies.runtime.state`) plus, during a step, its layout's compute
+shard; the start-up line prints the bytes. ``--save DIR`` writes a checkpoint at the end
+(``torch.distributed.checkpoint``, loadable at any world size with ``--load DIR``).
 
 The cost model: every rank times the reference GPT's forward + backward at a few lengths
 on its device at the same time (so the timing sees the same contention as training), and
@@ -70,6 +77,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--scaling-efficiency", type=float, default=0.85,
                    help="derived cost model: fraction of ideal speed-up kept per doubling of tp·cp")
     p.add_argument("--cost-model", default=None, help="JSON from CostModel.save instead of the start-up fit")
+    p.add_argument("--attention", default="auto", help="attention kernel: auto, flash_attn, varlen or sdpa")
+    p.add_argument("--load", default=None, help="checkpoint directory to start from (any world size)")
+    p.add_argument("--save", default=None, help="checkpoint directory to write after the last step")
     return p.parse_args()
 
 
@@ -88,10 +98,15 @@ class SyntheticTokens(torch.utils.data.Dataset):
 
 
 def time_tp1(cfg: ModelConfig, device: torch.device, lengths: list[int], dtype: torch.dtype | None,
-             repeats: int = 3) -> list[float]:
-    """Forward + backward seconds of the reference GPT on one sequence of each length (min of repeats)."""
+             attention: str, repeats: int = 3) -> list[float]:
+    """Forward + backward seconds of the reference GPT on one sequence of each length (min of repeats).
+
+    The weights are in the compute dtype, as the engine's compute weights are.
+    """
     torch.manual_seed(0)
-    model = GPT(cfg).to(device)
+    with torch.device(device):
+        model = GPT(cfg).to(dtype or torch.float32)
+    model.attention_kernel = attention
     out = []
     for s in lengths:
         ids = torch.randint(0, cfg.vocab_size, (1, s))
@@ -108,6 +123,7 @@ def time_tp1(cfg: ModelConfig, device: torch.device, lengths: list[int], dtype: 
             with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 loss = model(batch)
             loss.backward()
+            model.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if k:
@@ -122,7 +138,7 @@ def build_cost_model(args: argparse.Namespace, cfg: ModelConfig, device: torch.d
     if args.cost_model:
         return CostModel.load(args.cost_model)
     lengths = sorted({max(8, args.max_length * k // 8) for k in (1, 2, 4, 6, 8)})
-    seconds = torch.tensor(time_tp1(cfg, device, lengths, dtype), dtype=torch.float64, device=device)
+    seconds = torch.tensor(time_tp1(cfg, device, lengths, dtype, args.attention), dtype=torch.float64, device=device)
     dist.all_reduce(seconds)  # the same numbers on every rank → the same fit → the same plans
     fit = CostModel.fit(lengths, (seconds / dist.get_world_size()).tolist(), token_capacity=args.micro_batch_tokens)
     base = fit.cost(Layout(1))
@@ -158,17 +174,24 @@ def main() -> None:
     balancer = Balancer(cluster, candidates, cost, BalancerConfig(seed=args.seed))
     engine = Engine(
         candidates, cfg, lambda m: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.1),
-        config=EngineConfig(token_capacity=cost.token_capacity, autocast_dtype=autocast),
+        config=EngineConfig(token_capacity=cost.token_capacity, autocast_dtype=autocast, attention=args.attention,
+                            seed=args.seed),
         device=device,
     )
+    if args.load:
+        engine.load_checkpoint(args.load)
     loader = BalancedDataLoader(SyntheticTokens(lengths, args.vocab, args.seed), balancer=balancer,
                                 lengths=lengths, tokens_per_step=args.tokens_per_step, seed=args.seed)
     if rank == 0:
-        params = sum(p.numel() for p in engine.model.parameters())
+        state = engine.state.nbytes()
         print(f"{world} ranks on {device.type}; {len(lengths):,} sequences of {args.lengths} capped at "
-              f"{args.max_length} tokens; model {params:,} parameters; {args.tokens_per_step:,} tokens per step")
+              f"{args.max_length} tokens; model {engine.num_parameters:,} parameters; "
+              f"{args.tokens_per_step:,} tokens per step; attention kernel {engine.attention_kernel}")
+        print(f"rank 0 holds {state['master'] / 2**20:,.1f} MiB of fp32 master chunks "
+              f"({engine.num_parameters * 4 / 2**20:,.1f} MiB for the whole model) and as much for gradients")
         print("candidates: " + ", ".join(s.name for s in candidates))
         print(f"{'step':>4}  {'strategy':<24} {'est s':>8} {'measured s':>10} {'step s':>8} {'loss':>7}")
+    result = None
     for k, batch in enumerate(loader):
         if k == args.steps:
             break
@@ -178,6 +201,12 @@ def main() -> None:
             print(f"{batch.step:>4}  {batch.plan.strategy:<24} {batch.plan.est_step_seconds:>8.4f} "
                   f"{max(result.rank_seconds):>10.4f} {result.step_seconds:>8.4f} {result.loss:>7.4f}", flush=True)
     loader.close()
+    if rank == 0 and result is not None:
+        held = result.resident_bytes
+        print("rank 0 held during the last step (MiB): "
+              + ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in held.items()))
+    if args.save:
+        engine.save_checkpoint(args.save)
     dist.barrier()  # all ranks done before teardown (gloo can abort a rank whose peer tears down first)
     dist.destroy_process_group()
 
