@@ -273,7 +273,7 @@ class KernelSupport:
 
 
 def _tolerance(dtype: torch.dtype) -> float:
-    return {torch.float16: 5e-3, torch.bfloat16: 3e-2}.get(dtype, 1e-4)
+    return {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-4)  # a misaligned mask is off by O(1)
 
 
 def _agrees(name: str, device: torch.device, dtype: torch.dtype, seq_lens: list[int], cp: int,

@@ -127,10 +127,8 @@ def init_parameter(name: str, tensor: torch.Tensor, std: float, generator: torch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight · x / sqrt(mean(x²) + eps)``, computed in fp32."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    """``weight · x / sqrt(mean(x²) + eps)``, the statistics in fp32 (torch's fused kernel where it has one)."""
+    return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
 
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,10 +141,14 @@ def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tupl
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (T, heads, head_dim) by the half-split convention (first half ↔ second half)."""
+    """Rotate (T, heads, head_dim) by the half-split convention (first half ↔ second half).
+
+    The tables are cast to ``x``'s dtype first (as Hugging Face Llama does), so a bf16
+    ``x`` is rotated in bf16 and never materialised in fp32.
+    """
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    return x * cos.to(x.dtype)[:, None, :] + rotated * sin.to(x.dtype)[:, None, :]
 
 
 class GPT(nn.Module):
