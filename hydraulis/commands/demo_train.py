@@ -219,7 +219,7 @@ def train_rank(rank: int, world_size: int, cfg: TrainConfig) -> dict[str, Any] |
     return {
         "config": asdict(cfg),
         "world_size": world_size,
-        "parameters": int(sum(p.numel() for p in runs["balancer"][0].model.parameters())),
+        "parameters": int(runs["balancer"][0].num_parameters),
         "cost_model": {"a": c.a, "b": c.b, "c": c.c, "token_capacity": c.token_capacity,
                        "r2": cost.fit_r2(Layout(1))},
         "candidates": [s.name for s in candidates],

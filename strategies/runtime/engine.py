@@ -43,8 +43,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from strategies.plan import StepPlan
 from strategies.layout import Layout, Strategy
+from strategies.plan import StepPlan
 
 from .attention import KERNELS, choose_kernel
 from .batch import LocalBatch

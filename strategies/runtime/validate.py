@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from balancer.plan import StepPlan
 from strategies.layout import Layout
+from strategies.plan import StepPlan
 
 from .batch import LocalBatch, check_micro_batch, prepare_micro_batch
 from .parallel import ParallelContext
@@ -66,7 +66,7 @@ def check_step(
     fingerprint of this rank's token rows (ranks of one replica must hold the same).
     """
     if not isinstance(plan, StepPlan):
-        raise ValueError(f"plan is a {type(plan).__name__}, expected balancer.plan.StepPlan")
+        raise ValueError(f"plan is a {type(plan).__name__}, expected strategies.plan.StepPlan")
     if plan.strategy not in built:
         raise ValueError(
             f"plan for step {plan.step} names strategy {plan.strategy!r}, which was not built; "
