@@ -169,9 +169,9 @@ def _worker(rank: int, world: int, ckpt_dir: str) -> dict:
     by_name = {s.name: s for s in candidates()}
     out: dict = {"losses": [], "rank_seconds": [], "snapshots": {}, "grads": [], "errors": {}, "memory": []}
 
-    # pp > 1 is refused at construction, on every rank, before any group exists
+    # more pipeline stages than blocks is refused at construction, on every rank, before any group exists
     try:
-        Engine([Strategy.homogeneous(Layout(1, 1, 2), world)], ModelConfig(**MODEL), make_optimizer)
+        Engine([Strategy.homogeneous(Layout(1, 1, 4), world)], ModelConfig(**MODEL), make_optimizer)
     except ValueError as e:
         out["errors"]["pp"] = str(e)
 
@@ -379,7 +379,7 @@ def test_no_process_group_after_startup(run):
         ("capacity", "rank 1: ValueError: rank 1 micro-batch 0 holds 90 tokens, above the capacity 64 of layout tp1"),
         ("peers", "hold different micro-batches"),
         ("loss_tokens", "but the ranks' labels hold"),
-        ("pp", "no pipeline parallelism"),
+        ("pp", "strategy 'tp1pp4x1': pipeline degree pp=4 exceeds num_layers=2"),
     ],
 )
 def test_bad_input_fails_on_every_rank(run, case, text):

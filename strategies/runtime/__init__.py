@@ -5,7 +5,7 @@
 >>> result = engine.step(plan, step_batch)                        # StepPlan + packed micro-batches
 >>> balancer.observe(result.rank_seconds, plan)
 
-See ``docs/runtime.md`` for the design (groups, sharded state, cp attention, kernels).
+See ``docs/runtime.md`` for the design (groups, sharded state, cp attention, kernels, pipelines).
 """
 
 from .attention import (
@@ -25,6 +25,7 @@ from .groups import GroupRegistry
 from .local import free_port, run_local
 from .model import GPT, ModelConfig, init_parameter
 from .parallel import SINGLE_DEVICE, ParallelContext, copy_to_tp, gather_from_cp, reduce_from_tp
+from .pipeline import PipelineStage, StageSpec, one_f_one_b, run_pipeline, split_layers, stage_forward
 from .segments import AttentionSegments, build_segments
 from .state import ParamSlot, ShardedState, ShardLayout, tp_shard, unit_name
 from .validate import StepError
@@ -42,9 +43,11 @@ __all__ = [
     "ModelConfig",
     "ParallelContext",
     "ParamSlot",
+    "PipelineStage",
     "SINGLE_DEVICE",
     "ShardLayout",
     "ShardedState",
+    "StageSpec",
     "StepError",
     "StepResult",
     "StrategyView",
@@ -60,13 +63,17 @@ __all__ = [
     "init_distributed",
     "init_parameter",
     "kernel_support",
+    "one_f_one_b",
     "load_state",
     "prepare_micro_batch",
     "reduce_from_tp",
     "reference_attention",
     "run_local",
+    "run_pipeline",
     "save_state",
     "shift_labels",
+    "split_layers",
+    "stage_forward",
     "tp_shard",
     "unit_name",
 ]

@@ -16,7 +16,7 @@ empty *holders*. :class:`ComputeWeights` then, each step,
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 import torch
 import torch.distributed as dist
@@ -114,10 +114,15 @@ class ComputeWeights:
             p.grad = None
         return add
 
-    def install(self, pc: ParallelContext) -> None:
-        """Gather the weights of ``pc``'s tp shard into the holders; zero the accumulators."""
+    def install(self, pc: ParallelContext, units: Collection[int] | None = None) -> None:
+        """Gather the weights of ``pc``'s tp shard into the holders; zero the accumulators.
+
+        ``units``: indices of the units this rank computes with (a pipeline stage's); the
+        others are gathered for their owners' sake and not kept. ``None``: every unit.
+        """
         for unit in range(len(self.state.layout.units)):
-            for name, w in self.state.gather(unit, pc.tp_size, pc.tp_rank).items():
+            keep = units is None or unit in units
+            for name, w in self.state.gather(unit, pc.tp_size, pc.tp_rank, keep=keep).items():
                 holder = self.holders[name]
                 holder.data = w
                 acc = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
@@ -126,17 +131,20 @@ class ComputeWeights:
         self.model.weights_tp = pc.tp_size
 
     def reduce_scatter(self, pc: ParallelContext) -> None:
-        """Send every unit's gradients to their owners, then release the unit's weights."""
+        """Send every unit's gradients to their owners, then release the unit's weights.
+
+        A unit that was not installed (another pipeline stage's) contributes zeros.
+        """
         for unit in range(len(self.state.layout.units)):
             slots = self.state.layout.unit_slots(unit)
             # a replicated parameter's gradient is the same on every tp rank: count it once
-            grads = {s.name: self.accumulators[s.name] if s.split_dim is not None or pc.tp_rank == 0 else None
+            grads = {s.name: self.accumulators.get(s.name) if s.split_dim is not None or pc.tp_rank == 0 else None
                      for s in slots}
             self.state.reduce_scatter(unit, grads, pc.tp_size, pc.tp_rank)
             for s in slots:
                 holder = self.holders[s.name]
                 holder.data, holder.grad = self._empty, None
-                del self.accumulators[s.name]
+                self.accumulators.pop(s.name, None)
         self.model.weights_tp = 1
 
     def nbytes(self) -> dict[str, int]:

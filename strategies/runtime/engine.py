@@ -9,10 +9,12 @@ Start-up (identical on every rank):
    holders for the per-step compute weights;
 2. build the optimizer over the chunks (its state is sharded with them);
 3. choose the attention kernel for the device and compute dtype (:mod:`~.attention`);
-4. for each candidate strategy, in order: request its tp groups and cp groups from one
+4. for each candidate strategy, in order: request its tp groups, cp groups and (pp > 1)
+   the two-rank groups of its pipeline stage boundaries from one
    :class:`~.groups.GroupRegistry` (each distinct rank set becomes one process group,
-   created in the same order on every rank) and keep this rank's view: its replica and
-   its (tp, cp) coordinates; then freeze the registry — no group is created later.
+   created in the same order on every rank) and keep this rank's view: its replica, its
+   (tp, cp) coordinates and its pipeline stage (:mod:`~.pipeline`); then freeze the
+   registry — no group is created later.
 
 ``step(plan, step_batch)``:
 
@@ -22,7 +24,8 @@ Start-up (identical on every rank):
    from the owners, unit by unit (``all_gather_into_tensor``);
 3. forward/backward of each micro-batch under the strategy's context, each loss
    ``Σ token cross-entropy / global_loss_tokens`` (timed: the rank's compute seconds);
-   gradients accumulate in fp32;
+   gradients accumulate in fp32. A pipeline rank keeps only its stage's compute weights
+   and runs the 1F1B schedule (:func:`~.pipeline.run_pipeline`);
 4. **reduce-scatter** the gradients to the owners, unit by unit, releasing each unit's
    compute weights after it; optional clipping; the optimizer steps on the chunks;
 5. one all-gather of ``[compute seconds, loss share]`` so every rank returns the same
@@ -54,6 +57,7 @@ from .distributed import default_device
 from .groups import GroupRegistry
 from .model import GPT, ModelConfig
 from .parallel import ParallelContext
+from .pipeline import PipelineStage, build_stage, run_pipeline, split_layers
 from .state import ShardedState
 from .validate import StepError, agree, check_step, unpack_step_batch
 
@@ -133,12 +137,14 @@ class StrategyView:
     replica_index: int
     layout: Layout
     context: ParallelContext
+    stage: PipelineStage | None = None
+    """This rank's pipeline stage (None: the replica has pp = 1)."""
 
 
 class Engine:
     """Run balanced steps of the reference GPT under per-step heterogeneous strategies.
 
-    ``candidates``: every strategy a plan may name (pp = 1). ``model_builder``: a
+    ``candidates``: every strategy a plan may name. ``model_builder``: a
     :class:`ModelConfig` (initialised shard by shard, never materialised whole) or a
     callable returning a :class:`GPT` with initial values (materialised once, e.g. a
     pretrained model). ``optimizer_builder``: callable taking the sharded state (it has
@@ -177,6 +183,12 @@ class Engine:
             broadcast=self.config.broadcast_parameters,
             check_tp=sorted({rep.layout.tp for s in self.candidates for rep in s.replicas}),
         )
+        for s in self.candidates:
+            for rep in s.replicas:
+                try:
+                    split_layers(self.model.config.num_layers, rep.layout.pp)
+                except ValueError as e:
+                    raise ValueError(f"Engine: strategy {s.name!r}: {e}") from None
         self.attention_kernel = choose_kernel(self.config.attention, device, self.compute_dtype)
         """The attention kernel every forward of this engine uses."""
         self.model.attention_kernel = self.attention_kernel
@@ -206,13 +218,6 @@ class Engine:
                     f"Engine: strategy {s.name!r} covers {s.num_ranks} ranks but the job has "
                     f"{self.world_size}; build candidates for world size {self.world_size}"
                 )
-            for rep in s.replicas:
-                if rep.layout.pp > 1:
-                    raise ValueError(
-                        f"Engine: strategy {s.name!r} has a replica with layout {rep.layout.name} "
-                        f"(pp={rep.layout.pp}); "
-                        "this runtime has no pipeline parallelism — configure the planner's candidates with pp=1"
-                    )
         return out
 
     def _build_optimizer(self, optimizer_builder: Callable[[ShardedState], torch.optim.Optimizer]) -> torch.optim.Optimizer:
@@ -251,7 +256,8 @@ class Engine:
             cp_size=rep.layout.cp, cp_rank=cp_rank, cp_group=cp_group,
             cp_order=tuple(rep.coords(m)[1] for m in sorted(cp_members)),
         )
-        return StrategyView(strategy=strategy, replica_index=j, layout=rep.layout, context=pc)
+        stage = build_stage(strategy, self.rank, registry.get, self.model.config.num_layers, self.state.layout.units)
+        return StrategyView(strategy=strategy, replica_index=j, layout=rep.layout, context=pc, stage=stage)
 
     # -- lookup -----------------------------------------------------------------------------
     @property
@@ -321,16 +327,17 @@ class Engine:
             view = self._views[plan.strategy]
         except Exception as e:  # noqa: BLE001 — every local failure must become an agreed failure
             error = f"{type(e).__name__}: {e}"
-        contributes = view is not None and view.context.tp_rank == 0
+        # the loss is counted once per replica: tp rank 0, on the last pipeline stage
+        contributes = view is not None and view.context.tp_rank == 0 and (view.stage is None or view.stage.spec.last)
         loss_tokens = sum(b.num_loss_tokens for b in local) if contributes else 0
         agree(plan, error, loss_tokens, normaliser or 0, fingerprint, world_size=self.world_size, device=self.device)
         assert view is not None and normaliser is not None
 
         t0 = time.perf_counter()
-        self.compute.install(view.context)
+        self.compute.install(view.context, None if view.stage is None else view.stage.units)
         self._sync_device()
         gather_s = time.perf_counter() - t0
-        loss_sum, compute_s = self._forward_backward(view.context, local, normaliser)
+        loss_sum, compute_s = self._forward_backward(view, local, normaliser)
         resident = self._resident_bytes()
         t1 = time.perf_counter()
         self.compute.reduce_scatter(view.context)
@@ -362,17 +369,22 @@ class Engine:
         )
 
     def _forward_backward(
-        self, pc: ParallelContext, local: list[LocalBatch], normaliser: int
+        self, view: StrategyView, local: list[LocalBatch], normaliser: int
     ) -> tuple[torch.Tensor, float]:
         """Run every micro-batch; return the summed token loss (nats, fp64) and the compute seconds."""
+        pc = view.context
         self._sync_device()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        for batch in local:
-            with self._autocast():
-                loss = self.model(batch, pc)
-            (loss / normaliser).backward()  # Σ over ranks and micro-batches = the global token mean
-            loss_sum += loss.detach().double()
+        if view.stage is not None:
+            loss_sum = run_pipeline(self.model, view.stage, pc, local, normaliser,
+                                    act_dtype=self.compute_dtype, autocast=self._autocast)
+        else:
+            loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+            for batch in local:
+                with self._autocast():
+                    loss = self.model(batch, pc)
+                (loss / normaliser).backward()  # Σ over ranks and micro-batches = the global token mean
+                loss_sum += loss.detach().double()
         self._sync_device()
         return loss_sum, time.perf_counter() - t0
 

@@ -21,6 +21,10 @@ Tensor parallelism (column → row, Megatron-style):
 
 Context parallelism: the rank holds its head+tail chunks of every sequence; keys and
 values are all-gathered inside the cp group after RoPE (:func:`gather_from_cp`).
+
+Pipeline parallelism: the forward is three public parts — :meth:`GPT.embed_tokens`,
+:meth:`GPT.run_layers` over a range of blocks, :meth:`GPT.head_loss` — and a pipeline
+stage (:mod:`~.pipeline`) runs only its own.
 """
 
 from __future__ import annotations
@@ -180,15 +184,32 @@ class GPT(nn.Module):
         return out
 
     # -- forward -------------------------------------------------------------------------
-    def hidden_states(self, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
-        """Final-norm hidden states (T_local, hidden) of this rank's rows."""
+    # The forward in three parts, so a pipeline stage (:mod:`~.pipeline`) runs only its own:
+    # embed_tokens (first stage) → run_layers (its blocks) → head_loss (last stage).
+    def embed_tokens(self, batch: LocalBatch) -> torch.Tensor:
+        """Token embeddings (T_local, hidden) of this rank's rows: the residual stream's start."""
+        return F.embedding(batch.input_ids, self.embed)
+
+    def run_layers(self, x: torch.Tensor, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE,
+                   layers: range | None = None) -> torch.Tensor:
+        """The residual stream (T_local, hidden) after transformer blocks ``layers`` (default: all)."""
         cfg = self.config
-        x = F.embedding(batch.input_ids, self.embed)  # (T, h)
         cos, sin = rope_tables(batch.position_ids, cfg.head_dim, cfg.rope_theta)
-        for layer in self.layers:
+        for i in range(cfg.num_layers) if layers is None else layers:
+            layer = self.layers[i]
             x = x + self._attention(layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), cos, sin, batch, pc)
             x = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), pc)
-        return rms_norm(x, self.final_norm, cfg.norm_eps)
+        return x
+
+    def head_loss(self, x: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
+        """Final norm, LM head and the summed next-token cross-entropy (nats, fp32 scalar) of ``x``."""
+        logits = F.linear(rms_norm(x, self.final_norm, self.config.norm_eps), self.lm_head).float()
+        return F.cross_entropy(logits, batch.targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def hidden_states(self, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
+        """Final-norm hidden states (T_local, hidden) of this rank's rows."""
+        x = self.run_layers(self.embed_tokens(batch), batch, pc)
+        return rms_norm(x, self.final_norm, self.config.norm_eps)
 
     def logits(self, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
         """Full-vocabulary logits (T_local, vocab)."""
@@ -196,8 +217,7 @@ class GPT(nn.Module):
 
     def forward(self, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
         """Sum of next-token cross-entropies (nats) over this rank's loss tokens, fp32 scalar."""
-        logits = self.logits(batch, pc).float()
-        return F.cross_entropy(logits, batch.targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return self.head_loss(self.run_layers(self.embed_tokens(batch), batch, pc), batch)
 
     # -- blocks ----------------------------------------------------------------------------
     def _shard(self, w: torch.Tensor, dim: int, pc: ParallelContext) -> torch.Tensor:

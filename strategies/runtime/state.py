@@ -36,8 +36,10 @@ parameter. The largest unit is a transformer layer (or the embedding).
 
 **For pipeline stages.** Ownership is per parameter chunk and grouped per layer, and
 :meth:`ShardedState.gather` / :meth:`ShardedState.reduce_scatter` work unit by unit, so
-a stage-partitioned model can gather and reduce exactly the units of its layers. Every
-rank takes part in every unit's collective (the owners span all ranks).
+a pipeline stage keeps the compute weights of its own units only (``keep=False`` for the
+others) and reduce-scatters zeros for the units it does not hold. Every rank takes part
+in every unit's collective (the owners span all ranks), so each element's gradient
+arrives once per replica: from the one stage that holds it.
 """
 
 from __future__ import annotations
@@ -183,12 +185,18 @@ class ShardedState:
             self._params[name].copy_(full.detach().reshape(-1)[lo : lo + s.local_numel])
 
     # -- the two collectives --------------------------------------------------------------
-    def gather(self, unit: int, tp_size: int = 1, tp_rank: int = 0) -> dict[str, torch.Tensor]:
-        """Compute weights of ``unit``: every parameter's tp shard, contiguous, in the compute dtype."""
+    def gather(self, unit: int, tp_size: int = 1, tp_rank: int = 0, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Compute weights of ``unit``: every parameter's tp shard, contiguous, in the compute dtype.
+
+        ``keep=False``: only serve this rank's chunks to the others (a pipeline rank whose
+        stage does not hold the unit) and return ``{}``.
+        """
         world, n = self.layout.world, self.layout.segment[unit]
         send = self.master[unit].to(self.compute_dtype)
         buf = torch.empty(world * n, dtype=self.compute_dtype, device=self.device)
         _all_gather(buf, send, group=self.group)
+        if not keep:
+            return {}
         table = buf.view(world, n)
         out = {}
         for s in self.layout.unit_slots(unit):
