@@ -13,7 +13,7 @@ for every ``Layout(tp, cp, pp)`` (formulas, sources and a worked example in
   context-parallel K/V all-gathers and dK/dV reduce-scatters, pipeline sends.
 * **overhead** ``c`` — a fixed time per layer per micro-batch from the hardware spec.
 * **memory** — weights, gradients and Adam states of the stage's shard (optionally ZeRO
-  sharded), activations per token (FlashAttention: no ``s²`` term) times the micro-batches
+  sharded, or in the bundled runtime's layout: ``zero_stage="world"``), activations per token (FlashAttention: no ``s²`` term) times the micro-batches
   1F1B keeps in flight, and a reserve; the capacity is what fits in what is left.
 
 Units: FLOPs, seconds, bytes, tokens. The per-sequence time ``t(s) = a·s² + b·s`` is one
@@ -35,6 +35,7 @@ from .specs import HardwareSpec, ModelSpec
 __all__ = [
     "CP_EFFICIENCY_DEFAULT",
     "TP_EFFICIENCY_HYDRAULIS_13B",
+    "ZERO_STAGES",
     "AnalyticOptions",
     "ForwardFlops",
     "LayoutAnalysis",
@@ -42,6 +43,8 @@ __all__ = [
     "forward_flops",
 ]
 
+ZERO_STAGES: tuple[int | str, ...] = (0, 1, 2, 3, "world")
+"""Values of :attr:`AnalyticOptions.zero_stage`."""
 SOFTMAX_STATS_BYTES = 4
 """FlashAttention keeps one fp32 log-sum-exp per query head per token for its backward."""
 LOSS_BYTES = 4
@@ -96,19 +99,28 @@ def _table_factor(table: tuple[float, ...], degree: int) -> float:
 class AnalyticOptions:
     """Training choices the analytic model needs beyond the model and hardware shapes."""
 
-    zero_stage: int = 0
-    """ZeRO stage: 0 = nothing sharded, 1 = optimizer states, 2 = + gradients, 3 = + weights."""
+    zero_stage: int | str = 0
+    """ZeRO stage: 0 = nothing sharded, 1 = optimizer states, 2 = + gradients, 3 = + weights
+    (each tensor/pipeline shard split over the ranks that hold it). ``"world"`` = the bundled
+    runtime's layout (``strategies.runtime.state``): fp32 master weights, fp32 gradients and
+    the optimizer states of the *whole* model split over all ``num_ranks`` ranks whatever the
+    layout, plus the layout's compute shard — weights in ``dtype_bytes`` and fp32 gradient
+    accumulators — while a step runs: ``P·(optimizer_bytes + 4)/num_ranks + P_rank·(dtype_bytes + 4)``."""
     num_ranks: int | None = None
-    """Ranks in the job. With ZeRO, each tensor/pipeline shard of the states is split over
-    the ``num_ranks // (tp·pp)`` ranks that hold the same shard (data- and context-parallel
-    peers): that is the data-parallel group the optimizer shards over. Required when
-    ``zero_stage > 0``; when given, layouts larger than the job are unsupported."""
+    """Ranks in the job. With ZeRO stages 1–3, each tensor/pipeline shard of the states is
+    split over the ``num_ranks // (tp·pp)`` ranks that hold the same shard (data- and
+    context-parallel peers): that is the data-parallel group the optimizer shards over; with
+    ``"world"`` over all of them. Required when ``zero_stage`` is not 0; when given, layouts
+    larger than the job are unsupported."""
+    vocab_parallel: bool = True
+    """Embedding, LM head and logits split over the tp ranks (Megatron); ``False``: every tp
+    rank holds and computes all of them (the bundled runtime)."""
     reserve_bytes: int | None = None
     """Memory kept free per rank (CUDA context, NCCL buffers, fragmentation), bytes.
     ``None``: 10 % of the device memory."""
     grad_bytes: int | None = None
     """Bytes per gradient element; ``None``: the model's ``dtype_bytes`` (use 4 for fp32
-    gradient accumulation)."""
+    gradient accumulation), and 4 with ``zero_stage="world"`` (the runtime's fp32 gradients)."""
     optimizer_bytes: int = 12
     """Optimizer bytes per parameter: fp32 master weights + Adam's two fp32 moments."""
     tp_efficiency: tuple[float, ...] = TP_EFFICIENCY_HYDRAULIS_13B
@@ -129,11 +141,13 @@ class AnalyticOptions:
     """Floor of every efficiency factor."""
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"AnalyticOptions: zero_stage={self.zero_stage!r} must be 0, 1, 2 or 3")
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"AnalyticOptions: zero_stage={self.zero_stage!r} must be 0, 1, 2, 3 or 'world'")
+        if not isinstance(self.vocab_parallel, bool):
+            raise ValueError(f"AnalyticOptions: vocab_parallel={self.vocab_parallel!r} must be true or false")
         if self.num_ranks is not None and (isinstance(self.num_ranks, bool) or int(self.num_ranks) < 1):
             raise ValueError(f"AnalyticOptions: num_ranks={self.num_ranks!r} must be a positive integer or None")
-        if self.zero_stage > 0 and self.num_ranks is None:
+        if self.zero_stage != 0 and self.num_ranks is None:
             raise ValueError(
                 f"AnalyticOptions: zero_stage={self.zero_stage} shards states over data-parallel ranks; "
                 "pass num_ranks (the job's rank count) or use zero_stage=0"
@@ -211,11 +225,11 @@ class ForwardFlops:
         return num_layers * self.layer(s) + self.head_linear * s
 
 
-def forward_flops(model: ModelSpec, tp: int = 1) -> ForwardFlops:
+def forward_flops(model: ModelSpec, tp: int = 1, vocab_parallel: bool = True) -> ForwardFlops:
     """Forward FLOP coefficients of ``model``, per rank of a ``tp``-way tensor-parallel split.
 
-    Query heads, MLP columns and vocabulary split over ``tp``; key/value heads too when
-    ``tp`` divides them, else each rank computes (replicates) one KV head.
+    Query heads, MLP columns and (with ``vocab_parallel``) the vocabulary split over ``tp``;
+    key/value heads too when ``tp`` divides them, else each rank computes (replicates) one KV head.
     """
     h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
     q = model.q_size / tp  # query width on this rank
@@ -226,7 +240,7 @@ def forward_flops(model: ModelSpec, tp: int = 1) -> ForwardFlops:
     return ForwardFlops(
         attention_quadratic=2 * q,
         layer_linear=projections + mlp + causal_diagonal,
-        head_linear=2 * h * model.vocab_size / tp,
+        head_linear=2 * h * model.vocab_size / (tp if vocab_parallel else 1),
     )
 
 
@@ -333,7 +347,7 @@ class AnalyticModel:
         layers = math.ceil(m.num_layers / pp)  # busiest stage; the head's stage gets an even share too
 
         # compute: forward ×3 (backward = 2× forward), ×4 when full recompute reruns the forward
-        fwd = forward_flops(m, tp)
+        fwd = forward_flops(m, tp, self.options.vocab_parallel)
         layer_passes = 4 if recompute_full else 3
         quad = layer_passes * layers * fwd.attention_quadratic / cp
         lin = (layer_passes * layers * fwd.layer_linear + 3 * fwd.head_linear) / cp
@@ -386,7 +400,7 @@ class AnalyticModel:
                 f"{an.static_bytes / gib:.1f} GiB of weights, gradients and optimizer states plus "
                 f"{an.activation_bytes_per_token / 2**20:.2f} MiB per token, but only "
                 f"{an.available_bytes / gib:.1f} GiB is available per rank; raise tp or pp, "
-                "shard states with zero_stage=1..3 (and num_ranks), or use activation_recompute='full'"
+                "shard states with zero_stage=1..3 or 'world' (and num_ranks), or use activation_recompute='full'"
             )
         return LayoutCost(a=an.a, b=an.b, c=an.c, token_capacity=an.token_capacity)
 
@@ -423,7 +437,8 @@ class AnalyticModel:
 
         # parameters on one rank
         layer_params = h * (q_rank + 2 * kv_rank) + q_rank * h + m.mlp_matrices * h * f_rank + 2 * h
-        vocab_params = m.vocab_size * h / tp  # vocab-parallel embedding or LM head
+        vocab_tp = tp if opt.vocab_parallel else 1
+        vocab_params = m.vocab_size * h / vocab_tp  # (vocab-parallel) embedding or LM head
         if pp == 1:
             heads = 1 if m.tie_embeddings else 2
             stage_params = [layers * layer_params + heads * vocab_params + h]
@@ -442,7 +457,7 @@ class AnalyticModel:
             stored, transient = B * h / tp / cp, full_layer  # layer input; one layer rebuilt at a time
         else:
             stored, transient = full_layer, 0.0
-        head = (B * h / tp + m.vocab_size / tp * (B + LOSS_BYTES)) / cp  # final norm input, logits
+        head = (B * h / tp + m.vocab_size / vocab_tp * (B + LOSS_BYTES)) / cp  # final norm input, logits
         # 1F1B: stage k holds pp − k micro-batches' activations; the first stage holds pp
         first = pp * layers * stored + transient + (head if pp == 1 else 0.0)
         per_token = [first] if pp == 1 else [first, layers * stored + transient + head]
@@ -454,8 +469,12 @@ class AnalyticModel:
         """Weights + gradients + optimizer states of ``params`` parameters under the ZeRO stage."""
         m, opt = self.model, self.options
         w = m.dtype_bytes
-        g = opt.grad_bytes if opt.grad_bytes is not None else m.dtype_bytes
         o = opt.optimizer_bytes
+        if opt.zero_stage == "world":
+            assert opt.num_ranks is not None
+            g = opt.grad_bytes if opt.grad_bytes is not None else 4
+            return m.num_parameters * (o + g) / opt.num_ranks + params * (w + g)  # owned chunks + compute shard
+        g = opt.grad_bytes if opt.grad_bytes is not None else m.dtype_bytes
         if opt.zero_stage == 0:
             return params * (w + g + o)
         assert opt.num_ranks is not None

@@ -24,8 +24,9 @@ Parts:
 * ``mfu`` — a larger model (on CUDA ≥ 1B parameters) with the automatic kernel: model
   FLOPs utilisation against the **measured** peak of a large matmul in the compute dtype
   (model FLOPs = 3 × forward FLOPs of :func:`balancer.analytic.forward_flops`, causal
-  attention counted once), tokens/s, estimate vs measured, and the peak device memory
-  against the memory model (sharded state + compute shard + activations per token).
+  attention counted once), tokens/s, estimate vs measured, and the bytes the engine holds
+  and the peak device memory against balancer's memory model of the runtime's layout
+  (``AnalyticOptions(zero_stage="world")``: sharded state + compute shard + activations).
 
 Targets on a GPU: measured ≤ 1.3 × estimate; MFU ≥ 40 % of the measured matmul peak for
 the ≥ 1B model. Results: ``benchmarks/results/runtime_<tag>.json`` and ``.md`` (tag: the
@@ -307,18 +308,16 @@ def engine_run(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch
 
 
 def memory_model(cfg: ModelConfig, micro_tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
-    """Bytes the memory model expects on one rank (world 1, tp 1): sharded state, compute shard, activations."""
-    from balancer.analytic import AnalyticModel
+    """balancer's memory model of the run (world 1, tp 1): the runtime's layout (``zero_stage="world"``,
+    embedding and LM head whole) plus the activations of one full micro-batch."""
+    from balancer.analytic import AnalyticModel, AnalyticOptions
     from balancer.calibrate import local_hardware
 
     width = torch.finfo(dtype).bits // 8
-    an = AnalyticModel(model_spec(cfg, width), local_hardware(device)).analyze(Layout(1))
-    with torch.device("meta"):
-        params = sum(p.numel() for p in GPT(cfg).parameters())
-    state = 16 * params  # fp32 master + fp32 gradient + two fp32 Adam moments (world 1: all of them)
-    compute = (width + 4) * params  # compute weights + fp32 gradient accumulators
+    options = AnalyticOptions(zero_stage="world", num_ranks=1, vocab_parallel=False)
+    an = AnalyticModel(model_spec(cfg, width), local_hardware(device), options).analyze(Layout(1))
     activations = an.activation_bytes_per_token * micro_tokens
-    return {"state": state, "compute": compute, "activations": activations, "total": state + compute + activations}
+    return {"static": an.static_bytes, "activations": activations, "total": an.static_bytes + activations}
 
 
 # -- the parts ------------------------------------------------------------------------------------
@@ -448,9 +447,10 @@ def markdown(res: dict[str, Any]) -> str:
                   f"{r['step_over_estimate']:.2f} |", ""]
         held = r["resident_bytes"]
         lines += [f"Memory: held by the engine {fmt_b(sum(held.values()))} "
-                  f"({', '.join(f'{k} {fmt_b(v)}' for k, v in held.items())}); memory model: state "
-                  f"{fmt_b(mm['state'])} + compute shard {fmt_b(mm['compute'])} + activations "
-                  f"{fmt_b(mm['activations'])} = {fmt_b(mm['total'])}"
+                  f"({', '.join(f'{k} {fmt_b(v)}' for k, v in held.items())}); memory model "
+                  "(balancer.analytic, zero_stage='world'): sharded state + compute shard "
+                  f"{fmt_b(mm['static'])} (held / model {sum(held.values()) / mm['static']:.3f}) + activations of "
+                  f"one micro-batch {fmt_b(mm['activations'])} = {fmt_b(mm['total'])}"
                   + (f"; measured peak {fmt_b(r['peak_memory_bytes'])} (peak / model "
                      f"{r['peak_memory_bytes'] / mm['total']:.2f})" if "peak_memory_bytes" in r else "")
                   + ".", ""]

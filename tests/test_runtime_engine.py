@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from balancer.analytic import AnalyticModel, AnalyticOptions
+from balancer.specs import ModelSpec, hardware_preset
 from strategies import Layout, Replica, Strategy
 from strategies.plan import ReplicaPlan, StepPlan
 from strategies.runtime import (
@@ -139,6 +141,15 @@ def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors.values()])
 
 
+def memory_model_bytes(model: dict, dtype_bytes: int, world: int, layout: Layout) -> float:
+    """The analytic memory model of the runtime's layout (``zero_stage="world"``): static bytes per rank."""
+    spec = ModelSpec(name="test", num_layers=model["num_layers"], hidden_size=model["hidden_size"],
+                     num_heads=model["num_heads"], num_kv_heads=model["num_kv_heads"],
+                     ffn_hidden_size=model["ffn_hidden_size"], vocab_size=model["vocab_size"], dtype_bytes=dtype_bytes)
+    options = AnalyticOptions(zero_stage="world", num_ranks=world, vocab_parallel=False)
+    return AnalyticModel(spec, hardware_preset("h100-80g"), options).analyze(layout).static_bytes
+
+
 def memory_bound(engine: Engine, layout: Layout, tp_rank: int) -> dict[str, int]:
     """What a rank may hold: 1/world of the fp32 master + gradient + AdamW state, and its compute shard.
 
@@ -154,6 +165,8 @@ def memory_bound(engine: Engine, layout: Layout, tp_rank: int) -> dict[str, int]
         "state": 16 * padded + 4 * len(slots),
         "compute": 8 * shard,
         "full_model": 16 * engine.num_parameters,
+        "model": memory_model_bytes(MODEL, 4, engine.world_size, layout),
+        "slack": (16 * engine.world_size + 4) * len(slots),  # chunk padding, AdamW's step
     }
 
 
@@ -337,6 +350,8 @@ def test_resident_bytes_are_a_world_share_of_the_state_plus_the_compute_shard(ru
             assert 0 < state <= bound["state"], where
             assert compute == bound["compute"], where
             assert state + compute < bound["full_model"], where  # what every rank held before sharding
+            # balancer's memory model of this layout (zero_stage="world") is what the rank holds, to padding
+            assert 0 <= state + compute - bound["model"] <= bound["slack"], where
     # the state is a quarter of the replicated one, to padding: 16 bytes / 4 ranks per parameter
     held = run[0]["memory"][-1][0]
     assert held["master"] + held["grad"] + held["optimizer"] < 0.27 * run[0]["memory"][-1][1]["full_model"]

@@ -2,9 +2,11 @@
 
 Under ``autocast_dtype=bfloat16`` the compute weights are gathered in bf16 and every
 micro-batch's bf16 gradient is added into an fp32 accumulator (a post-accumulate-grad
-hook). The run checks the bytes each rank holds per category against the layout, and
-the reduce-scattered gradient against a single-process fp32 reference of the same
-weights (bf16 rounding apart, the same vector).
+hook). The run checks the bytes each rank holds per category against the layout and
+against balancer's memory model of it (``AnalyticOptions(zero_stage="world")``), and the
+reduce-scattered gradient against a single-process fp32 reference of the same weights
+(bf16 rounding apart, the same vector). tests/test_runtime_engine.py does the same
+memory-model check in fp32 at 4 ranks.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from strategies.runtime import (
     prepare_micro_batch,
     run_local,
 )
-from test_runtime_engine import flat, global_batch, loss_tokens, make_plan, pack, rank_batches
+from test_runtime_engine import flat, global_batch, loss_tokens, make_plan, memory_model_bytes, pack, rank_batches
 
 WORLD = 2
 MODEL = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128)
@@ -78,6 +80,10 @@ def test_bytes_held_per_category(run):
             assert held["optimizer"] == 8 * out["local"] + 4 * out["num_params"]  # two fp32 moments + step
             assert held["compute_weights"] == 2 * out["shard"][tp], name  # bf16 tp shard
             assert held["compute_grads"] == 4 * out["shard"][tp], name  # fp32 accumulators
+            # balancer's memory model (zero_stage="world", bf16) = the bytes held, to padding and AdamW's step
+            model = memory_model_bytes(MODEL, 2, WORLD, Layout(tp, 2 if name == "tp1cp2x1" else 1))
+            slack = (16 * WORLD + 4) * out["num_params"]
+            assert 0 <= sum(held.values()) - model <= slack, (name, held, model)
     assert sum(out["local"] for out in run) == sum(v.numel() for v in run[0]["initial"].values())
 
 
