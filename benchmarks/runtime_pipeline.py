@@ -11,9 +11,9 @@ strategy and run under both, alternating which goes first, so both see the same 
 load.
 
 The cost model is **calibrated here, per stage**, with both ranks timing at once (the
-contention of training): rank ``p`` times forward + backward of stage ``p`` of the pp2
-split (:func:`strategies.runtime.stage_forward`) on one sequence per length, and both
-ranks time the whole model for ``tp1``; each is fitted to ``a·s² + b·s + c``. The
+contention of training): every rank times forward + backward of the whole model and of
+each stage of the pp2 split (:func:`strategies.runtime.stage_forward`) on one sequence
+per length; the ranks' mean of each is fitted to ``a·s² + b·s + c``. The
 planner's model of a pipeline layout is one stage's time per micro-batch with equal
 stages, so ``tp1pp2`` gets the **busiest stage's** fit (per length, the slower stage).
 The plan's per-replica estimate is then the planner's formula
@@ -63,7 +63,6 @@ if str(ROOT) not in sys.path:  # run as a script from a source checkout
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from balancer.calibrate import measure  # noqa: E402
 from balancer.cost import CostModel, LayoutCost  # noqa: E402
 from balancer.data import read_lengths  # noqa: E402
 from balancer.selector import Balancer, BalancerConfig  # noqa: E402
@@ -88,7 +87,7 @@ PP2, TP1 = Layout(1, 1, 2), Layout(1)
 SETTINGS: dict[str, Any] = {
     "model": dict(vocab_size=512, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=256),
     "max_length": 512, "tokens_per_step": 4096, "micro_batch_tokens": 1024,
-    "calibration": (64, 128, 256, 384, 512), "repeats": 3, "steps": 12, "warmup": 2,
+    "calibration": (64, 128, 256, 384, 512), "repeats": 5, "steps": 12, "warmup": 2,
 }
 SMOKE: dict[str, Any] = {
     "model": dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128),
@@ -127,24 +126,34 @@ def pack(lens: list[int], vocab: int, seed: int, glt: int) -> dict[str, Any]:
 
 
 # -- calibration ----------------------------------------------------------------------------------
-def time_part(cfg: ModelConfig, spec: StageSpec | None, lengths: tuple[int, ...], repeats: int) -> np.ndarray:
-    """Seconds of forward + backward of one sequence per length: the whole model (``spec=None``) or one stage."""
+def time_parts(cfg: ModelConfig, parts: list[StageSpec | None], lengths: tuple[int, ...], repeats: int) -> np.ndarray:
+    """Seconds (parts × lengths, min of ``repeats``) of forward + backward of one sequence per
+    length: the whole model (``None``) or one stage. Parts and lengths are timed round-robin, so
+    a burst of background load hits all of them alike."""
     torch.manual_seed(0)
     model = GPT(cfg)
     device = torch.device("cpu")
+    batches = {s: prepare_micro_batch(check_micro_batch(pack([s], cfg.vocab_size, s, s - 1), 0, cfg.vocab_size),
+                                      SINGLE_DEVICE, device) for s in lengths}
 
-    def step(s: int) -> None:
-        mb = pack([s], cfg.vocab_size, s, s - 1)
-        batch = prepare_micro_batch(check_micro_batch(mb, 0, cfg.vocab_size), SINGLE_DEVICE, device)
+    def step(spec: StageSpec | None, s: int) -> None:
         if spec is None:
-            model(batch).backward()
+            model(batches[s]).backward()
         else:
             x = None if spec.first else torch.randn(s, cfg.hidden_size, requires_grad=True)
-            y = stage_forward(model, spec, batch, SINGLE_DEVICE, x)
+            y = stage_forward(model, spec, batches[s], SINGLE_DEVICE, x)
             y.backward() if spec.last else y.backward(torch.ones_like(y))
         model.zero_grad(set_to_none=True)
 
-    return measure(step, lengths, device=device, warmup=1, repeats=repeats, progress=False).seconds
+    best = np.full((len(parts), len(lengths)), np.inf)
+    for r in range(repeats + 1):  # round 0 warms up
+        for i, spec in enumerate(parts):
+            for j, s in enumerate(lengths):
+                t0 = time.perf_counter()
+                step(spec, s)
+                if r:
+                    best[i, j] = min(best[i, j], time.perf_counter() - t0)
+    return best
 
 
 def fit(lengths: tuple[int, ...], seconds: np.ndarray, capacity: int) -> LayoutCost:
@@ -196,14 +205,13 @@ def simulate_1f1b(stage_seconds: list[list[float]], forward_share: float = 1 / 3
 def run_rank(rank: int, world: int, env: dict[str, Any], lengths: np.ndarray) -> dict[str, Any] | None:
     cfg = ModelConfig(**env["model"])
     cal, cap = tuple(env["calibration"]), int(env["micro_batch_tokens"])
-    # both ranks time at once: the whole model, then their own stage
-    whole = torch.tensor(time_part(cfg, None, cal, env["repeats"]), dtype=torch.float64)
-    mine = torch.tensor(time_part(cfg, StageSpec.of(cfg.num_layers, 2, rank), cal, env["repeats"]),
-                        dtype=torch.float64)
-    dist.all_reduce(whole)
-    stages = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(stages, mine)
-    tp1 = fit(cal, (whole / world).numpy(), cap)
+    # every rank times every part at once (the same contention for all parts); the ranks' mean
+    parts = [None, *(StageSpec.of(cfg.num_layers, 2, p) for p in range(2))]
+    seconds = torch.tensor(time_parts(cfg, parts, cal, env["repeats"]), dtype=torch.float64)
+    dist.all_reduce(seconds)
+    seconds /= world
+    whole, stages = seconds[0], [seconds[1], seconds[2]]
+    tp1 = fit(cal, whole.numpy(), cap)
     stage_fits = [fit(cal, s.numpy(), cap) for s in stages]
     busiest = fit(cal, torch.stack(stages).max(dim=0).values.numpy(), cap)
     planner = CostModel.from_coefficients({TP1: tp1, PP2: busiest})
@@ -231,7 +239,7 @@ def run_rank(rank: int, world: int, env: dict[str, Any], lengths: np.ndarray) ->
     return {"fits": {"tp1": _coef(tp1), "stage0": _coef(stage_fits[0]), "stage1": _coef(stage_fits[1]),
                      "busiest": _coef(busiest)},
             "calibration_lengths": list(cal), "stage_seconds": [s.tolist() for s in stages],
-            "tp1_seconds": (whole / world).tolist(), "rows": rows}
+            "tp1_seconds": whole.tolist(), "rows": rows}
 
 
 def _coef(c: LayoutCost) -> dict[str, float]:

@@ -22,10 +22,13 @@ on its device at the same time (so the timing sees the same contention as traini
 the mean is fitted to ``a·s² + b·s + c`` for ``tp1`` (:meth:`CostModel.fit`); other layouts
 are derived from it — tp divides all the work at ``--scaling-efficiency`` per doubling, cp
 divides attention fully but its per-token work at that efficiency squared (the K/V
-all-gather), capacity grows with ``tp·cp`` — a rough model for a demo. Pass
+all-gather), capacity grows with ``tp·cp``; a pipeline stage does ``1/pp`` of the work
+per micro-batch (the planner's even split: the LM head's extra work on the last stage is
+ignored) and holds as many tokens as the replica without pipelining (1F1B keeps up to
+``pp`` micro-batches of ``1/pp`` of the layers in flight) — a rough model for a demo. Pass
 ``--cost-model FILE`` (``CostModel.save`` JSON) for a measured one. Candidates come from
-:func:`balancer.pool.generate_candidates` (no pipeline parallelism: the bundled
-runtime has none).
+:func:`balancer.pool.generate_candidates`, pipeline layouts included (``--no-pp`` leaves
+them out); the runtime runs them with 1F1B.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from strategies.runtime import (
     check_micro_batch,
     init_distributed,
     prepare_micro_batch,
+    split_layers,
 )
 
 
@@ -66,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--micro-batch-tokens", type=int, default=512, help="token capacity of one tp1 micro-batch")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--num-candidates", type=int, default=4)
+    p.add_argument("--no-pp", action="store_true", help="candidates without pipeline layouts (default: with)")
+    p.add_argument("--max-pp", type=int, default=4, help="largest pipeline degree of a candidate layout")
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -146,13 +152,13 @@ def build_cost_model(args: argparse.Namespace, cfg: ModelConfig, device: torch.d
     e = args.scaling_efficiency
 
     def derive(layout: Layout) -> LayoutCost:
-        if layout.pp > 1:
-            raise ValueError(f"layout {layout.name}: the bundled runtime has no pipeline parallelism")
         cfg.check_tp(layout.tp)  # ValueError: the model cannot be split this way → not a candidate
+        split_layers(cfg.num_layers, layout.pp)  # ValueError: more stages than blocks
         tp_gain = layout.tp * e ** math.log2(layout.tp)  # tp splits all the work, pays all-reduces
         cp_attn = layout.cp  # the head+tail split keeps attention balanced
         cp_lin = layout.cp * e ** (2 * math.log2(layout.cp))  # ... but the K/V all-gather costs per token
-        return LayoutCost(a=base.a / (tp_gain * cp_attn), b=base.b / (tp_gain * cp_lin), c=base.c,
+        pp = layout.pp  # one stage per micro-batch: 1/pp of the blocks (the planner's equal stages)
+        return LayoutCost(a=base.a / (tp_gain * cp_attn * pp), b=base.b / (tp_gain * cp_lin * pp), c=base.c,
                           token_capacity=base.token_capacity * layout.tp * layout.cp)
 
     return CostModel({Layout(1): base}, source="fit+scaled", resolver=derive)
@@ -169,7 +175,8 @@ def main() -> None:
     autocast = torch.bfloat16 if device.type == "cuda" else None  # fp32 on CPU
     cost = build_cost_model(args, cfg, device, autocast)
     pool = generate_candidates(lengths, cluster, cost, batch_tokens=args.tokens_per_step,
-                               num_candidates=args.num_candidates, max_length=args.max_length)
+                               num_candidates=args.num_candidates, max_length=args.max_length,
+                               allow_pp=not args.no_pp, max_pp=args.max_pp)
     candidates = list(pool.strategies)
     balancer = Balancer(cluster, candidates, cost, BalancerConfig(seed=args.seed))
     engine = Engine(
@@ -189,6 +196,7 @@ def main() -> None:
               f"{args.tokens_per_step:,} tokens per step; attention kernel {engine.attention_kernel}")
         print(f"rank 0 holds {state['master'] / 2**20:,.1f} MiB of fp32 master chunks "
               f"({engine.num_parameters * 4 / 2**20:,.1f} MiB for the whole model) and as much for gradients")
+        print("layouts: " + ", ".join(pool.meta["layouts"]) + f" ({pool.meta['num_generated']} strategies scored)")
         print("candidates: " + ", ".join(s.name for s in candidates))
         print(f"{'step':>4}  {'strategy':<24} {'est s':>8} {'measured s':>10} {'step s':>8} {'loss':>7}")
     result = None

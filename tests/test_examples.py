@@ -64,6 +64,8 @@ def test_train_gpt_balanced_runs_on_four_cpu_ranks(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=280)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "4 ranks on cpu" in run.stdout, run.stdout
+    layouts = re.search(r"layouts: (.+) \(", run.stdout)
+    assert layouts and "tp1pp2" in layouts.group(1).split(", "), run.stdout  # pipelines are candidates by default
     candidates = re.search(r"candidates: (.+)", run.stdout)
     assert candidates, run.stdout
     names = [c.strip() for c in candidates.group(1).split(",")]

@@ -7,8 +7,12 @@ Per rank, :func:`train_rank`:
 
 1. times the reference GPT's forward + backward at a few lengths — all ranks at once, so
    the timing sees the contention of training — and fits ``t(s) = a·s² + b·s + c`` for
-   ``tp1`` on the ranks' mean (:meth:`CostModel.fit`); every rank gets the same model;
-2. generates the candidates from the real lengths (:func:`generate_candidates`) and
+   ``tp1`` on the ranks' mean (:meth:`CostModel.fit_layouts`); with two ranks or more it
+   also times the busiest stage of a two-stage pipeline (the last: its blocks, the final
+   norm and the LM head) and fits ``tp1pp2`` from it, the planner's model of a pipeline
+   layout (one stage per micro-batch, stages assumed equal); every rank gets the same model;
+2. generates the candidates from the real lengths (:func:`generate_candidates`, pipeline
+   layouts included) and
    builds the :class:`Balancer`, the runtime :class:`Engine` and a
    :class:`BalancedDataLoader` over synthetic tokens with the real lengths;
 3. optionally builds a second engine (same initial weights) fed by a baseline policy
@@ -45,8 +49,10 @@ from strategies.runtime import (
     Engine,
     EngineConfig,
     ModelConfig,
+    StageSpec,
     check_micro_batch,
     prepare_micro_batch,
+    stage_forward,
 )
 
 __all__ = ["TrainConfig", "PolicyPlanner", "PatternTokens", "train_rank"]
@@ -130,8 +136,13 @@ class PolicyPlanner:
             yield self.plan(lengths, step=int(step), sample_ids=ids, loss_tokens=loss)
 
 
-def _time_forward_backward(cfg: TrainConfig, lengths: list[int]) -> np.ndarray:
-    """Seconds of forward + backward of one sequence per length on this rank (min of runs)."""
+PIPELINE = Layout(1, 1, 2)
+"""The pipeline layout the demo prices (its model has two blocks: one per stage)."""
+
+
+def _time_forward_backward(cfg: TrainConfig, lengths: list[int], stage: StageSpec | None = None) -> np.ndarray:
+    """Seconds of forward + backward of one sequence per length on this rank (min of runs):
+    the whole model, or one pipeline ``stage`` of it."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model_config())
     device = torch.device("cpu")
@@ -143,19 +154,29 @@ def _time_forward_backward(cfg: TrainConfig, lengths: list[int]) -> np.ndarray:
         mb = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(s)[None],
               "cu_seqlens": torch.tensor([0, s], dtype=torch.int32)}
         batch = prepare_micro_batch(check_micro_batch(mb, 0, cfg.vocab_size), SINGLE_DEVICE, device)
-        model(batch).backward()
+        if stage is None:
+            model(batch).backward()
+        else:  # the stage's input stands in for the previous stage's activations
+            x = None if stage.first else torch.randn(s, cfg.hidden_size, requires_grad=True)
+            y = stage_forward(model, stage, batch, SINGLE_DEVICE, x)
+            y.backward() if stage.last else y.backward(torch.ones_like(y))
         model.zero_grad(set_to_none=True)
 
     return measure(step, lengths, device=device, warmup=1, repeats=2, progress=False).seconds
 
 
 def calibrate_cost_model(cfg: TrainConfig, world_size: int) -> CostModel:
-    """``tp1`` coefficients from every rank's timings at once (their mean, so ranks agree)."""
+    """``tp1`` (and ``tp1pp2``) coefficients from every rank's timings at once (their mean, so ranks agree)."""
     lengths = sorted({min(s, cfg.max_length) for s in cfg.calibration_lengths})
-    seconds = torch.tensor(_time_forward_backward(cfg, lengths), dtype=torch.float64)
+    layouts = {Layout(1): None}
+    if world_size >= PIPELINE.size and cfg.num_layers >= PIPELINE.pp:
+        layouts[PIPELINE] = StageSpec.of(cfg.num_layers, PIPELINE.pp, PIPELINE.pp - 1)  # the busiest: + LM head
+    seconds = torch.tensor(np.stack([_time_forward_backward(cfg, lengths, spec) for spec in layouts.values()]),
+                           dtype=torch.float64)
     dist.all_reduce(seconds)
-    mean = (seconds / world_size).tolist()
-    return CostModel.fit(lengths, mean, token_capacity=cfg.micro_batch_tokens, layout=Layout(1))
+    mean = (seconds / world_size).numpy()
+    samples = {lay: (lengths, mean[k].tolist()) for k, lay in enumerate(layouts)}
+    return CostModel.fit_layouts(samples, token_capacity=cfg.micro_batch_tokens)
 
 
 def _engine(cfg: TrainConfig, candidates: list[Strategy], cost: CostModel) -> Engine:
@@ -188,7 +209,7 @@ def train_rank(rank: int, world_size: int, cfg: TrainConfig) -> dict[str, Any] |
     cluster = ClusterSpec(num_ranks=world_size, ranks_per_node=world_size)
     cost = calibrate_cost_model(cfg, world_size)
     pool = generate_candidates(lengths, cluster, cost, batch_tokens=cfg.tokens_per_step, num_candidates=4,
-                               max_length=cfg.max_length, seed=cfg.seed)
+                               max_length=cfg.max_length, seed=cfg.seed, allow_pp=True, max_pp=PIPELINE.pp)
     candidates = list(pool.strategies)
     balancer = Balancer(cluster, candidates, cost, BalancerConfig(seed=cfg.seed))
     data = PatternTokens(lengths, cfg.vocab_size, cfg.seed)
