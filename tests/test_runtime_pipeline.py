@@ -2,14 +2,17 @@
 
 The schedule is checked as data (every micro-batch once forward then backward, in order,
 at most ``pp − p`` in flight, and no stage waiting forever under rendezvous sends, for
-every ``pp`` and micro-batch count). One 4-process gloo run trains a 3-block GPT (the
-stages are uneven: blocks {0, 1} and {2}) for 6 AdamW steps, switching strategy every
-step — pp2×2, tp2pp2, pp2 + tp1×2 with the pipeline replica idle (one empty
-micro-batch), cp2pp2, tp1×4, and pp2 + tp2 with ranks out of order — and compares with
-one process on the same global batches: gradients every step, parameters after 3 and 6
-steps. An 8-process tp2pp2×2 run is left out for CI time (8 gloo processes on 2 cores
-take about a minute): the 4-process run covers tp and cp inside a stage, two pipelines
-side by side, and pipeline next to non-pipeline replicas.
+every ``pp`` and micro-batch count). Two gloo runs train a 3-block GPT (pp2 stages are
+uneven: blocks {0, 1} and {2}) for 6 AdamW steps, switching strategy every step, and are
+compared with one process on the same global batches — gradients every step, parameters
+after 3 and 6 steps, losses:
+
+* 4 processes: pp2×2, tp2pp2, pp2 + tp1×2 with the pipeline replica idle (one empty
+  micro-batch), cp2pp2, tp1×4, pp2 + tp2 with ranks out of order; plus the bytes of
+  compute weights a stage holds and a bf16 step (activations cross stages in bf16);
+* 8 processes (about 15 s): tp2pp2×2, tp2pp2 + tp1×4, pp2×4 with one replica idle,
+  cp2pp2 + tp2×2, pp3 + pp2 + tp1×3 (one block per pp3 stage), and tp2pp2 + pp2 + tp2
+  with ranks out of order.
 """
 
 from __future__ import annotations
@@ -301,3 +304,56 @@ def test_bf16_activations_between_stages_give_the_data_parallel_gradient(run):
         # bf16 (8 mantissa bits) forwards in a different order: differences ~1e-2 of the scale
         torch.testing.assert_close(pipe, flat_dp, rtol=0.05, atol=0.02 * float(flat_dp.abs().max()))
         assert float(flat_dp.abs().max()) > 0
+
+
+# -- 8 processes: the issue's layouts ---------------------------------------------------------------
+WORLD8 = 8
+
+
+def candidates8() -> list[Strategy]:
+    return [
+        Strategy.homogeneous(TP2PP2, WORLD8),                                    # tp2pp2x2
+        Strategy.from_counts([(TP2PP2, 1), (TP1, 4)]),                           # tp2pp2x1+tp1x4
+        Strategy.homogeneous(PP2, WORLD8),                                       # tp1pp2x4
+        Strategy.from_counts([(CP2PP2, 1), (TP2, 2)]),                           # tp1cp2pp2x1+tp2x2
+        Strategy.from_counts([(Layout(1, 1, 3), 1), (PP2, 1), (TP1, 3)]),        # tp1pp3x1+tp1pp2x1+tp1x3
+        Strategy("permuted8", (Replica(TP2PP2, (7, 2, 5, 0)), Replica(PP2, (1, 6)), Replica(TP2, (3, 4)))),
+    ]
+
+
+SCHEDULE8 = ["tp2pp2x2", "tp2pp2x1+tp1x4", "tp1pp2x4", "tp1cp2pp2x1+tp2x2", "tp1pp3x1+tp1pp2x1+tp1x3", "permuted8"]
+IDLE8 = {2: 1}
+
+
+def _worker8(rank: int, world: int) -> dict:
+    by_name = {s.name: s for s in candidates8()}
+    out: dict = {"losses": [], "grads": [], "snapshots": {}}
+    engine = Engine(candidates8(), make_model, make_optimizer)
+    for step, name in enumerate(SCHEDULE8):
+        seqs = global_batch(step)
+        plan = make_plan(step, by_name[name], seqs, IDLE8.get(step))
+        glt = loss_tokens(seqs)
+        mbs = [pack([seqs[i % 1000] for i in mb], list(mb), glt) for mb in plan.for_rank(rank).micro_batches]
+        out["losses"].append(engine.step(plan, mbs).loss)
+        out["grads"].append(flat(engine.full_gradients()))
+        if step + 1 in (3, len(SCHEDULE8)):
+            out["snapshots"][step + 1] = flat(engine.full_parameters())
+    return out
+
+
+@pytest.fixture(scope="module")
+def run8() -> list[dict]:
+    torch.set_num_threads(1)
+    return run_local(_worker8, WORLD8, timeout_s=240, collective_timeout_s=60)
+
+
+def test_eight_processes_train_exactly_under_the_issue_layouts(run8, reference):
+    params, losses, grads = reference
+    for rank, out in enumerate(run8):
+        for step, g in enumerate(grads):
+            torch.testing.assert_close(out["grads"][step], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()),
+                                       msg=lambda m, r=rank, s=step: f"rank {r} step {s} ({SCHEDULE8[s]}): {m}")
+        for n_steps in (3, len(SCHEDULE8)):
+            torch.testing.assert_close(out["snapshots"][n_steps], params[n_steps], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, r=rank, n=n_steps: f"rank {r} after {n} steps: {m}")
+        np.testing.assert_allclose(out["losses"], losses, rtol=1e-5)
