@@ -11,6 +11,9 @@ empty *holders*. :class:`ComputeWeights` then, each step,
   drops the low-precision one);
 * **returns** the gradients: unit by unit, reduce-scatters the accumulators to the
   owners (a replicated parameter only from tp rank 0) and releases the unit's weights.
+
+A pipeline rank installs only its stage's units (the others are gathered for their
+owners and dropped) and returns zeros for the units it does not hold.
 """
 
 from __future__ import annotations
