@@ -292,7 +292,7 @@ def summarise(res: dict[str, Any]) -> dict[str, float]:
 def markdown(res: dict[str, Any]) -> str:
     s, m, info = res["summary"], res["settings"]["model"], res["machine"]
     f = res["result"]["fits"]
-    lines = [
+    head = (
         f"Pipeline benchmark on **{info['cpu']}** ({info['cpus']} cores, load {info['load']}), torch "
         f"{info['torch']}, {res['date']}. Command: `{res['command']}`. Lengths: {res['lengths']} capped at "
         f"{res['settings']['max_length']} tokens, {res['settings']['tokens_per_step']:,} tokens per step, "
@@ -300,13 +300,21 @@ def markdown(res: dict[str, Any]) -> str:
         f"{m['num_layers']} layers (pp2: blocks 0–{m['num_layers'] // 2 - 1} + embedding | "
         f"blocks {m['num_layers'] // 2}–{m['num_layers'] - 1} + final norm + LM head), vocab {m['vocab_size']}, "
         f"ffn {m['ffn_hidden_size']}. Two gloo processes, one thread each; pp2 (one pipeline) and tp1×2 (the "
-        "control) run the same batches, alternating. Costs calibrated here per stage (both ranks timing at once); "
-        "the planner prices pp2 with the busiest stage's fit. Medians over "
-        f"{s['timed_steps']} timed steps; measured = a replica's forward + backward wall time.",
+        "control) run the same batches, alternating. Costs calibrated here: every rank times the whole model "
+        "and each stage (round-robin, at once), the ranks' mean is fitted; the planner prices pp2 with the "
+        f"busiest stage's fit. Medians over {s['timed_steps']} timed steps; measured = a replica's forward + "
+        "backward wall time."
+    )
+    fits = ("Fits (seconds; t(s) = a·s² + b·s, c per micro-batch): "
+            + "; ".join(f"{k} a={v['a']:.3g} b={v['b']:.3g} c={v['c']:.3g}" for k, v in f.items()) + ".")
+    planner_row = ("| pp2 measured / planner estimate `(Σ T + v·c + (pp−1)·max T)` | "
+                   f"**{s['pp2_measured_over_planner']:.2f}** |")
+    lines = [
+        head,
         "",
         "| quantity | value |",
         "|---|---|",
-        f"| pp2 measured / planner estimate `(Σ T + v·c + (pp−1)·max T)` | **{s['pp2_measured_over_planner']:.2f}** |",
+        planner_row,
         f"| tp1×2 measured / estimate (control, same calibration) | {s['tp1_measured_over_estimate']:.2f} |",
         f"| pipeline model error = the two ratios' quotient | **{s['pipeline_model_error']:.2f}** |",
         f"| pp2 measured / naive estimate (tp1 fit ÷ pp, head ignored) | {s['pp2_measured_over_naive']:.2f} |",
@@ -316,8 +324,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"| pp2 micro-batches per step | {s['pp2_micro_batches']:.0f} |",
         f"| pp2 measured s / planner s | {s['pp2_measured_s']:.4f} / {s['pp2_planner_s']:.4f} |",
         "",
-        "Fits (seconds; t(s) = a·s² + b·s, c per micro-batch): "
-        + "; ".join(f"{k} a={v['a']:.3g} b={v['b']:.3g} c={v['c']:.3g}" for k, v in f.items()) + ".",
+        fits,
         "",
     ]
     return "\n".join(lines)

@@ -24,6 +24,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_runtime_engine import flat, flat_grads, flat_params, global_batch, loss_tokens, pack, plan_from
 
 from strategies import Layout, Replica, Strategy
 from strategies.runtime import (
@@ -39,10 +40,8 @@ from strategies.runtime import (
     run_local,
     split_layers,
 )
-from strategies.runtime.pipeline import BACKWARD, FORWARD, RECV, SEND, Compute, Exchange, P2P, stage_units
+from strategies.runtime.pipeline import BACKWARD, FORWARD, P2P, RECV, SEND, Compute, Exchange, stage_units
 from strategies.runtime.state import unit_name
-
-from test_runtime_engine import flat, flat_grads, flat_params, global_batch, loss_tokens, pack, plan_from
 
 WORLD = 4
 MODEL = dict(vocab_size=128, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden_size=128)
@@ -214,7 +213,8 @@ def _worker(rank: int, world: int) -> dict:
         out["losses"].append(result.loss)
         out["grads"].append(flat(engine.full_gradients()))
         held = result.resident_bytes
-        out["compute_bytes"].append((held["compute_weights"] + held["compute_grads"], stage_compute_bytes(engine, name)))
+        held_compute = held["compute_weights"] + held["compute_grads"]
+        out["compute_bytes"].append((held_compute, stage_compute_bytes(engine, name)))
         if step + 1 in (3, len(SCHEDULE)):
             out["snapshots"][step + 1] = flat(engine.full_parameters())
     out["bf16"] = _bf16_pipeline_vs_data_parallel(rank)
@@ -229,7 +229,8 @@ def _bf16_pipeline_vs_data_parallel(rank: int) -> tuple[torch.Tensor, torch.Tens
         seqs = global_batch(7)
         plan = make_plan(7, strategy, seqs)
         glt = loss_tokens(seqs)
-        engine.step(plan, [pack([seqs[i % 1000] for i in mb], list(mb), glt) for mb in plan.for_rank(rank).micro_batches])
+        mbs = [pack([seqs[i % 1000] for i in mb], list(mb), glt) for mb in plan.for_rank(rank).micro_batches]
+        engine.step(plan, mbs)
         grads.append(flat(engine.full_gradients()))
     return grads[0], grads[1]
 

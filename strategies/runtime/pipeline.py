@@ -38,6 +38,7 @@ compute dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, Callable, Sequence
 
 import torch
@@ -50,9 +51,9 @@ from .model import GPT
 from .parallel import ParallelContext
 
 __all__ = [
+    "P2P",
     "Compute",
     "Exchange",
-    "P2P",
     "PipelineStage",
     "StageSpec",
     "build_stage",
@@ -253,7 +254,7 @@ def build_stage(strategy: Strategy, rank: int, get_group: Callable[[Sequence[int
             continue
         split_layers(num_layers, rep.layout.pp)  # ValueError on every rank when pp > num_layers
         for chain in rep.pp_groups():
-            groups = [get_group(pair) for pair in zip(chain, chain[1:])]
+            groups = [get_group(pair) for pair in pairwise(chain)]
             if rank in chain:
                 mine = _stage_of(rep, rank, chain, groups, num_layers, unit_names)
     return mine
