@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -78,6 +79,7 @@ from strategies.runtime import (  # noqa: E402
     available_kernels,
     build_segments,
     causal_attention,
+    choose_kernel,
     check_micro_batch,
     free_port,
     kernel_support,
@@ -306,6 +308,7 @@ def engine_run(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch
     if device.type == "cuda":
         out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     del engine
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -345,7 +348,7 @@ def part_attention(env: dict[str, Any], device: torch.device, dtype: torch.dtype
     rows: list[dict[str, Any]] = []
     out.update(model=model, max_length=max_len, tokens_per_step=per_step, micro_batch_tokens=micro, rows=rows)
     for kernel in kernels:
-        if kernel == "sdpa_any" and budget.left() < 60:
+        if kernel == "sdpa_any" and budget.left() < 25:  # ~12 s on an H200: two steps of 3–6 s
             rows.append({"kernel": kernel, "skipped": f"time budget ({budget.left():.0f} s left)"})
             continue
         log(f"attention: {kernel}")
@@ -375,7 +378,7 @@ def part_mfu(env: dict[str, Any], device: torch.device, dtype: torch.dtype, leng
     lengths = np.minimum(lengths_all, max_len)
     log("mfu: matmul peak")
     peak = matmul_peak(device, dtype, env["peak_n"])
-    kernel = available_kernels(device, dtype)[0]
+    kernel = choose_kernel("auto", device, dtype)
     log(f"mfu: calibrating ({kernel})")
     cost = calibrate(cfg, kernel, device, dtype, env["calibration"], micro)
     batches = global_batches(lengths, per_step, env["warmup"] + env["steps"], seed=1)
