@@ -19,6 +19,7 @@ from .attention import (
 )
 from .batch import IGNORE_INDEX, LocalBatch, check_micro_batch, prepare_micro_batch, shift_labels
 from .checkpoint import load_state, save_state
+from .compute import ComputeWeights, build_model
 from .distributed import default_device, init_distributed
 from .engine import Engine, EngineConfig, StepResult, StrategyView
 from .groups import GroupRegistry
@@ -31,6 +32,7 @@ from .validate import StepError
 
 __all__ = [
     "AttentionSegments",
+    "ComputeWeights",
     "Engine",
     "EngineConfig",
     "GPT",
@@ -49,6 +51,7 @@ __all__ = [
     "StepResult",
     "StrategyView",
     "available_kernels",
+    "build_model",
     "build_segments",
     "causal_attention",
     "check_micro_batch",
