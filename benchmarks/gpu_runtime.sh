@@ -20,7 +20,7 @@ if [ "${1:-}" = "--smoke" ]; then
 else
     args=(--device cuda --tag gpu)
     results="benchmarks/results"
-    limits=(110 80)
+    limits=(100 80)
 fi
 start=$(date +%s)
 status=0

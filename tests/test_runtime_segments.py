@@ -10,7 +10,7 @@ from strategies.context import cp_local_seqlens, cp_token_index
 from strategies.runtime import build_segments
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 40), min_size=0, max_size=6), st.integers(1, 4))
 def test_cp_segments_are_causal_prefixes_of_the_rows_held(seq_lens, cp):
     seq_lens = np.array(seq_lens, dtype=np.int64)
@@ -29,7 +29,7 @@ def test_cp_segments_are_causal_prefixes_of_the_rows_held(seq_lens, cp):
             assert k_lo == starts[seq] and k_hi <= starts[seq] + seq_lens[seq]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 40), min_size=0, max_size=6), st.integers(1, 4))
 def test_kernel_tensors_describe_the_same_segments(seq_lens, cp):
     """cu_seqlens_q/k, max_q/k and the back-to-back key rows agree with the host bounds."""

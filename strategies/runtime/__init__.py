@@ -19,6 +19,7 @@ from .attention import (
 )
 from .batch import IGNORE_INDEX, LocalBatch, check_micro_batch, prepare_micro_batch, shift_labels
 from .checkpoint import load_state, save_state
+from .compute import ComputeWeights, build_model
 from .distributed import default_device, init_distributed
 from .engine import Engine, EngineConfig, StepResult, StrategyView
 from .groups import GroupRegistry
@@ -32,6 +33,7 @@ from .validate import StepError
 
 __all__ = [
     "AttentionSegments",
+    "ComputeWeights",
     "Engine",
     "EngineConfig",
     "GPT",
@@ -52,6 +54,7 @@ __all__ = [
     "StepResult",
     "StrategyView",
     "available_kernels",
+    "build_model",
     "build_segments",
     "causal_attention",
     "check_micro_batch",
@@ -63,8 +66,8 @@ __all__ = [
     "init_distributed",
     "init_parameter",
     "kernel_support",
-    "one_f_one_b",
     "load_state",
+    "one_f_one_b",
     "prepare_micro_batch",
     "reduce_from_tp",
     "reference_attention",

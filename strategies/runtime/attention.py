@@ -288,12 +288,15 @@ def _agrees(name: str, device: torch.device, dtype: torch.dtype, seq_lens: list[
     tol = _tolerance(dtype)
     try:
         results = []
-        for fn in (lambda a, b, c: _run(name, a, b, c, seg, expand), lambda a, b, c: reference_attention(a, b, c, seg)):
-            leaves = [x.to(device, dtype).requires_grad_() for x in base]
-            out = fn(*leaves)
-            weight = torch.linspace(-1, 1, out.numel(), device=device).view_as(out)
-            (out.float() * weight).sum().backward()
-            results.append([out.detach().float(), *(x.grad.float() for x in leaves)])
+        # the first use may come from inside a forward under autocast or no_grad: neither applies here
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            for fn in (lambda a, b, c: _run(name, a, b, c, seg, expand),
+                       lambda a, b, c: reference_attention(a, b, c, seg)):
+                leaves = [x.to(device, dtype).requires_grad_() for x in base]
+                out = fn(*leaves)
+                weight = torch.linspace(-1, 1, out.numel(), device=device).view_as(out)
+                (out.float() * weight).sum().backward()
+                results.append([out.detach().float(), *(x.grad.float() for x in leaves)])
     except Exception as e:  # noqa: BLE001 — any failure means "do not use for this case"
         return f"{type(e).__name__}: {str(e)[:200]}"
     for what, got, want in zip(("output", "dq", "dk", "dv"), *results):

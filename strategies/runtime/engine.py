@@ -86,6 +86,10 @@ class EngineConfig:
     """Timeout of every process group the engine creates, seconds."""
     broadcast_parameters: bool = True
     """When the model is given as a callable: use rank 0's initial values on every rank."""
+    clock: Callable[[], float] = time.perf_counter
+    """Clock of every measured time, seconds: wall time by default; ``time.process_time``
+    measures a CPU process's own work (with one torch thread), which other processes on a
+    shared machine cannot inflate."""
 
     def __post_init__(self) -> None:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -168,6 +172,7 @@ class Engine:
                 "(or torch.distributed.init_process_group) before building the Engine"
             )
         self.config = config or EngineConfig()
+        self._clock = self.config.clock
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.candidates = self._check_candidates(candidates)
@@ -311,7 +316,7 @@ class Engine:
         plan's order) and ``.global_loss_tokens`` — or a plain list of packed dicts.
         Raises :class:`StepError` on every rank when any rank rejects the step.
         """
-        t_start = time.perf_counter()
+        t_start = self._clock()
         error: str | None = None
         view: StrategyView | None = None
         local: list[LocalBatch] = []
@@ -333,24 +338,24 @@ class Engine:
         agree(plan, error, loss_tokens, normaliser or 0, fingerprint, world_size=self.world_size, device=self.device)
         assert view is not None and normaliser is not None
 
-        t0 = time.perf_counter()
+        t0 = self._clock()
         self.compute.install(view.context, None if view.stage is None else view.stage.units)
         self._sync_device()
-        gather_s = time.perf_counter() - t0
+        gather_s = self._clock() - t0
         loss_sum, compute_s = self._forward_backward(view, local, normaliser)
         resident = self._resident_bytes()
-        t1 = time.perf_counter()
+        t1 = self._clock()
         self.compute.reduce_scatter(view.context)
         self._sync_device()
-        sync_s = time.perf_counter() - t1
-        t2 = time.perf_counter()
+        sync_s = self._clock() - t1
+        t2 = self._clock()
         grad_norm = None
         if self.config.max_grad_norm is not None:
             grad_norm = self.state.grad_norm()
             self.state.scale_grads(min(1.0, self.config.max_grad_norm / (grad_norm + 1e-6)))
         self.optimizer.step()
         self._sync_device()
-        opt_s = time.perf_counter() - t2
+        opt_s = self._clock() - t2
         resident["optimizer"] = storage_bytes(t for st in self.optimizer.state.values() for t in st.values())
         rank_seconds, loss = self._report(compute_s, loss_sum / normaliser if contributes else 0.0 * loss_sum)
         return StepResult(
@@ -361,7 +366,7 @@ class Engine:
             gather_seconds=gather_s,
             sync_seconds=sync_s,
             optimizer_seconds=opt_s,
-            step_seconds=time.perf_counter() - t_start,
+            step_seconds=self._clock() - t_start,
             tokens=sum(b.num_tokens for b in local),
             global_loss_tokens=normaliser,
             grad_norm=grad_norm,
@@ -374,7 +379,7 @@ class Engine:
         """Run every micro-batch; return the summed token loss (nats, fp64) and the compute seconds."""
         pc = view.context
         self._sync_device()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         if view.stage is not None:
             loss_sum = run_pipeline(self.model, view.stage, pc, local, normaliser,
                                     act_dtype=self.compute_dtype, autocast=self._autocast)
@@ -386,7 +391,7 @@ class Engine:
                 (loss / normaliser).backward()  # Σ over ranks and micro-batches = the global token mean
                 loss_sum += loss.detach().double()
         self._sync_device()
-        return loss_sum, time.perf_counter() - t0
+        return loss_sum, self._clock() - t0
 
     def _resident_bytes(self) -> dict[str, int]:
         return {**self.state.nbytes(), **self.compute.nbytes()}
