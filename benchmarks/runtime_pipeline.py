@@ -21,7 +21,8 @@ The plan's per-replica estimate is then the planner's formula
     Σ_k T(m_k) + v·c + (pp − 1)·max_k T(m_k)
 
 and *measured* is the replica's forward + backward wall time (``rank_seconds``, the
-slower of its two ranks). Reported, as medians over the timed steps:
+slower of its two ranks) — wall time, not process time, because the bubble is time a
+stage spends waiting. Reported, as medians over the timed steps:
 
 * ``measured / planner`` for pp2 and for the tp1×2 control; their quotient isolates the
   pipeline model's error from the cost model's (both use fits from the same timings);
