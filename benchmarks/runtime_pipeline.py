@@ -24,7 +24,8 @@ and *measured* is the replica's forward + backward wall time (``rank_seconds``, 
 slower of its two ranks) — wall time, not process time, because the bubble is time a
 stage spends waiting. Reported, as medians over the timed steps:
 
-* ``measured / planner`` for pp2 and for the tp1×2 control; their quotient isolates the
+* ``measured / planner`` for pp2 and for the tp1×2 control; their quotient, per step (the
+  two runs of a batch are adjacent in time, so they see the same load), isolates the
   pipeline model's error from the cost model's (both use fits from the same timings);
 * ``measured / naive``: the planner's formula with the tp1 fit divided by ``pp`` — an
   even split that ignores the LM head on the last stage (what a cost model derived from
@@ -88,7 +89,7 @@ PP2, TP1 = Layout(1, 1, 2), Layout(1)
 SETTINGS: dict[str, Any] = {
     "model": dict(vocab_size=512, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=256),
     "max_length": 512, "tokens_per_step": 4096, "micro_batch_tokens": 1024,
-    "calibration": (64, 128, 256, 384, 512), "repeats": 5, "steps": 12, "warmup": 2,
+    "calibration": (64, 128, 256, 384, 512), "repeats": 5, "steps": 20, "warmup": 2,
 }
 SMOKE: dict[str, Any] = {
     "model": dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128),
@@ -286,7 +287,16 @@ def summarise(res: dict[str, Any]) -> dict[str, float]:
         "pp2_planner_s": med([e["estimate_s"] for e in pp]),
         "timed_steps": len(pp),
     }
-    out["pipeline_model_error"] = out["pp2_measured_over_planner"] / out["tp1_measured_over_estimate"]
+    # the same batch's two runs are adjacent in time and see the same machine load: pair them
+    paired = []
+    for k in sorted({r["step"] for r in timed}):
+        by = {r["strategy"]: r for r in timed if r["step"] == k}
+        e = by["tp1pp2x1"]["replicas"][0]
+        reps = [x for x in by["tp1x2"]["replicas"] if x["estimate_s"] > 0]
+        control = sum(x["measured_s"] for x in reps) / sum(x["estimate_s"] for x in reps)
+        paired.append(e["measured_s"] / e["estimate_s"] / control)
+    out["pipeline_model_error"] = med(paired)
+    out["pipeline_model_error_range"] = [float(min(paired)), float(max(paired))]
     return out
 
 
@@ -308,6 +318,7 @@ def markdown(res: dict[str, Any]) -> str:
     )
     fits = ("Fits (seconds; t(s) = a·s² + b·s, c per micro-batch): "
             + "; ".join(f"{k} a={v['a']:.3g} b={v['b']:.3g} c={v['c']:.3g}" for k, v in f.items()) + ".")
+    lo, hi = s["pipeline_model_error_range"]
     planner_row = ("| pp2 measured / planner estimate `(Σ T + v·c + (pp−1)·max T)` | "
                    f"**{s['pp2_measured_over_planner']:.2f}** |")
     lines = [
@@ -317,7 +328,8 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|---|",
         planner_row,
         f"| tp1×2 measured / estimate (control, same calibration) | {s['tp1_measured_over_estimate']:.2f} |",
-        f"| pipeline model error = the two ratios' quotient | **{s['pipeline_model_error']:.2f}** |",
+        "| pipeline model error = the two ratios' quotient per step (median; range) | "
+        f"**{s['pipeline_model_error']:.2f}** ({lo:.2f}–{hi:.2f}) |",
         f"| pp2 measured / naive estimate (tp1 fit ÷ pp, head ignored) | {s['pp2_measured_over_naive']:.2f} |",
         f"| pp2 measured / exact 1F1B replayed with the stage fits | {s['pp2_measured_over_simulated']:.2f} |",
         f"| planner formula / exact 1F1B replay (same costs) | {s['pp2_planner_over_simulated']:.2f} |",
@@ -334,7 +346,7 @@ def markdown(res: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", default="code_kafka", help="bundled length file name or a Parquet path")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per strategy (default 12)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per strategy (default 20)")
     p.add_argument("--smoke", action="store_true", help="tiny model, one step: check the script runs")
     p.add_argument("--out-dir", default=None,
                    help=f"where to write (default {RESULTS.relative_to(ROOT)}; with --smoke a temporary folder)")
