@@ -56,7 +56,7 @@ SECTIONS = ("model", "hardware", "cluster", "training")
 """Top-level keys of a job file."""
 _CLUSTER_KEYS = ("num_ranks", "hardware", "ranks_per_node", "memory_bytes", "speed",
                  "intra_node_bandwidth", "inter_node_bandwidth")
-_TRAINING_KEYS = ("zero_stage", "reserve_bytes", "grad_bytes", "optimizer_bytes",
+_TRAINING_KEYS = ("zero_stage", "vocab_parallel", "reserve_bytes", "grad_bytes", "optimizer_bytes",
                   "efficiency_decay", "min_efficiency", "tp_efficiency", "cp_efficiency")
 _CLUSTER_RE = re.compile(r"^\s*(\d+)\s*[xX×*]\s*([A-Za-z][A-Za-z0-9_\-]*)\s*$")
 
