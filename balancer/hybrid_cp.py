@@ -65,43 +65,47 @@ class CpRound:
 
 
 class _Round:
-    """Mutable state of one round: per GPU its sequences, load and group."""
+    """Mutable state of one round, kept per group (every GPU of a group carries the same
+    sequences and load; GPUs outside any group carry none and load 0).
+
+    Megatron takes new groups from the free GPUs sorted by load; free GPUs all have load
+    0, so that is the lowest free indices, and the groups tile a prefix of the GPUs in
+    creation order.
+    """
 
     def __init__(self, num_gpus: int) -> None:
         self.n = num_gpus
-        self.seqs: list[list[tuple[int, int]]] = [[] for _ in range(num_gpus)]  # (position, length)
-        self.load = [0.0] * num_gpus
-        self.in_group = [False] * num_gpus
-        self.members: list[list[int]] = []  # group id → GPUs, ids in creation order
-        self.size: list[int] = []
+        self.used = 0  # GPUs 0 .. used-1 are in groups
+        self.size: list[int] = []  # group id → GPUs, ids in creation (= GPU) order
+        self.start: list[int] = []
+        self.load: list[float] = []
+        self.seqs: list[list[tuple[int, int]]] = []  # (position, length), placement order
+        self.by_size: dict[int, list[int]] = {}
 
-    def free(self) -> list[int]:
-        return [g for g in range(self.n) if not self.in_group[g]]
+    def can_place(self, need: int) -> bool:
+        return need in self.by_size or self.n - self.used >= need
 
     def place(self, item: tuple[int, int], need: int, work: float) -> None:
-        same = [gid for gid, sz in enumerate(self.size) if sz == need]
-        best_gid, best_load = None, math.inf
-        for gid in same:  # least-loaded busiest GPU; the first group on ties
-            busiest = max(self.load[g] for g in self.members[gid])
-            if busiest < best_load:
-                best_gid, best_load = gid, busiest
-        free = self.free()
-        if len(free) >= need:
-            fresh = sorted(free, key=lambda g: self.load[g])[:need]
-            if self.load[fresh[-1]] < best_load:
-                best_gid = len(self.size)
-                self.members.append(fresh)
-                self.size.append(need)
-                for g in fresh:
-                    self.in_group[g] = True
-        assert best_gid is not None
-        for g in self.members[best_gid]:
-            self.seqs[g].append(item)
-            self.load[g] += work
+        best, best_load = -1, math.inf
+        for gid in self.by_size.get(need, ()):  # least-loaded group of that size; the first on ties
+            if self.load[gid] < best_load:
+                best, best_load = gid, self.load[gid]
+        if self.n - self.used >= need and 0.0 < best_load:  # a new group's load is 0
+            best = len(self.size)
+            self.size.append(need)
+            self.start.append(self.used)
+            self.load.append(0.0)
+            self.seqs.append([])
+            self.by_size.setdefault(need, []).append(best)
+            self.used += need
+        self.seqs[best].append(item)
+        self.load[best] += work
 
-    def spread_ok(self, delta: float) -> bool:
-        top = max(self.load)
-        return top - min(self.load) <= delta * top
+    def extremes(self) -> tuple[float, float]:
+        """Largest and smallest GPU load."""
+        top = max(self.load, default=0.0)
+        low = 0.0 if self.used < self.n else min(self.load)
+        return max(top, 0.0), low
 
 
 def _buckets(items: list[tuple[int, int]], need: list[int], work: list[float]) -> list[list[int]]:
@@ -127,52 +131,45 @@ def _buckets(items: list[tuple[int, int]], need: list[int], work: list[float]) -
 def _trim(rnd: _Round, left: list[tuple[int, int]], msl: int, delta: float) -> None:
     """Return the busiest group's last sequence while that lowers the spread."""
     while True:
-        top, low = max(rnd.load), min(rnd.load)
+        top, low = rnd.extremes()
         if top - low <= delta * top or low == 0:
             return
-        g = rnd.load.index(top)
-        if len(rnd.seqs[g]) <= 1:
+        gid = rnd.load.index(top)  # the busiest GPU with the lowest index is in the first such group
+        if len(rnd.seqs[gid]) <= 1:
             return
-        gid = next(i for i, m in enumerate(rnd.members) if g in m)
-        pos, length = rnd.seqs[g][-1]
+        pos, length = rnd.seqs[gid][-1]
         work = length * length / gpus_needed(length, msl)
         after = list(rnd.load)
-        for m in rnd.members[gid]:
-            after[m] -= work
+        after[gid] -= work
         if max(after) - min(after) >= top - low:
             return
-        for m in rnd.members[gid]:
-            rnd.seqs[m].pop()
-            rnd.load[m] -= work
+        rnd.seqs[gid].pop()
+        rnd.load[gid] -= work
         left.append((pos, length))
 
 
 def _fill_idle(rnd: _Round, num_gpus: int) -> None:
-    """Double the first smallest group until no GPU is idle, shifting the groups after it."""
-    while any(not s for s in rnd.seqs):
+    """Double the first smallest group until no GPU is idle, shifting the groups after it.
+
+    The GPUs between the grown group and the first idle GPU keep their sequences, moved up;
+    the grown group keeps the sequences of its last GPU (all its GPUs carry the same).
+    """
+    while rnd.used < num_gpus:
         smallest = min(rnd.size)
         grown = min(2 * smallest, num_gpus)
         extra = grown - smallest
-        gid = rnd.size.index(smallest)
-        first, last = rnd.members[gid][0], rnd.members[gid][-1]
-        idle = next(g for g in range(num_gpus) if not rnd.seqs[g])
-        if num_gpus - idle < extra:  # Megatron indexes past its GPU list here (IndexError)
+        if num_gpus - rnd.used < extra:  # Megatron indexes past its GPU list here (IndexError)
             raise ValueError(
-                f"Megatron's hybrid-cp schedule cannot fill {num_gpus - idle} idle GPUs by doubling a "
+                f"Megatron's hybrid-cp schedule cannot fill {num_gpus - rnd.used} idle GPUs by doubling a "
                 f"{smallest}-GPU group (it fails on this batch); use a power-of-two dp×cp pool"
             )
-        pushed = rnd.seqs[last + 1 : idle]
-        seqs: list[list[tuple[int, int]]] = [[] for _ in range(num_gpus)]
-        seqs[:first] = rnd.seqs[:first]
-        for g in range(first, last + extra + 1):
-            seqs[g] = rnd.seqs[last]
-        for i, s in enumerate(pushed):
-            seqs[last + extra + 1 + i] = s
-        rnd.seqs = seqs
+        gid = rnd.size.index(smallest)
+        rnd.by_size[smallest].remove(gid)
+        rnd.by_size.setdefault(grown, []).append(gid)
         rnd.size[gid] = grown
-        rnd.members[gid] = list(range(first, last + extra + 1))
-        for later in range(gid + 1, len(rnd.members)):
-            rnd.members[later] = [g + extra for g in rnd.members[later]]
+        for later in range(gid + 1, len(rnd.size)):
+            rnd.start[later] += extra
+        rnd.used += extra
 
 
 def _one_round(items: list[tuple[int, int]], msl: int, num_gpus: int, delta: float) -> tuple[_Round, list[tuple[int, int]]]:
@@ -188,7 +185,7 @@ def _one_round(items: list[tuple[int, int]], msl: int, num_gpus: int, delta: flo
             if not bucket:
                 continue
             i = bucket[0]
-            if need[i] in rnd.size or len(rnd.free()) >= need[i]:
+            if rnd.can_place(need[i]):
                 pick = b
                 break
         if pick is None:
@@ -201,8 +198,10 @@ def _one_round(items: list[tuple[int, int]], msl: int, num_gpus: int, delta: flo
             buckets.pop(0)
         if need[i] < first_need:
             check = True
-        if check and buckets and rnd.spread_ok(delta):
-            break
+        if check and buckets:
+            top, low = rnd.extremes()
+            if top - low <= delta * top:
+                break
     left = [items[i] for bucket in buckets for i in bucket]
     _trim(rnd, left, msl, delta)
     _fill_idle(rnd, num_gpus)
@@ -229,9 +228,8 @@ def balanced_cp_rounds(
     rounds: list[CpRound] = []
     while items:
         rnd, items = _one_round(items, max_seq_len_per_rank, num_gpus, delta)
-        groups, positions = [], []
-        for gpus in sorted(rnd.members, key=lambda m: m[0]):
-            groups.append(tuple(gpus))
-            positions.append(tuple(p for p, _ in rnd.seqs[gpus[0]]))
-        rounds.append(CpRound(tuple(groups), tuple(positions)))
+        order = sorted(range(len(rnd.size)), key=lambda g: rnd.start[g])
+        groups = tuple(tuple(range(rnd.start[g], rnd.start[g] + rnd.size[g])) for g in order)
+        positions = tuple(tuple(p for p, _ in rnd.seqs[g]) for g in order)
+        rounds.append(CpRound(groups, positions))
     return rounds
