@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from balancer.hybrid_cp import balanced_cp_rounds
-from balancer.peer_rules import dp_balanced_groups, length_grouped_order, rows_per_rank
+from balancer.baselines.hybrid_cp import balanced_cp_rounds
+from balancer.baselines.rules import dp_balanced_groups, length_grouped_order, rows_per_rank
 from packers.binpack import best_fit_decreasing, first_fit_decreasing
 from packers.partition import karmarkar_karp
 
