@@ -16,10 +16,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from balancer.baselines import make_baseline
 from balancer.baselines.hybrid_cp import balanced_cp_rounds
 from balancer.baselines.rules import dp_balanced_groups, length_grouped_order, rows_per_rank
+from balancer.cost import CostModel, LayoutCost
 from packers.binpack import best_fit_decreasing, first_fit_decreasing
 from packers.partition import karmarkar_karp
+from strategies import ClusterSpec, Layout, Strategy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "baselines"
 LENGTHS = Path(__file__).parents[1] / "balancer" / "data" / "lengths"
@@ -151,3 +154,93 @@ def test_length_grouped_order_reproduces_transformers(case: dict[str, Any]) -> N
     s = _lengths(case)
     batch = case["per_device_train_batch_size"] * case["gradient_accumulation_steps"]
     assert length_grouped_order(s, batch, np.array(case["randperm"])).tolist() == case["order"]
+
+
+# -- the policies themselves, on the peers' global batches ---------------------------------
+
+def _one_layout(capacity: int, num_ranks: int) -> tuple[ClusterSpec, Strategy, CostModel]:
+    """``num_ranks`` single-GPU replicas of ``capacity`` tokens (Megatron's dp ranks, TRL's ranks)."""
+    model = CostModel.from_coefficients({Layout(1): LayoutCost(a=1e-9, b=1e-5, c=1e-3, token_capacity=capacity)})
+    cluster = ClusterSpec(num_ranks=num_ranks, ranks_per_node=min(num_ranks, 8))
+    return cluster, Strategy.homogeneous(Layout(1), num_ranks), model
+
+
+def _replica_batches(plan) -> list[list[list[int]]]:
+    return [[list(mb) for mb in rep.micro_batches if mb] for rep in plan.replicas]
+
+
+@pytest.mark.parametrize("case", _cases("megatron_lm_dp_balanced"))
+def test_megatron_dp_balanced_policy_reproduces_megatron(case: dict[str, Any]) -> None:
+    s = _lengths(case)
+    r = case["num_replicas"]
+    policy = make_baseline("megatron_dp_balanced", *_one_layout(case["capacity"], r))
+    if "raises" in case:
+        with pytest.raises(ValueError, match="Not enough samples to move"):
+            policy.plan(s)
+        return
+    got = _replica_batches(policy.plan(s))
+    want = [[step[d] for step in case["micro_batches"]] for d in range(r)]
+    assert got == want
+
+
+@pytest.mark.parametrize("name", ["openchat_multipack_v1", "openchat_multipack_v2_linear"])
+def test_multipack_policy_gives_rank_r_the_samplers_bin_r(name: str) -> None:
+    for case in _fixture(name)["cases"]:
+        s = _lengths(case)
+        policy = make_baseline("multipack", *_one_layout(case["capacity"], case["num_replicas"]))
+        for step in case["steps"]:
+            start, stop = step["rows"]
+            plan = policy.plan(s[start:stop], sample_ids=np.arange(start, stop))
+            got = [sorted(s[[i for mb in rep.micro_batches for i in mb]].tolist()) for rep in plan.replicas]
+            assert got == _as_lengths(step["bins"], s)
+
+
+@pytest.mark.parametrize("case", _cases("trl_bfd"))
+def test_bfd_policy_runs_trl_rows_one_per_rank_per_micro_step(case: dict[str, Any]) -> None:
+    s = _lengths(case)
+    r = case["num_replicas"]
+    plan = make_baseline("bfd", *_one_layout(case["capacity"], r)).plan(s)
+    counts = {len(rep.micro_batches) for rep in plan.replicas}
+    assert len(counts) == 1  # every rank the same number of rows
+    rows = sorted(sorted(mb) for rep in plan.replicas for mb in rep.micro_batches if mb)
+    if len(case["bins"]) % r == 0:
+        assert rows == sorted(sorted(b) for b in case["bins"])
+
+
+@pytest.mark.parametrize("case", _cases("transformers_length_grouped"))
+def test_length_grouped_policy_reproduces_transformers_steps(case: dict[str, Any]) -> None:
+    s = _lengths(case)
+    per_device, accum = case["per_device_train_batch_size"], case["gradient_accumulation_steps"]
+    for r_text, first in case["first_micro_batches"].items():
+        r = int(r_text)
+        cluster, strategy, model = _one_layout(1 << 20, r)
+        policy = make_baseline(
+            "length_grouped", cluster, strategy, model, max_length=int(s.max()), micro_batch_size=per_device,
+            gradient_accumulation_steps=accum,
+        )
+        order = policy.epoch_order(s, np.array(case["randperm"]), tokens_per_step=1)
+        assert order.tolist() == case["order"]
+        step = order[: r * per_device * accum]  # transformers' first optimizer step
+        plan = policy.plan(s[step], sample_ids=step)
+        assert _replica_batches(plan) == [mbs[:accum] for mbs in first]
+
+
+@pytest.mark.parametrize("case", _cases("megatron_core_hybrid_cp"))
+def test_hybrid_cp_policy_runs_megatrons_groups(case: dict[str, Any]) -> None:
+    s = _lengths(case)
+    msl, gpus = case["max_seq_len_per_rank"], case["num_gpus"]
+    table = {Layout(1, g): LayoutCost(a=1e-9, b=1e-5, c=1e-3, token_capacity=g * msl) for g in (1, 2, 4, 8, 16, 32, 64) if g <= gpus}
+    model = CostModel.from_coefficients(table)
+    cluster = ClusterSpec(num_ranks=gpus, ranks_per_node=min(gpus, 8))
+    static = Strategy.homogeneous(Layout(1, min(gpus, 8)), gpus)
+    policy = make_baseline("megatron_hybrid_cp", cluster, static, model, max_length=case["cap_lengths_at"])
+    plan = policy.plan(s)
+    first = case["rounds"][0]
+    want: dict[tuple[int, ...], list[int]] = {}
+    for gpu, ids in enumerate(first):  # a group's GPUs list the same sequences
+        key = tuple(ids)
+        want[key] = [*want.get(key, []), gpu]
+    got = {tuple(rep.ranks): sorted(rep.sample_ids) for rep in plan.replicas}
+    assert sorted(got) == sorted(tuple(g) for g in want.values())
+    if len(case["rounds"]) == 1:
+        assert sorted(got.items()) == sorted((tuple(g), sorted(ids)) for ids, g in want.items())

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from balancer.baselines import BASELINES
+from balancer.baselines import BASELINES, make_baseline
 from balancer.cost import CostModel, LayoutCost
 from balancer.simulation import (
     BALANCER,
@@ -69,13 +69,21 @@ def test_baselines_only_simulation(tmp_path) -> None:
     capped = np.minimum(LENGTHS, 8192)
     batches = global_batches(capped, 30_000, seed=2)
     want_tokens = sum(int(capped[next(batches).sample_ids].sum()) for _ in range(6))
+    # length_grouped's sampler orders the epoch itself: its steps come from that order
+    grouped = make_baseline("length_grouped", CLUSTER, None, MODEL, max_length=8192, micro_batch_size=1)
+    own = global_batches(capped, 30_000, seed=2, order=lambda s, perm: grouped.epoch_order(s, perm, 30_000))
+    own_steps = [next(own) for _ in range(6)]
+    assert not np.array_equal(own_steps[0].sample_ids, next(global_batches(capped, 30_000, seed=2)).sample_ids)
     for name, tr in res.traces.items():
         assert tr.step_seconds.shape == (6,) and np.all(tr.step_seconds > 0)
-        assert int(tr.tokens.sum()) == want_tokens, name  # wlb_llm moves tokens, never loses them
+        want = sum(int(capped[b.sample_ids].sum()) for b in own_steps) if name == "length_grouped" else want_tokens
+        assert int(tr.tokens.sum()) == want, name  # wlb_llm moves tokens, never loses them
+        assert tr.summary()["batch_size_violations"] == 0, name  # fixed batch size: 15,000..38,192 tokens
+        assert tr.flushed[-1] and not tr.flushed[:-1].any()
         assert np.all(tr.imbalance >= 1 - 1e-12)
         assert np.all(tr.lower_bound <= tr.step_seconds * (1 + 1e-9))
         s = tr.summary()
-        assert math.isclose(s["tokens_per_second"], want_tokens / tr.step_seconds.sum())
+        assert math.isclose(s["tokens_per_second"], want / tr.step_seconds.sum())
     assert res.traces["bfd"].padding_tokens.sum() == 0
     assert res.best_baseline() in BASELINES
     text = json.dumps(res.to_dict())
