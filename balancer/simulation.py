@@ -41,7 +41,7 @@ import numpy as np
 from strategies.layout import ClusterSpec, Strategy
 from strategies.plan import StepPlan
 
-from .baselines import BASELINES, BaselinePolicy, make_baseline, score_plan
+from .baselines import BASELINES, BaselinePolicy, PeerRefusal, make_baseline, score_plan
 from .cost import CostModel
 from .validation import validate
 
@@ -277,6 +277,10 @@ class SimulationResult:
     """Fixed strategy of every baseline (the static layout unless given)."""
     num_candidates: int
     """Candidate strategies of the Balancer (0 when it did not run)."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Baselines whose real system refuses one of the batches (e.g. Megatron's
+    ``DpBalancedScheduler`` on a batch that fits one group): name → the step and reason.
+    They have no trace."""
 
     def speedup(self, reference: str = BALANCER) -> dict[str, float]:
         """Throughput of ``reference`` over every other policy's (``> 1`` = reference faster)."""
@@ -304,6 +308,7 @@ class SimulationResult:
             "baseline_strategies": dict(self.baseline_strategies),
             "num_candidates": self.num_candidates,
             "policies": {name: tr.to_dict() for name, tr in self.traces.items()},
+            "refused": dict(self.refused),
         }
         if BALANCER in self.traces and len(self.traces) > 1:
             out["speedup_vs"] = self.speedup()
@@ -331,6 +336,8 @@ class SimulationResult:
                 f"{s['mean_imbalance']:.3f} | {s['median_estimate_over_bound']:.3f} | {s['padding_ratio']:.1%} | "
                 f"{s['plan_ms_median']:.2f} / {s['plan_ms_p99']:.2f} | {size} | {up} |"
             )
+        for name, why in self.refused.items():
+            rows.append(f"| {name} | refused: {why} |" + " |" * 8)
         return head + "\n".join(rows) + "\n"
 
 
@@ -416,10 +423,14 @@ def simulate(
     if config.warmup:
         for name in order:
             b0 = streams[name][0]
-            factories[name]().plan(capped[b0.sample_ids], step=0, sample_ids=b0.sample_ids)
+            try:
+                factories[name]().plan(capped[b0.sample_ids], step=0, sample_ids=b0.sample_ids)
+            except PeerRefusal:  # recorded when the timed loop meets it
+                pass
     planners = {name: factories[name]() for name in order}
     traces = {name: PolicyTrace.empty(name, config.num_steps, config.tokens_per_step, max_length) for name in order}
     trained: dict[str, list[np.ndarray]] = {name: [] for name in order}
+    refused: dict[str, str] = {}
     dump = Path(config.dump_plans).open("w") if config.dump_plans else None
     bar = None
     if config.progress:
@@ -433,9 +444,15 @@ def simulate(
                 flush = b.last_in_epoch or b.step == config.num_steps - 1
                 seq = capped[b.sample_ids]
                 planner = planners[name]
+                if name in refused:
+                    continue
                 t0 = time.perf_counter()
                 if isinstance(planner, BaselinePolicy):
-                    plan = planner.plan(seq, step=b.step, sample_ids=b.sample_ids, flush=flush)
+                    try:
+                        plan = planner.plan(seq, step=b.step, sample_ids=b.sample_ids, flush=flush)
+                    except PeerRefusal as err:  # the real system fails here too: report, do not score
+                        refused[name] = f"step {b.step}: {err}"
+                        continue
                 else:
                     plan = planner.plan(seq, step=b.step, sample_ids=b.sample_ids)
                 elapsed = time.perf_counter() - t0
@@ -452,7 +469,9 @@ def simulate(
         if bar is not None:
             bar.close()
 
-    for name in order:
+    for name in refused:
+        del traces[name]
+    for name in traces:
         sampled = np.sort(np.concatenate([b.sample_ids for b in streams[name]]))
         got = np.sort(np.concatenate(trained[name]))
         if got.shape != sampled.shape or not np.array_equal(got, sampled):
@@ -468,6 +487,7 @@ def simulate(
         cost_model=repr(cost_model),
         baseline_strategies=strategies,
         num_candidates=len(candidates) if (want_balancer and candidates) else 0,
+        refused=refused,
     )
 
 

@@ -126,3 +126,14 @@ def test_config_and_input_errors() -> None:
     with pytest.raises(ValueError, match="above the longest sequence any candidate holds"):
         simulate(LENGTHS, CLUSTER, MODEL, SimulationConfig(tokens_per_step=1000, max_length=9000),
                  candidates=CANDIDATES)
+
+
+def test_a_refusing_peer_is_reported_not_scored() -> None:
+    """Megatron's DpBalancedScheduler asserts on a batch that fits one group: the run goes on
+    without it and says why."""
+    cfg = SimulationConfig(tokens_per_step=3_000, num_steps=3, max_length=2048, seed=1,
+                           policies=("megatron_dp_balanced", "multipack"))
+    res = simulate(LENGTHS, CLUSTER, MODEL, cfg)
+    assert set(res.traces) == {"multipack"}
+    assert "Not enough samples to move" in res.refused["megatron_dp_balanced"]
+    assert "refused" in res.summary_table() and res.to_dict()["refused"]

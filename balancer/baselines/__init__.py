@@ -56,6 +56,7 @@ from .hydraulis import (
 from .megatron import MegatronDpBalancedPolicy, MegatronHybridCpPolicy
 from .packing import BestFitPolicy, MultipackPolicy
 from .padded import LengthGroupedPolicy, PaddedPolicy
+from .rules import PeerRefusal
 from .scoring import PlanScore, score_plan, strategy_lower_bound
 from .static import static_layout, static_strategy
 from .wlb import WlbLlmPolicy
@@ -71,6 +72,7 @@ __all__ = [
     "MegatronHybridCpPolicy",
     "MultipackPolicy",
     "PaddedPolicy",
+    "PeerRefusal",
     "Placement",
     "PlanScore",
     "WlbLlmPolicy",

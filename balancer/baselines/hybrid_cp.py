@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .rules import PeerRefusal
+
 __all__ = ["CpRound", "balanced_cp_rounds", "gpus_needed"]
 
 
@@ -159,7 +161,7 @@ def _fill_idle(rnd: _Round, num_gpus: int) -> None:
         grown = min(2 * smallest, num_gpus)
         extra = grown - smallest
         if num_gpus - rnd.used < extra:  # Megatron indexes past its GPU list here (IndexError)
-            raise ValueError(
+            raise PeerRefusal(
                 f"Megatron's hybrid-cp schedule cannot fill {num_gpus - rnd.used} idle GPUs by doubling a "
                 f"{smallest}-GPU group (it fails on this batch); use a power-of-two dp×cp pool"
             )

@@ -25,8 +25,9 @@ class MegatronDpBalancedPolicy(BaselinePolicy):
     filled in the batch's order; trailing sequences then move into one-sequence groups
     until the count is a multiple of ``R``
     (:func:`~balancer.baselines.rules.dp_balanced_groups`); group ``k·R + d`` is
-    micro-batch ``k`` of replica ``d``. Like Megatron it refuses (``ValueError``) a batch
-    it would have to split the first group for, e.g. one that fits a single group. A
+    micro-batch ``k`` of replica ``d``. Like Megatron it refuses
+    (:class:`~balancer.baselines.rules.PeerRefusal`) a batch it would have to split the
+    first group for, e.g. one that fits a single group. A
     replica with fewer than ``pp`` micro-batches has its fullest split (our pipeline
     rule; Megatron requires enough micro-batches up front).
     """

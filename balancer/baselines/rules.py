@@ -17,7 +17,15 @@ import numpy as np
 
 from packers.types import group_by_bin
 
-__all__ = ["dp_balanced_groups", "length_grouped_order", "rows_per_rank"]
+__all__ = ["PeerRefusal", "dp_balanced_groups", "length_grouped_order", "rows_per_rank"]
+
+
+class PeerRefusal(ValueError):
+    """The real system refuses this batch (it asserts or fails on it); the message says why.
+
+    A baseline reproduces that instead of inventing a fallback; the simulator reports the
+    policy as refused rather than scoring it.
+    """
 
 
 def length_grouped_order(
@@ -56,7 +64,7 @@ def dp_balanced_groups(lengths: np.ndarray, capacity: int, num_ranks: int) -> li
     more than one (scanning back from the end) moves into a new one-sequence group
     appended at the end. Group ``k·num_ranks + d`` is micro-batch ``k`` of rank ``d``.
     Megatron asserts when it would have to split the first group; so does this
-    (``ValueError``), e.g. when the whole batch fits one group.
+    (:class:`PeerRefusal`), e.g. when the whole batch fits one group.
     """
     s = np.asarray(lengths, dtype=np.int64)
     groups: list[list[int]] = []
@@ -71,7 +79,7 @@ def dp_balanced_groups(lengths: np.ndarray, capacity: int, num_ranks: int) -> li
     i = len(groups) - 1
     while missing:
         if i <= 0:
-            raise ValueError(
+            raise PeerRefusal(
                 f"megatron_dp_balanced: Megatron's DpBalancedScheduler refuses this batch ('Not enough samples "
                 f"to move'): {s.size} sequences, {int(s.sum())} tokens, in groups of {capacity} tokens cannot "
                 f"be cut into a multiple of {num_ranks} groups without splitting the first; give each step "
