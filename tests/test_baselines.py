@@ -283,3 +283,11 @@ def test_lower_bound_is_below_every_plan() -> None:
     assert plan.lower_bound_seconds <= plan.est_step_seconds
     with pytest.raises(ValueError, match="above the largest capacity 4096"):
         strategy_lower_bound(np.array([5000]), strat, MODEL, CLUSTER)
+
+
+def test_every_baseline_names_its_real_system_and_fidelity() -> None:
+    from balancer.baselines import baseline_fidelity
+
+    table = baseline_fidelity()
+    assert list(table) == list(BASELINES)
+    assert all(system and fidelity for system, fidelity in table.values())

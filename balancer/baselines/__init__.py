@@ -76,6 +76,7 @@ __all__ = [
     "Placement",
     "PlanScore",
     "WlbLlmPolicy",
+    "baseline_fidelity",
     "baseline_names",
     "greedy_dispatch",
     "make_baseline",
@@ -98,6 +99,11 @@ BASELINES: dict[str, type[BaselinePolicy]] = {
     "hydraulis_random_restart": HydraulisRandomRestartPolicy,
 }
 """Registry: baseline name → policy class (each accepts ``cluster, strategy, cost_model, **kw``)."""
+
+
+def baseline_fidelity() -> dict[str, tuple[str, str]]:
+    """Per baseline: the real system it reproduces and how closely (measured on the fixtures)."""
+    return {name: (cls.system, cls.fidelity) for name, cls in BASELINES.items()}
 
 
 def baseline_names() -> list[str]:

@@ -114,6 +114,10 @@ class BaselinePolicy(ABC):
     name: ClassVar[str] = "baseline"
     pads: ClassVar[bool] = False
     """Whether micro-batches run padded (scored with :func:`score_plan` ``padded=True``)."""
+    system: ClassVar[str] = ""
+    """The real system this policy reproduces (name, version or commit)."""
+    fidelity: ClassVar[str] = ""
+    """How closely, as measured against the peer fixtures (``tests/fixtures/baselines``)."""
 
     def __init__(
         self,

@@ -33,6 +33,8 @@ class MegatronDpBalancedPolicy(BaselinePolicy):
     """
 
     name = "megatron_dp_balanced"
+    system = "Megatron-LM main `DpBalancedScheduler`"
+    fidelity = "exact: every rank's micro-batches (31/31 fixtures) and the same refusals (5/5)"
 
     def _assign(self, lengths: np.ndarray, rng: np.random.Generator) -> tuple[Strategy, Assignment]:
         num = len(self.strategy.replicas)
@@ -63,6 +65,9 @@ class MegatronHybridCpPolicy(BaselinePolicy):
     """
 
     name = "megatron_hybrid_cp"
+    system = "megatron-core 0.16.1 `BalancedCPScheduler` (hybrid cp)"
+    fidelity = ("schedule exact (36/36, several rounds included); one grouping per step (the first round's), "
+                "micro-batches cut at the layout's token capacity")
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)

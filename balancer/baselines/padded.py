@@ -25,6 +25,8 @@ class PaddedPolicy(BaselinePolicy):
 
     name = "padded"
     pads = True
+    system = "Hugging Face `Trainer` default: distributed sampler, `DataCollatorWithPadding`"
+    fidelity = "from the documented behaviour; no peer fixture"
 
     def __init__(self, *args: Any, micro_batch_size: int | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -58,6 +60,9 @@ class LengthGroupedPolicy(BaselinePolicy):
 
     name = "length_grouped"
     pads = True
+    system = "transformers 5.25 `LengthGroupedSampler` + accelerate `BatchSamplerShard`"
+    fidelity = ("exact: the epoch order for the same permutation (4/4 fixtures) and every rank's micro-batches "
+                "(12/12); steps of about tokens_per_step tokens instead of a fixed count")
 
     def __init__(
         self, *args: Any, micro_batch_size: int | None = None, gradient_accumulation_steps: int | None = None, **kw: Any

@@ -40,6 +40,8 @@ class WlbLlmPolicy(BaselinePolicy):
     """
 
     name = "wlb_llm"
+    system = "WLB-LLM, OSDI 2025 (arXiv 2503.17924)"
+    fidelity = "from the paper (no public code); the fixed token budget and the max_delay bound are ours"
 
     def __init__(
         self,
