@@ -13,8 +13,9 @@ its own order of the same shuffles:
                      for padded policies)  ·  record step seconds, tokens, imbalance, bound
 
 ``wlb_llm`` delays outlier sequences to later steps; its queue is flushed at the end of
-every epoch and at the last simulated step, and the simulation checks that every policy
-trained exactly the sampled sequences. It also checks the fixed batch size: outside a
+every epoch (not at the last simulated step: what a policy still holds then is not
+trained and earns no throughput), and the simulation checks that every policy trained
+or still holds exactly the sampled sequences. It also checks the fixed batch size: outside a
 flushed step (an epoch's last), a step may train at most ``tokens_per_step`` plus one
 ``max_length`` sequence and at least half of ``tokens_per_step``; every policy's summary
 reports its smallest and largest step (as fractions of the budget) and the steps
@@ -441,7 +442,7 @@ def simulate(
         for k in range(config.num_steps):
             for name in order:
                 b = streams[name][k]
-                flush = b.last_in_epoch or b.step == config.num_steps - 1
+                flush = b.last_in_epoch
                 seq = capped[b.sample_ids]
                 planner = planners[name]
                 if name in refused:
@@ -473,11 +474,12 @@ def simulate(
         del traces[name]
     for name in traces:
         sampled = np.sort(np.concatenate([b.sample_ids for b in streams[name]]))
-        got = np.sort(np.concatenate(trained[name]))
+        held = planners[name].held() if isinstance(planners[name], BaselinePolicy) else np.zeros(0, np.int64)
+        got = np.sort(np.concatenate([*trained[name], held]))
         if got.shape != sampled.shape or not np.array_equal(got, sampled):
             raise RuntimeError(
-                f"simulate: policy {name!r} trained {got.size} sequences but {sampled.size} were sampled "
-                "(a sequence was lost or duplicated)"
+                f"simulate: policy {name!r} trained {got.size - held.size} sequences and holds {held.size}, but "
+                f"{sampled.size} were sampled (a sequence was lost or duplicated)"
             )
     return SimulationResult(
         config=config,

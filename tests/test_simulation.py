@@ -77,13 +77,16 @@ def test_baselines_only_simulation(tmp_path) -> None:
     for name, tr in res.traces.items():
         assert tr.step_seconds.shape == (6,) and np.all(tr.step_seconds > 0)
         want = sum(int(capped[b.sample_ids].sum()) for b in own_steps) if name == "length_grouped" else want_tokens
-        assert int(tr.tokens.sum()) == want, name  # wlb_llm moves tokens, never loses them
+        if name == "wlb_llm":  # it may still hold outliers after the last step: those are not trained
+            assert int(tr.tokens.sum()) <= want
+        else:
+            assert int(tr.tokens.sum()) == want, name
         assert tr.summary()["batch_size_violations"] == 0, name  # fixed batch size: 15,000..38,192 tokens
-        assert tr.flushed[-1] and not tr.flushed[:-1].any()
+        assert not tr.flushed.any()  # 6 steps stay inside the first epoch
         assert np.all(tr.imbalance >= 1 - 1e-12)
         assert np.all(tr.lower_bound <= tr.step_seconds * (1 + 1e-9))
         s = tr.summary()
-        assert math.isclose(s["tokens_per_second"], want / tr.step_seconds.sum())
+        assert math.isclose(s["tokens_per_second"], int(tr.tokens.sum()) / tr.step_seconds.sum())
     assert res.traces["bfd"].padding_tokens.sum() == 0
     assert res.best_baseline() in BASELINES
     text = json.dumps(res.to_dict())

@@ -182,7 +182,11 @@ class BaselinePolicy(ABC):
     @property
     def pending(self) -> int:
         """Sequences held back for a later step (only ``wlb_llm`` holds any)."""
-        return 0
+        return int(self.held().size)
+
+    def held(self) -> np.ndarray:
+        """Sample ids held back for a later step (int64; empty for a policy that holds none)."""
+        return np.zeros(0, dtype=np.int64)
 
     def epoch_order(self, lengths: np.ndarray, permutation: np.ndarray, tokens_per_step: int) -> np.ndarray:
         """The order in which this system's sampler visits one epoch.

@@ -72,9 +72,9 @@ class WlbLlmPolicy(BaselinePolicy):
         self._backlog: list[tuple[int, int, int]] = []  # (id, length, loss), oldest first
         self._calls = 0
 
-    @property
-    def pending(self) -> int:
-        return sum(len(q) for q in self._queues) + len(self._backlog)
+    def held(self) -> np.ndarray:
+        ids = [x[0] for q in self._queues for x in q] + [x[0] for x in self._backlog]
+        return np.array(ids, dtype=np.int64)
 
     def state_dict(self) -> dict[str, Any]:
         """Outlier queues (id, tokens, loss tokens, step queued), backlog, step counter."""
