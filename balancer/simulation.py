@@ -186,7 +186,9 @@ class PolicyTrace:
     strategy: list[str]
     """Strategy name per step."""
     flushed: np.ndarray
-    """Whether the step ended an epoch (or the run): a delaying policy trained all it held."""
+    """Whether the step ended an epoch: a delaying policy trained all it held."""
+    refused: np.ndarray
+    """Whether the policy's real system refused the step's batch (not scored, not counted)."""
     budget: int = 0
     """The step's token budget (``tokens_per_step``)."""
     longest: int = 0
@@ -198,7 +200,8 @@ class PolicyTrace:
         return cls(
             name=name, step_seconds=f(np.float64), tokens=f(np.int64), sequences=f(np.int64),
             imbalance=f(np.float64), lower_bound=f(np.float64), padding_tokens=f(np.int64),
-            plan_seconds=f(np.float64), strategy=[""] * num_steps, flushed=f(bool), budget=budget, longest=longest,
+            plan_seconds=f(np.float64), strategy=[""] * num_steps, flushed=f(bool), refused=f(bool), budget=budget,
+            longest=longest,
         )
 
     def batch_size(self) -> dict[str, float]:
@@ -210,7 +213,7 @@ class PolicyTrace:
         """
         if self.budget <= 0:
             return {"step_tokens_min": math.nan, "step_tokens_max": math.nan, "batch_size_violations": 0}
-        tok = self.tokens[~self.flushed]
+        tok = self.tokens[~self.flushed & ~self.refused]
         if tok.size == 0:
             return {"step_tokens_min": math.nan, "step_tokens_max": math.nan, "batch_size_violations": 0}
         bad = (2 * tok < self.budget) | (tok > self.budget + self.longest)
@@ -227,22 +230,24 @@ class PolicyTrace:
             return np.where(self.lower_bound > 0, self.step_seconds / self.lower_bound, np.nan)
 
     def summary(self) -> dict[str, float]:
+        ok = ~self.refused
         total_s = float(self.step_seconds.sum())
         total_tok = int(self.tokens.sum())
         pad = int(self.padding_tokens.sum())
-        ratio = self.estimate_over_bound
-        ms = self.plan_seconds * 1e3
+        ratio = self.estimate_over_bound[ok]
+        ms = self.plan_seconds[ok] * 1e3 if ok.any() else np.zeros(1)
         return {
             "total_seconds": total_s,
-            "mean_step_seconds": float(self.step_seconds.mean()),
+            "mean_step_seconds": float(self.step_seconds[ok].mean()) if ok.any() else math.nan,
             "tokens": total_tok,
             "tokens_per_second": total_tok / total_s if total_s > 0 else 0.0,
-            "mean_imbalance": float(self.imbalance.mean()),
+            "mean_imbalance": float(self.imbalance[ok].mean()) if ok.any() else math.nan,
             "median_estimate_over_bound": float(np.nanmedian(ratio)) if np.isfinite(ratio).any() else math.nan,
             "padding_ratio": pad / (total_tok + pad) if total_tok + pad else 0.0,
             "plan_ms_median": float(np.median(ms)),
             "plan_ms_p99": float(np.percentile(ms, 99)),
-            "strategies_used": len(set(self.strategy)),
+            "strategies_used": len({st for st, r in zip(self.strategy, self.refused) if not r}),
+            "refused_steps": int(self.refused.sum()),
             **self.batch_size(),
         }
 
@@ -259,6 +264,7 @@ class PolicyTrace:
                 "plan_seconds": self.plan_seconds.tolist(),
                 "strategy": list(self.strategy),
                 "flushed": self.flushed.tolist(),
+                "refused": self.refused.tolist(),
             },
         }
 
@@ -279,9 +285,9 @@ class SimulationResult:
     num_candidates: int
     """Candidate strategies of the Balancer (0 when it did not run)."""
     refused: dict[str, str] = field(default_factory=dict)
-    """Baselines whose real system refuses one of the batches (e.g. Megatron's
-    ``DpBalancedScheduler`` on a batch that fits one group): name → the step and reason.
-    They have no trace."""
+    """Baselines whose real system refused a batch (e.g. Megatron's ``DpBalancedScheduler``
+    on a batch it cannot cut into R groups): name → the steps and the first reason. Those
+    steps are left out of the policy's trace (``PolicyTrace.refused``) and totals."""
 
     def speedup(self, reference: str = BALANCER) -> dict[str, float]:
         """Throughput of ``reference`` over every other policy's (``> 1`` = reference faster)."""
@@ -337,9 +343,8 @@ class SimulationResult:
                 f"{s['mean_imbalance']:.3f} | {s['median_estimate_over_bound']:.3f} | {s['padding_ratio']:.1%} | "
                 f"{s['plan_ms_median']:.2f} / {s['plan_ms_p99']:.2f} | {size} | {up} |"
             )
-        for name, why in self.refused.items():
-            rows.append(f"| {name} | refused: {why} |" + " |" * 8)
-        return head + "\n".join(rows) + "\n"
+        notes = [f"* `{name}` refused {why}" for name, why in self.refused.items()]
+        return head + "\n".join(rows) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 # ----------------------------------------------------------------------------------------
@@ -431,7 +436,7 @@ def simulate(
     planners = {name: factories[name]() for name in order}
     traces = {name: PolicyTrace.empty(name, config.num_steps, config.tokens_per_step, max_length) for name in order}
     trained: dict[str, list[np.ndarray]] = {name: [] for name in order}
-    refused: dict[str, str] = {}
+    refusals: dict[str, tuple[str, list[int]]] = {}
     dump = Path(config.dump_plans).open("w") if config.dump_plans else None
     bar = None
     if config.progress:
@@ -445,14 +450,13 @@ def simulate(
                 flush = b.last_in_epoch
                 seq = capped[b.sample_ids]
                 planner = planners[name]
-                if name in refused:
-                    continue
                 t0 = time.perf_counter()
                 if isinstance(planner, BaselinePolicy):
                     try:
                         plan = planner.plan(seq, step=b.step, sample_ids=b.sample_ids, flush=flush)
                     except PeerRefusal as err:  # the real system fails here too: report, do not score
-                        refused[name] = f"step {b.step}: {err}"
+                        traces[name].refused[b.step] = True
+                        refusals.setdefault(name, (str(err), []))[1].append(b.step)
                         continue
                 else:
                     plan = planner.plan(seq, step=b.step, sample_ids=b.sample_ids)
@@ -470,10 +474,14 @@ def simulate(
         if bar is not None:
             bar.close()
 
-    for name in refused:
-        del traces[name]
+    refused = {
+        name: f"{len(steps)} of {config.num_steps} steps (step {', '.join(map(str, steps[:5]))}"
+        f"{', …' if len(steps) > 5 else ''}): {why}"
+        for name, (why, steps) in refusals.items()
+    }
     for name in traces:
-        sampled = np.sort(np.concatenate([b.sample_ids for b in streams[name]]))
+        kept = [b.sample_ids for b in streams[name] if not traces[name].refused[b.step]]  # a refused batch trains nothing
+        sampled = np.sort(np.concatenate([np.zeros(0, np.int64), *kept]))
         held = planners[name].held() if isinstance(planners[name], BaselinePolicy) else np.zeros(0, np.int64)
         got = np.sort(np.concatenate([*trained[name], held]))
         if got.shape != sampled.shape or not np.array_equal(got, sampled):

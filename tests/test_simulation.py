@@ -132,11 +132,13 @@ def test_config_and_input_errors() -> None:
 
 
 def test_a_refusing_peer_is_reported_not_scored() -> None:
-    """Megatron's DpBalancedScheduler asserts on a batch that fits one group: the run goes on
-    without it and says why."""
+    """Megatron's DpBalancedScheduler asserts on a batch that fits one group: those steps are
+    left out of its trace, the run goes on and says why."""
     cfg = SimulationConfig(tokens_per_step=3_000, num_steps=3, max_length=2048, seed=1,
                            policies=("megatron_dp_balanced", "multipack"))
     res = simulate(LENGTHS, CLUSTER, MODEL, cfg)
-    assert set(res.traces) == {"multipack"}
+    tr = res.traces["megatron_dp_balanced"]
+    assert tr.refused.all() and tr.summary()["refused_steps"] == 3 and tr.tokens.sum() == 0
+    assert not res.traces["multipack"].refused.any()
     assert "Not enough samples to move" in res.refused["megatron_dp_balanced"]
-    assert "refused" in res.summary_table() and res.to_dict()["refused"]
+    assert "refused 3 of 3 steps" in res.summary_table() and res.to_dict()["refused"]

@@ -22,8 +22,9 @@ class WlbLlmPolicy(BaselinePolicy):
       ``max_length / 2``) enters that level's FIFO queue instead of training now. A level
       releases (oldest first) its full rounds of ``N = R·k`` sequences, so each of the
       step's ``k`` micro-batches per replica gets one, plus any outlier that has waited
-      ``max_delay`` steps (the bound on the delay; the paper's queue waits for a full
-      round).
+      ``max_delay`` steps (default 2: the bound on the delay is ours — the paper's queue
+      waits for a full round, which with hundreds of micro-batches can take tens of steps
+      and would move the most expensive sequences out of any measured window).
     * Fixed global batch: sequences that are not outliers go to a FIFO backlog, and a
       step trains the released outliers, then backlog sequences in order while they fit
       the budget ``tokens_per_step`` (default: the incoming batch's tokens); if that
@@ -49,7 +50,7 @@ class WlbLlmPolicy(BaselinePolicy):
         outlier_thresholds: Sequence[int] | None = None,
         alpha: float | None = None,
         beta: float | None = None,
-        max_delay: int = 8,
+        max_delay: int = 2,
         **kw: Any,
     ) -> None:
         super().__init__(*args, **kw)
