@@ -21,10 +21,11 @@ class WlbLlmPolicy(BaselinePolicy):
     * Outlier delay: a sequence longer than an outlier threshold (default one level at
       ``max_length / 2``) enters that level's FIFO queue instead of training now. A level
       releases (oldest first) its full rounds of ``N = R·k`` sequences, so each of the
-      step's ``k`` micro-batches per replica gets one, plus any outlier that has waited
-      ``max_delay`` steps (default 2: the bound on the delay is ours — the paper's queue
-      waits for a full round, which with hundreds of micro-batches can take tens of steps
-      and would move the most expensive sequences out of any measured window).
+      step's ``k`` micro-batches per replica gets one. A full round that would not fit
+      the budget (hundreds of micro-batches) is cut to what fits half of it, released
+      once the level holds that much; and any outlier that has waited ``max_delay`` steps
+      (default 8) goes too. The cut and the bound are ours: the paper's queue waits for a
+      full round, which at that scale is several budgets of tokens in one step.
     * Fixed global batch: sequences that are not outliers go to a FIFO backlog, and a
       step trains the released outliers, then backlog sequences in order while they fit
       the budget ``tokens_per_step`` (default: the incoming batch's tokens); if that
@@ -50,7 +51,7 @@ class WlbLlmPolicy(BaselinePolicy):
         outlier_thresholds: Sequence[int] | None = None,
         alpha: float | None = None,
         beta: float | None = None,
-        max_delay: int = 2,
+        max_delay: int = 8,
         **kw: Any,
     ) -> None:
         super().__init__(*args, **kw)
@@ -126,7 +127,7 @@ class WlbLlmPolicy(BaselinePolicy):
             total = 0
             for q in reversed(self._queues):  # longest level first
                 due = sum(1 for x in q if now - x[3] >= self.max_delay)
-                take = max((len(q) // rounds) * rounds, due)
+                take = max(self._round(q, rounds, budget), due)
                 total = self._take(q, take, budget, total, chosen)
             total = self._take(self._backlog, len(self._backlog), budget, total, chosen)
             for q in reversed(self._queues):  # top up a step that would train under half its budget
@@ -138,6 +139,19 @@ class WlbLlmPolicy(BaselinePolicy):
                     self._take(source, 1, None, 0, chosen)
         arr = np.array(chosen, dtype=np.int64).reshape(-1, 3)
         return arr[:, 1].copy(), arr[:, 0].copy(), arr[:, 2].copy()
+
+    @staticmethod
+    def _round(queue: list[Any], rounds: int, budget: int) -> int:
+        """Outliers a level releases now: its full rounds of ``rounds`` (one per micro-batch)
+        when they fit the budget; else, once the level holds more than half the budget in
+        tokens, the oldest that fit in half of it (the largest round a fixed batch allows)."""
+        full = (len(queue) // rounds) * rounds
+        tokens = np.cumsum([x[1] for x in queue]) if queue else np.zeros(0, dtype=np.int64)
+        if full and tokens[full - 1] <= budget:
+            return full
+        if tokens.size and 2 * int(tokens[-1]) > budget:
+            return int(np.searchsorted(tokens, budget // 2, side="right"))
+        return 0
 
     @staticmethod
     def _take(queue: list[Any], count: int, budget: int | None, total: int, out: list[tuple[int, int, int]]) -> int:
