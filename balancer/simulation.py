@@ -300,11 +300,14 @@ class SimulationResult:
         return out
 
     def best_baseline(self) -> str | None:
-        """The baseline with the highest throughput (``None`` if only the Balancer ran)."""
+        """The baseline with the highest throughput over every step (``None`` if only the
+        Balancer ran). A baseline whose real system refused some batch ran on fewer steps
+        than the others, so it is not compared (unless every baseline refused one)."""
         names = [n for n in self.traces if n != BALANCER]
+        complete = [n for n in names if not self.traces[n].refused.any()]
         if not names:
             return None
-        return max(names, key=lambda n: self.traces[n].summary()["tokens_per_second"])
+        return max(complete or names, key=lambda n: self.traces[n].summary()["tokens_per_second"])
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -338,6 +341,11 @@ class SimulationResult:
             size = f"{s['step_tokens_min']:.2f}–{s['step_tokens_max']:.2f}" + (
                 f" ✗ {s['batch_size_violations']}" if s["batch_size_violations"] else " ✓"
             )
+            if s["refused_steps"] == tr.refused.size:
+                rows.append(f"| {name} | {strat} | refused every step |" + " |" * 7)
+                continue
+            if s["refused_steps"]:
+                up += f" (on {tr.refused.size - s['refused_steps']} of {tr.refused.size} steps)"
             rows.append(
                 f"| {name} | {strat} | {s['mean_step_seconds']:.4g} | {s['tokens_per_second']:,.0f} | "
                 f"{s['mean_imbalance']:.3f} | {s['median_estimate_over_bound']:.3f} | {s['padding_ratio']:.1%} | "

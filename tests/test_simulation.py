@@ -142,3 +142,4 @@ def test_a_refusing_peer_is_reported_not_scored() -> None:
     assert not res.traces["multipack"].refused.any()
     assert "Not enough samples to move" in res.refused["megatron_dp_balanced"]
     assert "refused 3 of 3 steps" in res.summary_table() and res.to_dict()["refused"]
+    assert "refused every step" in res.summary_table() and res.best_baseline() == "multipack"
