@@ -3,15 +3,23 @@
 A seeded sampler shuffles the dataset every epoch and cuts the order into global batches
 of about ``tokens_per_step`` tokens (a batch closes before the sequence that would
 overflow it; every batch holds at least one sequence; batches never cross an epoch).
-Lengths are capped at ``max_length`` first. Every policy plans the same batches:
+Lengths are capped at ``max_length`` first. Every policy plans the same batches, except
+one whose sampler orders the epoch itself (``length_grouped``,
+:meth:`~balancer.baselines.BaselinePolicy.epoch_order`), which gets its batches cut from
+its own order of the same shuffles:
 
     for each step:   plan = policy.plan(lengths, step=, sample_ids=)   (wall-clock timed)
                      validate(plan)  ·  score = cost model replica times (padding included
                      for padded policies)  ·  record step seconds, tokens, imbalance, bound
 
 ``wlb_llm`` delays outlier sequences to later steps; its queue is flushed at the end of
-every epoch and at the last simulated step, and the simulation checks that every policy
-trained exactly the sampled sequences. Per-step arrays stay in the result
+every epoch (not at the last simulated step: what a policy still holds then is not
+trained and earns no throughput), and the simulation checks that every policy trained
+or still holds exactly the sampled sequences. It also checks the fixed batch size: outside a
+flushed step (an epoch's last), a step may train at most ``tokens_per_step`` plus one
+``max_length`` sequence and at least half of ``tokens_per_step``; every policy's summary
+reports its smallest and largest step (as fractions of the budget) and the steps
+outside that range (``batch_size_violations``). Per-step arrays stay in the result
 (:class:`PolicyTrace`) so the CLI can plot them; :meth:`SimulationResult.summary_table`
 prints the comparison in markdown.
 
@@ -27,14 +35,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from strategies.layout import ClusterSpec, Strategy
 from strategies.plan import StepPlan
 
-from .baselines import BASELINES, BaselinePolicy, make_baseline, score_plan
+from .baselines import BASELINES, BaselinePolicy, PeerRefusal, make_baseline, score_plan
 from .cost import CostModel
 from .validation import validate
 
@@ -119,12 +127,18 @@ class GlobalBatch:
     last_in_epoch: bool
 
 
-def global_batches(lengths: np.ndarray, tokens_per_step: int, seed: int = 0) -> Iterator[GlobalBatch]:
+def global_batches(
+    lengths: np.ndarray,
+    tokens_per_step: int,
+    seed: int = 0,
+    order: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> Iterator[GlobalBatch]:
     """Endless global batches of about ``tokens_per_step`` tokens over shuffled epochs.
 
-    Epoch ``e`` shuffles with ``numpy.random.default_rng([seed, e])``. A batch takes
-    sequences in that order while they fit the budget (at least one); the last batch of
-    an epoch may be short.
+    Epoch ``e`` shuffles with ``numpy.random.default_rng([seed, e])``; ``order(lengths,
+    shuffle)``, when given, turns the shuffle into a sampler's own order (a permutation).
+    A batch takes sequences in that order while they fit the budget (at least one); the
+    last batch of an epoch may be short.
     """
     s = np.asarray(lengths, dtype=np.int64)
     if s.size == 0:
@@ -132,13 +146,14 @@ def global_batches(lengths: np.ndarray, tokens_per_step: int, seed: int = 0) -> 
     step = 0
     epoch = 0
     while True:
-        order = np.random.default_rng([seed, epoch]).permutation(s.size)
-        cum = np.concatenate([[0], np.cumsum(s[order])])
+        shuffle = np.random.default_rng([seed, epoch]).permutation(s.size)
+        visit = shuffle if order is None else np.asarray(order(s, shuffle), dtype=np.int64)
+        cum = np.concatenate([[0], np.cumsum(s[visit])])
         start = 0
         while start < s.size:
             end = int(np.searchsorted(cum, cum[start] + tokens_per_step, side="right")) - 1
             end = min(max(end, start + 1), s.size)
-            yield GlobalBatch(step=step, epoch=epoch, sample_ids=order[start:end], last_in_epoch=end == s.size)
+            yield GlobalBatch(step=step, epoch=epoch, sample_ids=visit[start:end], last_in_epoch=end == s.size)
             step += 1
             start = end
         epoch += 1
@@ -170,15 +185,43 @@ class PolicyTrace:
     """Wall-clock planning latency, seconds."""
     strategy: list[str]
     """Strategy name per step."""
+    flushed: np.ndarray
+    """Whether the step ended an epoch: a delaying policy trained all it held."""
+    refused: np.ndarray
+    """Whether the policy's real system refused the step's batch (not scored, not counted)."""
+    budget: int = 0
+    """The step's token budget (``tokens_per_step``)."""
+    longest: int = 0
+    """Longest allowed sequence (``max_length``), tokens: the budget's slack."""
 
     @classmethod
-    def empty(cls, name: str, num_steps: int) -> "PolicyTrace":
+    def empty(cls, name: str, num_steps: int, budget: int = 0, longest: int = 0) -> "PolicyTrace":
         f = lambda dt: np.zeros(num_steps, dtype=dt)  # noqa: E731
         return cls(
             name=name, step_seconds=f(np.float64), tokens=f(np.int64), sequences=f(np.int64),
             imbalance=f(np.float64), lower_bound=f(np.float64), padding_tokens=f(np.int64),
-            plan_seconds=f(np.float64), strategy=[""] * num_steps,
+            plan_seconds=f(np.float64), strategy=[""] * num_steps, flushed=f(bool), refused=f(bool), budget=budget,
+            longest=longest,
         )
+
+    def batch_size(self) -> dict[str, float]:
+        """The fixed-batch-size check over the steps that did not flush.
+
+        ``step_tokens_min`` / ``step_tokens_max``: the smallest and largest step as a
+        fraction of the budget; ``batch_size_violations``: steps under half the budget or
+        over the budget plus one longest sequence.
+        """
+        if self.budget <= 0:
+            return {"step_tokens_min": math.nan, "step_tokens_max": math.nan, "batch_size_violations": 0}
+        tok = self.tokens[~self.flushed & ~self.refused]
+        if tok.size == 0:
+            return {"step_tokens_min": math.nan, "step_tokens_max": math.nan, "batch_size_violations": 0}
+        bad = (2 * tok < self.budget) | (tok > self.budget + self.longest)
+        return {
+            "step_tokens_min": float(tok.min()) / self.budget,
+            "step_tokens_max": float(tok.max()) / self.budget,
+            "batch_size_violations": int(bad.sum()),
+        }
 
     @property
     def estimate_over_bound(self) -> np.ndarray:
@@ -187,22 +230,25 @@ class PolicyTrace:
             return np.where(self.lower_bound > 0, self.step_seconds / self.lower_bound, np.nan)
 
     def summary(self) -> dict[str, float]:
+        ok = ~self.refused
         total_s = float(self.step_seconds.sum())
         total_tok = int(self.tokens.sum())
         pad = int(self.padding_tokens.sum())
-        ratio = self.estimate_over_bound
-        ms = self.plan_seconds * 1e3
+        ratio = self.estimate_over_bound[ok]
+        ms = self.plan_seconds[ok] * 1e3 if ok.any() else np.zeros(1)
         return {
             "total_seconds": total_s,
-            "mean_step_seconds": float(self.step_seconds.mean()),
+            "mean_step_seconds": float(self.step_seconds[ok].mean()) if ok.any() else math.nan,
             "tokens": total_tok,
             "tokens_per_second": total_tok / total_s if total_s > 0 else 0.0,
-            "mean_imbalance": float(self.imbalance.mean()),
+            "mean_imbalance": float(self.imbalance[ok].mean()) if ok.any() else math.nan,
             "median_estimate_over_bound": float(np.nanmedian(ratio)) if np.isfinite(ratio).any() else math.nan,
             "padding_ratio": pad / (total_tok + pad) if total_tok + pad else 0.0,
             "plan_ms_median": float(np.median(ms)),
             "plan_ms_p99": float(np.percentile(ms, 99)),
-            "strategies_used": len(set(self.strategy)),
+            "strategies_used": len({st for st, r in zip(self.strategy, self.refused) if not r}),
+            "refused_steps": int(self.refused.sum()),
+            **self.batch_size(),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +263,8 @@ class PolicyTrace:
                 "padding_tokens": self.padding_tokens.tolist(),
                 "plan_seconds": self.plan_seconds.tolist(),
                 "strategy": list(self.strategy),
+                "flushed": self.flushed.tolist(),
+                "refused": self.refused.tolist(),
             },
         }
 
@@ -236,6 +284,10 @@ class SimulationResult:
     """Fixed strategy of every baseline (the static layout unless given)."""
     num_candidates: int
     """Candidate strategies of the Balancer (0 when it did not run)."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Baselines whose real system refused a batch (e.g. Megatron's ``DpBalancedScheduler``
+    on a batch it cannot cut into R groups): name → the steps and the first reason. Those
+    steps are left out of the policy's trace (``PolicyTrace.refused``) and totals."""
 
     def speedup(self, reference: str = BALANCER) -> dict[str, float]:
         """Throughput of ``reference`` over every other policy's (``> 1`` = reference faster)."""
@@ -248,11 +300,14 @@ class SimulationResult:
         return out
 
     def best_baseline(self) -> str | None:
-        """The baseline with the highest throughput (``None`` if only the Balancer ran)."""
+        """The baseline with the highest throughput over every step (``None`` if only the
+        Balancer ran). A baseline whose real system refused some batch ran on fewer steps
+        than the others, so it is not compared (unless every baseline refused one)."""
         names = [n for n in self.traces if n != BALANCER]
+        complete = [n for n in names if not self.traces[n].refused.any()]
         if not names:
             return None
-        return max(names, key=lambda n: self.traces[n].summary()["tokens_per_second"])
+        return max(complete or names, key=lambda n: self.traces[n].summary()["tokens_per_second"])
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -263,6 +318,7 @@ class SimulationResult:
             "baseline_strategies": dict(self.baseline_strategies),
             "num_candidates": self.num_candidates,
             "policies": {name: tr.to_dict() for name, tr in self.traces.items()},
+            "refused": dict(self.refused),
         }
         if BALANCER in self.traces and len(self.traces) > 1:
             out["speedup_vs"] = self.speedup()
@@ -273,8 +329,8 @@ class SimulationResult:
         """Markdown table: one row per policy."""
         head = (
             "| policy | strategy | mean step s | tokens/s | imbalance | est/bound | padding | "
-            "plan ms (median / p99) | balancer speedup |\n"
-            "|---|---|---|---|---|---|---|---|---|\n"
+            "plan ms (median / p99) | step tokens / budget | balancer speedup |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n"
         )
         speed = self.speedup() if BALANCER in self.traces else {}
         rows = []
@@ -282,12 +338,21 @@ class SimulationResult:
             s = tr.summary()
             strat = self.baseline_strategies.get(name) or f"{s['strategies_used']} of {self.num_candidates}"
             up = "—" if name == BALANCER else (f"{speed[name]:.2f}×" if name in speed else "")
+            size = f"{s['step_tokens_min']:.2f}–{s['step_tokens_max']:.2f}" + (
+                f" ✗ {s['batch_size_violations']}" if s["batch_size_violations"] else " ✓"
+            )
+            if s["refused_steps"] == tr.refused.size:
+                rows.append(f"| {name} | {strat} | refused every step |" + " |" * 7)
+                continue
+            if s["refused_steps"]:
+                up += f" (on {tr.refused.size - s['refused_steps']} of {tr.refused.size} steps)"
             rows.append(
                 f"| {name} | {strat} | {s['mean_step_seconds']:.4g} | {s['tokens_per_second']:,.0f} | "
                 f"{s['mean_imbalance']:.3f} | {s['median_estimate_over_bound']:.3f} | {s['padding_ratio']:.1%} | "
-                f"{s['plan_ms_median']:.2f} / {s['plan_ms_p99']:.2f} | {up} |"
+                f"{s['plan_ms_median']:.2f} / {s['plan_ms_p99']:.2f} | {size} | {up} |"
             )
-        return head + "\n".join(rows) + "\n"
+        notes = [f"* `{name}` refused {why}" for name, why in self.refused.items()]
+        return head + "\n".join(rows) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 # ----------------------------------------------------------------------------------------
@@ -345,25 +410,41 @@ def simulate(
     capped = np.minimum(table, max_length)
 
     strategies: dict[str, str] = {}
+    own: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
     for name in config.policies:
         if name == BALANCER:
             continue
-        kw = {"seed": config.seed, "max_length": max_length, **config.baseline_options.get(name, {})}
+        kw = {
+            "seed": config.seed, "max_length": max_length, "tokens_per_step": config.tokens_per_step,
+            **config.baseline_options.get(name, {}),
+        }
         first = make_baseline(name, cluster, baseline_strategy, cost_model, **kw)
+        if type(first).epoch_order is not BaselinePolicy.epoch_order:  # its sampler orders the epoch
+            own[name] = lambda s, perm, p=first: p.epoch_order(s, perm, config.tokens_per_step)
         split = name == "megatron_hybrid_cp" and first.strategy.layouts[0].cp > 1
         strategies[name] = first.strategy.name + (" (cp groups split per step)" if split else "")
         factories[name] = (lambda n=name, k=kw, st=first.strategy: make_baseline(n, cluster, st, cost_model, **k))
     order = [p for p in config.policies]
 
-    batches = global_batches(capped, config.tokens_per_step, config.seed)
-    steps = [next(batches) for _ in range(config.num_steps)]
+    def take(batches: Iterator[GlobalBatch]) -> list[GlobalBatch]:
+        return [next(batches) for _ in range(config.num_steps)]
+
+    shared = take(global_batches(capped, config.tokens_per_step, config.seed))
+    streams = {
+        name: take(global_batches(capped, config.tokens_per_step, config.seed, own[name])) if name in own else shared
+        for name in order
+    }
     if config.warmup:
-        b0 = steps[0]
         for name in order:
-            factories[name]().plan(capped[b0.sample_ids], step=0, sample_ids=b0.sample_ids)
+            b0 = streams[name][0]
+            try:
+                factories[name]().plan(capped[b0.sample_ids], step=0, sample_ids=b0.sample_ids)
+            except PeerRefusal:  # recorded when the timed loop meets it
+                pass
     planners = {name: factories[name]() for name in order}
-    traces = {name: PolicyTrace.empty(name, config.num_steps) for name in order}
+    traces = {name: PolicyTrace.empty(name, config.num_steps, config.tokens_per_step, max_length) for name in order}
     trained: dict[str, list[np.ndarray]] = {name: [] for name in order}
+    refusals: dict[str, tuple[str, list[int]]] = {}
     dump = Path(config.dump_plans).open("w") if config.dump_plans else None
     bar = None
     if config.progress:
@@ -371,18 +452,25 @@ def simulate(
 
         bar = tqdm(total=config.num_steps * len(order), desc="simulate", unit="plan")
     try:
-        for b in steps:
-            flush = b.last_in_epoch or b.step == config.num_steps - 1
-            seq = capped[b.sample_ids]
+        for k in range(config.num_steps):
             for name in order:
+                b = streams[name][k]
+                flush = b.last_in_epoch
+                seq = capped[b.sample_ids]
                 planner = planners[name]
                 t0 = time.perf_counter()
                 if isinstance(planner, BaselinePolicy):
-                    plan = planner.plan(seq, step=b.step, sample_ids=b.sample_ids, flush=flush)
+                    try:
+                        plan = planner.plan(seq, step=b.step, sample_ids=b.sample_ids, flush=flush)
+                    except PeerRefusal as err:  # the real system fails here too: report, do not score
+                        traces[name].refused[b.step] = True
+                        refusals.setdefault(name, (str(err), []))[1].append(b.step)
+                        continue
                 else:
                     plan = planner.plan(seq, step=b.step, sample_ids=b.sample_ids)
                 elapsed = time.perf_counter() - t0
                 _record(traces[name], b.step, plan, planner, capped, cost_model, cluster, elapsed, config.validate)
+                traces[name].flushed[b.step] = flush
                 trained[name].append(np.asarray(plan.sample_ids(), dtype=np.int64))
                 if dump is not None:
                     dump.write(json.dumps({"policy": name, "step": b.step, "plan": plan.to_dict()}) + "\n")
@@ -394,13 +482,20 @@ def simulate(
         if bar is not None:
             bar.close()
 
-    sampled = np.sort(np.concatenate([b.sample_ids for b in steps]))
-    for name in order:
-        got = np.sort(np.concatenate(trained[name]))
+    refused = {
+        name: f"{len(steps)} of {config.num_steps} steps (step {', '.join(map(str, steps[:5]))}"
+        f"{', …' if len(steps) > 5 else ''}): {why}"
+        for name, (why, steps) in refusals.items()
+    }
+    for name in traces:
+        kept = [b.sample_ids for b in streams[name] if not traces[name].refused[b.step]]  # a refused batch trains nothing
+        sampled = np.sort(np.concatenate([np.zeros(0, np.int64), *kept]))
+        held = planners[name].held() if isinstance(planners[name], BaselinePolicy) else np.zeros(0, np.int64)
+        got = np.sort(np.concatenate([*trained[name], held]))
         if got.shape != sampled.shape or not np.array_equal(got, sampled):
             raise RuntimeError(
-                f"simulate: policy {name!r} trained {got.size} sequences but {sampled.size} were sampled "
-                "(a sequence was lost or duplicated)"
+                f"simulate: policy {name!r} trained {got.size - held.size} sequences and holds {held.size}, but "
+                f"{sampled.size} were sampled (a sequence was lost or duplicated)"
             )
     return SimulationResult(
         config=config,
@@ -410,6 +505,7 @@ def simulate(
         cost_model=repr(cost_model),
         baseline_strategies=strategies,
         num_candidates=len(candidates) if (want_balancer and candidates) else 0,
+        refused=refused,
     )
 
 

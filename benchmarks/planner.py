@@ -70,7 +70,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(ROOT))
 
-from balancer.baselines import greedy_dispatch, random_restart_dispatch, static_layout  # noqa: E402
+from balancer.baselines import baseline_fidelity, greedy_dispatch, random_restart_dispatch, static_layout  # noqa: E402
 from balancer.candidates import enumerate_layouts  # noqa: E402
 from balancer.cost import CostModel  # noqa: E402
 from balancer.data import INSTANCES_FILE, bundled_path, read_lengths  # noqa: E402
@@ -448,6 +448,14 @@ def headline_table(records: list[dict[str, Any]]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def fidelity_table() -> str:
+    """Markdown: per baseline, the real system it reproduces and how closely (from the fixtures)."""
+    rows = [f"| `{name}` | {system} | {fidelity} |" for name, (system, fidelity) in baseline_fidelity().items()]
+    return ("Baselines, the real systems they reproduce, and how closely (replayed against the systems' own "
+            "outputs in `tests/fixtures/baselines/`, see `docs/baselines.md`):\n\n"
+            "| baseline | reproduces | fidelity |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def run_simulations(args: argparse.Namespace) -> int:
     sets = args.lengths or (["code_kafka"] if args.quick else list(DEFAULT_SETS))
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
@@ -476,7 +484,7 @@ def run_simulations(args: argparse.Namespace) -> int:
             print(res.summary_table())
             md.append(f"\n## {scn.name} on {label}\n\nLoad average after the run: {rec['load_avg_at_end']}.\n\n")
             md.append(res.summary_table())
-    head = headline_table(records)
+    head = headline_table(records) + "\n" + fidelity_table()
     print("\n" + head)
     md.insert(2, "\n## Headline\n\nSpeedup = Balancer tokens/s over the best baseline's. ✓/✗: latency target "
               "(20 ms up to 64 GPUs, 200 ms at 1,024) and median estimate/bound ≤ 1.03. Heterogeneity "

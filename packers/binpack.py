@@ -8,7 +8,8 @@ the rule finds. Bins are numbered in the order they are opened.
   of ``n`` potential bins finds that bin in ``O(log n)``; total ``O(n log n)``.
   Guarantee: ``FFD <= 11/9·OPT + 6/9`` bins (Dósa 2007).
 * **best-fit decreasing** (BFD): same order, each into the bin whose residual capacity
-  is smallest among those with room (ties: the most recently filled). Bins are kept in
+  is smallest among those with room (ties: the bin that reached that residual first, as
+  TRL's ``pack_dataset`` and OLMo-core's ``InstancePacker`` break them). Bins are kept in
   buckets by residual capacity and a tree over the buckets finds the first non-empty
   bucket at or above the item's size in ``O(log B)``; with ``capacity < 2**20`` tokens
   every bucket holds a single residual value, so total ``O(n log C)``. Larger
@@ -146,9 +147,12 @@ def _best_fit(order: np.ndarray, sizes: np.ndarray, capacity: int, shift: int) -
     while leaves < num_buckets:
         leaves *= 2
     # nonempty[node] = number of non-empty buckets under node; bucket b holds the bins
-    # whose residual capacity r has r >> shift == b, in a doubly linked list.
+    # whose residual capacity r has r >> shift == b, in a doubly linked list in the order
+    # they entered it (a bin re-enters on every placement), so the first bin of a bucket
+    # with the best residual is the one that reached it first (the FIFO tie rule).
     nonempty = np.zeros(2 * leaves, dtype=np.int32)
     head = np.full(num_buckets, -1, dtype=np.int64)
+    tail = np.full(num_buckets, -1, dtype=np.int64)
     nxt = np.full(n, -1, dtype=np.int64)
     prv = np.full(n, -1, dtype=np.int64)
     residual = np.zeros(n, dtype=np.int64)
@@ -206,6 +210,8 @@ def _best_fit(order: np.ndarray, sizes: np.ndarray, capacity: int, shift: int) -
                 head[bk] = nxt[chosen]
             if nxt[chosen] >= 0:
                 prv[nxt[chosen]] = prv[chosen]
+            else:
+                tail[bk] = prv[chosen]
             if head[bk] < 0:
                 node = leaves + bk
                 while node >= 1:
@@ -213,14 +219,16 @@ def _best_fit(order: np.ndarray, sizes: np.ndarray, capacity: int, shift: int) -
                     node >>= 1
         bin_of[i] = chosen
         residual[chosen] -= s
-        # link chosen at the head of its new bucket
+        # link chosen at the tail of its new bucket
         bk = residual[chosen] >> shift
         was_empty = head[bk] < 0
-        prv[chosen] = -1
-        nxt[chosen] = head[bk]
-        if head[bk] >= 0:
-            prv[head[bk]] = chosen
-        head[bk] = chosen
+        nxt[chosen] = -1
+        prv[chosen] = tail[bk]
+        if was_empty:
+            head[bk] = chosen
+        else:
+            nxt[tail[bk]] = chosen
+        tail[bk] = chosen
         if was_empty:
             node = leaves + bk
             while node >= 1:

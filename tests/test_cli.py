@@ -104,7 +104,7 @@ def test_plan_then_simulate_with_the_plan_s_candidates(data: Path, tmp_path: Pat
     result = json.loads((tmp_path / "sim" / "simulation.json").read_text())
     from balancer.baselines import BASELINES
 
-    assert set(result["policies"]) == {"balancer", *BASELINES}  # every baseline
+    assert set(result["policies"]) == {"balancer", *BASELINES}  # every baseline (refused steps are listed)
     assert result["num_candidates"] == len(pool.strategies)
     assert "estimated speedup over the best baseline" in sim.stdout
     assert (tmp_path / "sim" / "simulation.png").read_bytes()[:8] == PNG_MAGIC

@@ -38,6 +38,27 @@ def _naive_best_fit_count(sizes: np.ndarray, cap: int) -> int:
     return len(residual)
 
 
+def _naive_best_fit_fifo(sizes: np.ndarray, cap: int) -> np.ndarray:
+    """BFD with TRL's / OLMo-core's tie rule: among bins with the best residual, the one
+    that reached that residual first."""
+    order = np.argsort(-sizes, kind="stable")
+    residual: list[int] = []
+    since: list[int] = []  # placement count when each bin reached its residual
+    bin_of = np.empty(sizes.size, dtype=np.int64)
+    for t, i in enumerate(order):
+        fits = [(r, since[j], j) for j, r in enumerate(residual) if r >= sizes[i]]
+        if fits:
+            _, _, j = min(fits)
+            residual[j] -= int(sizes[i])
+            since[j] = t
+        else:
+            j = len(residual)
+            residual.append(cap - int(sizes[i]))
+            since.append(t)
+        bin_of[i] = j
+    return bin_of
+
+
 instances = st.integers(1, 200).flatmap(
     lambda cap: st.tuples(st.lists(st.integers(1, cap), min_size=1, max_size=60).map(np.array), st.just(cap))
 )
@@ -73,6 +94,14 @@ def test_bfd_matches_reference_count(inst):
     # bins with equal residual capacity are interchangeable, so any tie rule gives this count
     assert p.num_bins == _naive_best_fit_count(sizes, cap)
     assert P.bin_packing_lower_bound(sizes, cap) <= p.num_bins
+
+
+@settings(max_examples=150, deadline=None)
+@given(instances)
+def test_bfd_breaks_ties_oldest_first(inst):
+    """Equal residuals go to the bin that reached that residual first (TRL, OLMo-core)."""
+    sizes, cap = inst
+    np.testing.assert_array_equal(P.best_fit_decreasing(sizes, cap).bin_of, _naive_best_fit_fifo(sizes, cap))
 
 
 @settings(max_examples=60, deadline=None)

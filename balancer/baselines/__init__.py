@@ -11,13 +11,19 @@ the :class:`~balancer.selector.Balancer`. Each is written from its published des
 
 * ``padded`` — random equal-count split, fixed-size micro-batches padded to their
   longest sequence (the Hugging Face ``Trainer`` default);
-* ``length_grouped`` — ``group_by_length``: mega-batches sorted by length, then split;
-* ``multipack`` — token first-fit-decreasing, one bin per rank per step;
-* ``bfd`` — token best-fit-decreasing packing (TRL, OLMo-core), bins dealt to ranks;
-* ``megatron_dp_balanced`` — next-fit in sampler order, equal bin counts per rank;
-* ``megatron_hybrid_cp`` — power-of-two cp per sequence, least-loaded greedy on L²/cp;
-* ``wlb_llm`` — outlier delay queue + least-workload greedy on αL²+βL (OSDI 2025);
+* ``length_grouped`` — transformers' ``group_by_length``: the epoch's order in sorted
+  mega-batches (:meth:`BaselinePolicy.epoch_order`), micro-batches dealt round-robin;
+* ``multipack`` — OpenChat's multipack sampler: FFD, one packed row per rank per micro-step;
+* ``bfd`` — best-fit decreasing rows (TRL ``pack_dataset``, OLMo-core), one per rank per micro-step;
+* ``megatron_dp_balanced`` — Megatron-LM's ``DpBalancedScheduler``: next-fit in sampler
+  order, trailing sequences moved out until the groups are a multiple of R;
+* ``megatron_hybrid_cp`` — megatron-core's ``BalancedCPScheduler`` (hybrid cp), exact;
+* ``wlb_llm`` — WLB-LLM: outlier delay queue on a fixed token budget + least-workload greedy;
 * ``hydraulis_random_restart`` — 50 shuffled orders, each placed greedily; best kept.
+
+``tests/fixtures/baselines/`` holds what the real systems did on fixed batches, and the
+tests replay it; ``docs/baselines.md`` says per policy what it reproduces and where it
+differs.
 
 Padding. ``padded`` and ``length_grouped`` run each micro-batch as a padded rectangle:
 a micro-batch of ``v`` sequences padded to its longest sequence ``s_max`` costs
@@ -28,8 +34,9 @@ ids only, so its ``est_seconds`` stay the unpadded cost-model times (what
 returns for these two policies. Simulations and benchmarks always use ``score``.
 
 Every policy derives its randomness from ``(seed, step)``, so every rank computes the
-same plan. Policies are stateless except ``wlb_llm``, whose outlier queue carries
-sequences into later steps (``flush=True`` at the end of an epoch empties it).
+same plan. Policies are stateless except ``wlb_llm``, whose outlier queue and backlog
+carry sequences into later steps (``flush=True`` at the end of an epoch empties them);
+it trains at most ``tokens_per_step`` tokens a step.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from .hydraulis import (
 from .megatron import MegatronDpBalancedPolicy, MegatronHybridCpPolicy
 from .packing import BestFitPolicy, MultipackPolicy
 from .padded import LengthGroupedPolicy, PaddedPolicy
+from .rules import PeerRefusal
 from .scoring import PlanScore, score_plan, strategy_lower_bound
 from .static import static_layout, static_strategy
 from .wlb import WlbLlmPolicy
@@ -64,9 +72,11 @@ __all__ = [
     "MegatronHybridCpPolicy",
     "MultipackPolicy",
     "PaddedPolicy",
+    "PeerRefusal",
     "Placement",
     "PlanScore",
     "WlbLlmPolicy",
+    "baseline_fidelity",
     "baseline_names",
     "greedy_dispatch",
     "make_baseline",
@@ -91,6 +101,11 @@ BASELINES: dict[str, type[BaselinePolicy]] = {
 """Registry: baseline name → policy class (each accepts ``cluster, strategy, cost_model, **kw``)."""
 
 
+def baseline_fidelity() -> dict[str, tuple[str, str]]:
+    """Per baseline: the real system it reproduces and how closely (measured on the fixtures)."""
+    return {name: (cls.system, cls.fidelity) for name, cls in BASELINES.items()}
+
+
 def baseline_names() -> list[str]:
     """Names accepted by :func:`make_baseline`, in registry order."""
     return list(BASELINES)
@@ -109,7 +124,8 @@ def make_baseline(
     required): the smallest model-parallel degree whose capacity holds the longest
     allowed sequence (``megatron_hybrid_cp`` prefers the layout with the most cp at that
     degree). Other keywords go to the policy (``seed``, ``max_length``,
-    ``micro_batch_size``, ``restarts``, ``outlier_thresholds``, ``alpha``, ``beta``).
+    ``tokens_per_step``, ``micro_batch_size``, ``gradient_accumulation_steps``,
+    ``restarts``, ``outlier_thresholds``, ``alpha``, ``beta``, ``max_delay``).
     """
     try:
         cls = BASELINES[name]

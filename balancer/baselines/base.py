@@ -114,6 +114,10 @@ class BaselinePolicy(ABC):
     name: ClassVar[str] = "baseline"
     pads: ClassVar[bool] = False
     """Whether micro-batches run padded (scored with :func:`score_plan` ``padded=True``)."""
+    system: ClassVar[str] = ""
+    """The real system this policy reproduces (name, version or commit)."""
+    fidelity: ClassVar[str] = ""
+    """How closely, as measured against the peer fixtures (``tests/fixtures/baselines``)."""
 
     def __init__(
         self,
@@ -123,6 +127,7 @@ class BaselinePolicy(ABC):
         *,
         seed: int = 0,
         max_length: int | None = None,
+        tokens_per_step: int | None = None,
     ) -> None:
         strategy.check_cluster(cluster)
         for lay in set(strategy.layouts):
@@ -141,6 +146,11 @@ class BaselinePolicy(ABC):
                 f"baseline {self.name!r}: max_length={self.max_length} must lie in 1..{self.capacity}, "
                 f"the token capacity of strategy {strategy.name!r}; use a larger layout or cap lengths"
             )
+        if tokens_per_step is not None and int(tokens_per_step) < 1:
+            raise ValueError(f"baseline {self.name!r}: tokens_per_step={tokens_per_step} must be >= 1 token or None")
+        self.tokens_per_step = None if tokens_per_step is None else int(tokens_per_step)
+        """The step's token budget (only a policy that delays sequences, ``wlb_llm``, uses
+        it to fill steps; ``None`` = each incoming batch's tokens)."""
         self._speeds = [cluster.replica_speed(rep) for rep in strategy.replicas]
 
     # -- public ---------------------------------------------------------------------------
@@ -172,7 +182,21 @@ class BaselinePolicy(ABC):
     @property
     def pending(self) -> int:
         """Sequences held back for a later step (only ``wlb_llm`` holds any)."""
-        return 0
+        return int(self.held().size)
+
+    def held(self) -> np.ndarray:
+        """Sample ids held back for a later step (int64; empty for a policy that holds none)."""
+        return np.zeros(0, dtype=np.int64)
+
+    def epoch_order(self, lengths: np.ndarray, permutation: np.ndarray, tokens_per_step: int) -> np.ndarray:
+        """The order in which this system's sampler visits one epoch.
+
+        ``lengths``: every dataset sample (tokens); ``permutation``: the epoch's random
+        shuffle. Most systems train the shuffle as it is; one whose sampler groups
+        sequences (``length_grouped``) returns its own order, and the simulator cuts that
+        policy's steps from it.
+        """
+        return permutation
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(strategy={self.strategy.name!r}, seed={self.seed})"

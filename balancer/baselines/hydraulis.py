@@ -162,6 +162,8 @@ class HydraulisRandomRestartPolicy(BaselinePolicy):
     """
 
     name = "hydraulis_random_restart"
+    system = "Hydraulis (arXiv 2412.07894): randomised-restart dispatch"
+    fidelity = "from the paper; no peer fixture"
 
     def __init__(self, *args: Any, restarts: int = 50, **kw: Any) -> None:
         super().__init__(*args, **kw)

@@ -1,4 +1,6 @@
-"""Megatron-LM's schedulers: data-parallel balanced next-fit and hybrid context parallelism."""
+"""Megatron's schedulers: Megatron-LM's ``DpBalancedScheduler`` and megatron-core's hybrid
+context parallelism (``BalancedCPScheduler``), both reproduced exactly where Megatron
+defines them (``tests/fixtures/baselines/megatron_*.json`` hold Megatron's answers)."""
 
 from __future__ import annotations
 
@@ -6,58 +8,66 @@ from typing import Any
 
 import numpy as np
 
-from packers.binpack import next_fit
 from strategies.layout import Layout, Replica, Strategy
 
-from .base import (
-    Assignment,
-    BaselinePolicy,
-    _deal,
-    _least_loaded,
-    _pack_tokens,
-    _split_largest,
-)
-from .packing import MultipackPolicy
+from .base import Assignment, BaselinePolicy, _pack_tokens, _split_largest
+from .hybrid_cp import balanced_cp_rounds, gpus_needed
+from .rules import dp_balanced_groups
 from .static import _powers_of_two, _priced
 
 __all__ = ["MegatronDpBalancedPolicy", "MegatronHybridCpPolicy"]
 
 
-class MegatronDpBalancedPolicy(MultipackPolicy):
-    """Megatron-Core ``dp_balanced`` packing: next-fit in sampler order, equal bins per rank.
+class MegatronDpBalancedPolicy(BaselinePolicy):
+    """Megatron-LM ``DpBalancedScheduler``: next-fit in sampler order, a multiple of R groups.
 
-    Sequences are packed in their given order, a new bin opening whenever the next one
-    does not fit (bins sized as for ``multipack``). The bin count is then raised to a
-    multiple of ``R`` (splitting the fullest bins; empty micro-batches if nothing can be
-    split) so every data-parallel rank runs the same number of micro-batches; bin ``b``
-    goes to replica ``b mod R``.
+    Groups of the layout capacity (Megatron's ``max_seqlen_per_dp_cp_rank × cp``) are
+    filled in the batch's order; trailing sequences then move into one-sequence groups
+    until the count is a multiple of ``R``
+    (:func:`~balancer.baselines.rules.dp_balanced_groups`); group ``k·R + d`` is
+    micro-batch ``k`` of replica ``d``. Like Megatron it refuses
+    (:class:`~balancer.baselines.rules.PeerRefusal`) a batch it would have to split the
+    first group for, e.g. one that fits a single group. A
+    replica with fewer than ``pp`` micro-batches has its fullest split (our pipeline
+    rule; Megatron requires enough micro-batches up front).
     """
 
     name = "megatron_dp_balanced"
-    packer = staticmethod(next_fit)
+    system = "Megatron-LM main `DpBalancedScheduler`"
+    fidelity = "exact: every rank's micro-batches (31/31 fixtures) and the same refusals (5/5)"
 
     def _assign(self, lengths: np.ndarray, rng: np.random.Generator) -> tuple[Strategy, Assignment]:
-        bins = self._bins(lengths)
         num = len(self.strategy.replicas)
-        bins = _split_largest(bins, lengths, -(-len(bins) // num) * num)
-        return self.strategy, self._finish(_deal(bins, num), lengths)
+        groups = [np.asarray(g, dtype=np.int64) for g in dp_balanced_groups(lengths, self.capacity, num)]
+        per_replica = [groups[d::num] for d in range(num)]
+        pps = [rep.layout.pp for rep in self.strategy.replicas]
+        return self.strategy, [_split_largest(m, lengths, pp) for m, pp in zip(per_replica, pps)]
+
 
 class MegatronHybridCpPolicy(BaselinePolicy):
-    """Megatron-Core hybrid (dynamic) context parallelism on the static layout's cp groups.
+    """megatron-core hybrid (dynamic) context parallelism over the static layout's cp slots.
 
-    The static strategy has ``D`` replicas of ``(tp, C, pp)``; its ``D·C`` cp slots form
-    one pool. Each sequence gets the smallest power-of-two cp degree ``k <= C`` whose
-    layout ``(tp, k, pp)`` holds it (Megatron's ``gpus_needed``). Per step the pool is cut
-    into groups: every cp degree in use gets one group, further groups go to the degree
-    with the most cost-model rank-seconds per slot while slots remain (and while it has
-    more sequences than groups); groups are laid out largest
-    first, so each stays inside one static replica. Inside a degree, sequences go
-    longest first to the group with the least ``Σ L²/k`` (Megatron's workload estimate),
-    then are packed first-fit-decreasing by tokens into micro-batches. Each group is a
-    replica of layout ``(tp, k, pp)`` in this step's strategy.
+    The static strategy has ``D`` replicas of ``(tp, C, pp)``; Megatron pools their
+    ``D·C`` cp slots ("GPUs" below, each ``tp·pp`` ranks) and schedules every batch with
+    :func:`~balancer.baselines.hybrid_cp.balanced_cp_rounds`, with
+    ``max_seq_len_per_rank`` = the most tokens per slot that every power-of-two group
+    size holds (``min_g capacity(tp, g, pp) / g``). Each group of ``g`` slots becomes a
+    replica of layout ``(tp, g, pp)`` (slots taken in order, so a group may span static
+    replicas). What a ``StepPlan`` cannot say — one grouping per step — differs:
+
+    * Megatron may regroup the GPUs in every round; here the first round's groups hold
+      for the step and a later round's sequences join the least-loaded (``Σ L²/g``)
+      group of their size (else the next larger, else the largest) as one more
+      micro-batch;
+    * Megatron runs a round's sequences on a group as one packed micro-batch with no
+      token cap; here they are cut first-fit decreasing at the group layout's token
+      capacity when they exceed it (the cost model's memory limit).
     """
 
     name = "megatron_hybrid_cp"
+    system = "megatron-core 0.16.1 `BalancedCPScheduler` (hybrid cp)"
+    fidelity = ("schedule exact (36/36, several rounds included); one grouping per step (the first round's), "
+                "micro-batches cut at the layout's token capacity")
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -65,102 +75,91 @@ class MegatronHybridCpPolicy(BaselinePolicy):
             raise ValueError("megatron_hybrid_cp starts from a homogeneous static strategy")
         base = self.strategy.layouts[0]
         self.base = base
-        degrees = [k for k in _powers_of_two(base.cp) if base.cp % k == 0]
-        self.degrees: list[int] = []
-        self.capacities: list[int] = []
-        for k in degrees:
-            lay = Layout(tp=base.tp, cp=k, pp=base.pp)
+        self.num_slots = len(self.strategy.replicas) * base.cp
+        """Megatron's dp×cp pool: cp slots of ``tp·pp`` ranks each."""
+        self._layouts: dict[int, Layout] = {}
+        for g in _powers_of_two(self.num_slots):
+            lay = Layout(tp=base.tp, cp=g, pp=base.pp)
             if _priced(self.cost_model, lay):
-                self.degrees.append(k)
-                self.capacities.append(self.cost_model.token_capacity(lay))
-        # max_length <= capacity of the static layout (checked by the base class)
+                self._layouts[g] = lay
+        per_slot = [self.cost_model.token_capacity(lay) // g for g, lay in self._layouts.items() if g <= base.cp]
+        self.max_seq_len_per_rank = max(1, min(per_slot))
+        """Megatron's ``max_seqlen_per_dp_cp_rank``, tokens."""
+        need = gpus_needed(self.max_length, self.max_seq_len_per_rank)
+        if need > self.num_slots or need not in self._layouts:
+            raise ValueError(
+                f"megatron_hybrid_cp: a {self.max_length}-token sequence needs {need} cp slots of "
+                f"{self.max_seq_len_per_rank} tokens, which the {self.num_slots}-slot pool or the cost model "
+                f"(layout tp{base.tp}cp{need}) cannot give; lower max_length"
+            )
 
-    def _degree_of(self, lengths: np.ndarray) -> np.ndarray:
-        """Index into ``self.degrees`` of the smallest cp degree whose capacity holds each sequence."""
-        caps = np.array(self.capacities)
-        fits = lengths[:, None] <= caps[None, :]
-        return np.argmax(fits, axis=1)
+    def _layout(self, g: int) -> Layout:
+        return self._layouts[g]
 
-    def _allocate(self, work: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Groups per cp degree: one per degree in use, then by work per slot while slots remain."""
-        slots = len(self.strategy.replicas) * self.base.cp
-        used = [d for d in range(len(self.degrees)) if counts[d] > 0]
-        # Too many degrees for the pool (only with one static replica): run the lightest
-        # degrees on the next larger degree in use.
-        while sum(self.degrees[d] for d in used) > slots:
-            d = used.pop(0)
-            nxt = used[0]
-            work[nxt] += work[d]
-            counts[nxt] += counts[d]
-            work[d] = 0
-            counts[d] = 0
-        groups = np.zeros(len(self.degrees), dtype=np.int64)
-        for d in used:
-            groups[d] = 1
-        free = slots - sum(self.degrees[d] for d in used)
-        while free > 0:
-            open_ = [d for d in used if self.degrees[d] <= free and groups[d] < counts[d]]
-            if not open_:
-                break
-            d = max(open_, key=lambda q: (work[q] / (groups[q] * self.degrees[q]), -self.degrees[q]))
-            groups[d] += 1
-            free -= self.degrees[d]
-        return groups
+    def _priced_parts(self, slots: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """``slots`` as one group, or cut into groups of the largest size the cost model prices."""
+        g = len(slots)
+        if g in self._layouts:
+            return [slots]
+        h = max(k for k in self._layouts if k < g)
+        return [slots[i : i + h] for i in range(0, g, h)]
+
+    def _replica(self, slots: tuple[int, ...]) -> Replica:
+        C, base = self.base.cp, self.base
+        ranks = []
+        for p in range(base.pp):
+            for s in slots:
+                static = self.strategy.replicas[s // C]
+                ranks.extend(static.rank_at(t, s % C, p) for t in range(base.tp))
+        return Replica(self._layout(len(slots)), tuple(ranks))
 
     def _assign(self, lengths: np.ndarray, rng: np.random.Generator) -> tuple[Strategy, Assignment]:
-        deg_idx = self._degree_of(lengths)
-        sq = lengths.astype(np.float64) ** 2
-        base, C = self.base, self.base.cp
-        # rank-seconds per degree from the cost model, to size the groups
-        work = np.zeros(len(self.degrees))
-        for d, k in enumerate(self.degrees):
-            members = lengths[deg_idx == d]
-            if members.size:
-                lay = Layout(tp=base.tp, cp=k, pp=base.pp)
-                work[d] = k * float(self.cost_model.seconds(members, lay).sum())
-        counts = np.bincount(deg_idx, minlength=len(self.degrees)).astype(np.int64)
-        groups = self._allocate(work, counts)
-        # sequences of a degree merged upward (single static replica) follow their new degree
-        for d in range(len(self.degrees)):
-            if counts[d] == 0 and np.any(deg_idx == d):
-                deg_idx[deg_idx == d] = next(q for q in range(d + 1, len(self.degrees)) if groups[q] > 0)
-        # lay out groups largest first over the slot pool: slot g -> static replica g // C
+        rounds = balanced_cp_rounds(lengths, self.max_seq_len_per_rank, self.num_slots)
+        first = rounds[0]
+        sizes = [len(g) for g in first.groups]
+        work = [float(sum(int(lengths[p]) ** 2 for p in pos)) / len(g) for g, pos in zip(first.groups, first.positions)]
+        rounds_of: list[list[np.ndarray]] = [[np.asarray(pos, dtype=np.int64)] for pos in first.positions]
+        for rnd in rounds[1:]:
+            for grp, pos in zip(rnd.groups, rnd.positions):
+                g = len(grp)
+                fits = [j for j, sz in enumerate(sizes) if sz == g] or [
+                    j for j, sz in enumerate(sizes) if sz == min((s for s in sizes if s > g), default=max(sizes))
+                ]
+                j = min(fits, key=lambda q: work[q])
+                rounds_of[j].append(np.asarray(pos, dtype=np.int64))
+                work[j] += float(sum(int(lengths[p]) ** 2 for p in pos)) / sizes[j]
         replicas: list[Replica] = []
-        group_degree: list[int] = []
-        slot = 0
-        for d in sorted(range(len(self.degrees)), key=lambda q: -self.degrees[q]):
-            k = self.degrees[d]
-            for _ in range(int(groups[d])):
-                static = self.strategy.replicas[slot // C]
-                c0 = slot % C
-                ranks = [static.rank_at(t, c, p) for p in range(base.pp) for c in range(c0, c0 + k) for t in range(base.tp)]
-                replicas.append(Replica(Layout(tp=base.tp, cp=k, pp=base.pp), tuple(ranks)))
-                group_degree.append(d)
-                slot += k
-        k = self.degrees[0]
-        while slot < len(self.strategy.replicas) * C:  # leftover slots idle, in the smallest groups
-            static = self.strategy.replicas[slot // C]
-            c0 = slot % C
-            ranks = [static.rank_at(t, c, p) for p in range(base.pp) for c in range(c0, c0 + k) for t in range(base.tp)]
-            replicas.append(Replica(Layout(tp=base.tp, cp=k, pp=base.pp), tuple(ranks)))
-            group_degree.append(-1)
-            slot += k
-        assignment: Assignment = [[] for _ in replicas]
-        for d in range(len(self.degrees)):
-            members = np.flatnonzero(deg_idx == d)
-            if members.size == 0:
-                continue
-            slots_of = [g for g, gd in enumerate(group_degree) if gd == d]
-            k = self.degrees[d]
-            order = members[np.argsort(-sq[members], kind="stable")]
-            local = _least_loaded(
-                np.arange(order.size, dtype=np.int64), sq[order] / k, lengths[order], len(slots_of), np.iinfo(np.int64).max
-            )
-            for g_local, g in enumerate(slots_of):
-                pos = np.sort(order[local == g_local])
-                assignment[g] = _pack_tokens(pos, lengths, self.capacities[d], base.pp)
-        name = "hybridcp:" + "+".join(
-            f"{Layout(tp=base.tp, cp=self.degrees[d], pp=base.pp).name}x{int(groups[d])}"
-            for d in range(len(self.degrees)) if groups[d]
-        )
+        assignment: Assignment = []
+        for grp, mbs in zip(first.groups, rounds_of):
+            parts = self._priced_parts(grp)
+            if len(parts) > 1:  # a group larger than any priced layout: its sequences by LPT on L²
+                mbs = self._spread(np.concatenate(mbs), lengths, len(parts), self.cost_model.token_capacity(self._layout(len(parts[0]))))
+            for part, part_mbs in zip(parts, mbs if len(parts) > 1 else [mbs]):
+                rep = self._replica(part)
+                cap = self.cost_model.token_capacity(rep.layout)
+                cut: list[np.ndarray] = []
+                for m in part_mbs:
+                    cut.extend(_pack_tokens(m, lengths, cap, 1) if int(lengths[m].sum()) > cap else [m])
+                replicas.append(rep)
+                assignment.append(_split_largest(cut, lengths, rep.layout.pp))
+        counts: dict[int, int] = {}
+        for rep in replicas:
+            counts[rep.layout.cp] = counts.get(rep.layout.cp, 0) + 1
+        name = "hybridcp:" + "+".join(f"{self._layout(g).name}x{n}" for g, n in sorted(counts.items()))
         return Strategy(name, tuple(replicas)), assignment
+
+    @staticmethod
+    def _spread(positions: np.ndarray, lengths: np.ndarray, parts: int, capacity: int) -> list[list[np.ndarray]]:
+        """Longest first, each sequence to the part with the least ``Σ L²`` (one micro-batch each)."""
+        if lengths[positions].max(initial=0) > capacity:
+            raise ValueError(
+                f"megatron_hybrid_cp: a {int(lengths[positions].max())}-token sequence needs a cp group the "
+                f"cost model cannot price (largest priced holds {capacity} tokens); add larger cp layouts"
+            )
+        load = np.zeros(parts)
+        out: list[list[int]] = [[] for _ in range(parts)]
+        for p in positions[np.argsort(-lengths[positions], kind="stable")]:
+            j = int(np.argmin(load))
+            out[j].append(int(p))
+            load[j] += float(lengths[p]) ** 2
+        return [[np.asarray(o, dtype=np.int64)] if o else [] for o in out]
