@@ -67,8 +67,9 @@ from typing import Any, Sequence
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from a source checkout
-    sys.path.insert(0, str(ROOT))
+# Run as a script from a source checkout: the repo root first, and not this folder, whose
+# packers.py would shadow the packers package (also when PYTHONPATH already names the root).
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "benchmarks")]
 
 from balancer.baselines import baseline_fidelity, greedy_dispatch, random_restart_dispatch, static_layout  # noqa: E402
 from balancer.candidates import enumerate_layouts  # noqa: E402
