@@ -1,31 +1,38 @@
 """Background planning with cross-rank agreement.
 
-:class:`PlanStream` turns a sequence of global batches into plans, ``depth`` steps ahead
-of the consumer, in one background thread. With ``sync``:
+:class:`PlanStream` turns a sequence of global batches into built steps, ``depth`` steps
+ahead of the consumer, in one background thread. With ``sync``:
 
-* ``"none"``: every rank plans on its own (deterministic Balancer, no feedback);
-* ``"verify"``: every rank plans, then all ranks all-gather the plan digests and stop
-  with an error naming the step and the disagreeing ranks;
-* ``"broadcast"``: rank 0 plans and broadcasts the plan; the others only receive
-  (required when ``Balancer.observe`` feeds measured times back, because which plan
-  sees an observation depends on timing).
+* ``"none"``: every rank plans on its own and nothing is exchanged or checked (one
+  process, or ranks the caller guarantees identical data);
+* ``"verify"``: every rank plans and builds its step, then all ranks all-gather a
+  fingerprint of their global batch and their plan digest;
+* ``"broadcast"``: rank 0 plans and broadcasts the plan with its batch fingerprint;
+  every rank checks the fingerprint against its own batch, builds its step, and all
+  ranks all-gather the outcome (required when ``Balancer.observe`` feeds measured
+  times back, because which plan sees an observation depends on timing).
+
+Every exchange ends with one all-gather of each rank's outcome for the step — built, end
+of data, stopped (``break``/``close``) or failed (reading, planning or building) — and
+every rank takes the same decision from it: continue, stop, or raise on *every* rank.
+A rank that fails raises its own error; its peers raise :class:`PlanSyncError` naming
+it. Ranks whose global batches differ (another seed, data order or dataset; a per-rank
+shard of a stream) raise :class:`PlanSyncError` on every rank at the first such step,
+before anything from it is trained. The exchange runs on a dedicated gloo group whose
+timeout is the job's (see :func:`dataloader.distributed.plan_group`): a peer that died
+or stopped without telling is noticed within that time, never later.
 
 ``pace`` (optional): an event the consumer sets while it is busy with something other
 than taking data (the training step) and clears when it comes back. The thread then
 starts each further plan while the event is set — planning overlaps the training step
 instead of competing for the GIL with the consumer's own data handling — or as soon as
 the consumer has nothing planned left, so it never waits on the gate.
-
-Collectives run in the background thread on a dedicated gloo group, so they never
-interleave with the training loop's collectives. Every message is tagged with its step;
-a rank that stops early (``break``) tells the others with a ``stop`` message at its
-next exchange, and an error on one rank is raised on all of them, so no rank waits
-forever on a peer.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -33,9 +40,11 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 
-from strategies.plan import StepPlan
+from strategies.plan import RankPlan, StepPlan
 
-__all__ = ["PLAN_SYNC_MODES", "PlanBatch", "PlanStream", "PlanSyncError"]
+from .distributed import check_world
+
+__all__ = ["PLAN_SYNC_MODES", "PlanBatch", "PlanStream", "PlanSyncError", "batch_fingerprint", "rank_plan_for"]
 
 PLAN_SYNC_MODES = ("none", "verify", "broadcast")
 
@@ -43,7 +52,7 @@ T = TypeVar("T")
 
 
 class PlanSyncError(RuntimeError):
-    """Ranks disagree on a plan, or a peer failed or stopped early."""
+    """Ranks disagree on a step (data, plan, or epoch length), or a peer failed or stopped early."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +69,68 @@ class PlanBatch:
     """int64[n] loss-carrying tokens per sequence."""
     meta: Any = None
     """Whatever the builder needs to turn the plan into this rank's work."""
+    content: bytes = b""
+    """Extra bytes that identify the batch's data (a stream's first tokens per sample); fingerprinted."""
 
 
-_STOP = "stop"
+def batch_fingerprint(batch: PlanBatch) -> str:
+    """Hex digest of a batch's ids, lengths, loss tokens and ``content``: equal on ranks that hold the same batch."""
+    h = hashlib.blake2b(digest_size=12)
+    for arr in (batch.ids, batch.lengths, batch.loss_tokens):
+        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+    h.update(batch.content)
+    return h.hexdigest()
+
+
+def rank_plan_for(batch: PlanBatch, plan: StepPlan, rank: int, world_size: int) -> RankPlan:
+    """``plan.for_rank(rank)`` after checking that the plan is ``batch``'s: the same sequences, loss tokens and world."""
+    want_loss = int(batch.loss_tokens.sum())
+    if plan.step != batch.step or plan.global_sequences != batch.ids.size or plan.global_loss_tokens != want_loss:
+        raise ValueError(
+            f"step {batch.step}: the plan (step {plan.step}) holds {plan.global_sequences} sequences / "
+            f"{plan.global_loss_tokens} loss tokens but this rank's batch has {batch.ids.size} / {want_loss}; the plan "
+            "does not belong to this rank's batch (do the ranks read the same data?)"
+        )
+    check_world(plan, world_size)
+    planned = np.sort(np.fromiter(plan.sample_ids(), dtype=np.int64, count=plan.global_sequences))
+    if not np.array_equal(planned, np.sort(batch.ids)):
+        extra = np.setdiff1d(planned, batch.ids)
+        missing = np.setdiff1d(batch.ids, planned)
+        raise ValueError(
+            f"step {batch.step}: the plan's sequences differ from this rank's batch (planned but not in the batch: "
+            f"{extra[:4].tolist()}; in the batch but not planned: {missing[:4].tolist()}); the plan does not belong "
+            "to this rank's batch"
+        )
+    return plan.for_rank(rank)
+
+
+DATA_HINT = (
+    "the data or its order differs across ranks. Every rank must build the loader with the same dataset (the whole "
+    "dataset, not a per-rank shard: the plan assigns samples to ranks), the same lengths and the same seed and "
+    "options (not seed + rank)"
+)
+"""Default advice when ranks hold different global batches (the streaming loader passes its own)."""
+
+_OK, _END, _STOP, _ERROR = "ok", "end", "stop", "error"
+_QUIT = object()
+"""Round result: this rank stopped (``break``/``close``) and its peers know."""
 _PACE_POLL = 0.002
 """Seconds between checks of the consumer's queue while waiting for its training step (``pace``)."""
 
 
+@dataclass(slots=True)
+class _Local:
+    """This rank's outcome for one round before the exchange."""
+
+    kind: str
+    step: int
+    batch: PlanBatch | None = None
+    plan: StepPlan | None = None
+    error: BaseException | None = None
+
+
 class PlanStream(Generic[T]):
-    """Iterator over ``build(batch, plan)`` for each batch, planned ahead in a thread."""
+    """Iterator over ``build(batch, plan)`` for each batch, planned ahead in a thread (module docstring)."""
 
     def __init__(
         self,
@@ -81,6 +143,9 @@ class PlanStream(Generic[T]):
         group: Any = None,
         rank: int = 0,
         pace: threading.Event | None = None,
+        first_step: int = 0,
+        data_hint: str = DATA_HINT,
+        timeout_s: float | None = None,
     ) -> None:
         if sync not in PLAN_SYNC_MODES:
             raise ValueError(f"plan sync {sync!r}: choose one of {list(PLAN_SYNC_MODES)}")
@@ -94,6 +159,9 @@ class PlanStream(Generic[T]):
         self._group = group
         self._rank = rank
         self._pace = pace
+        self._next_step = first_step
+        self._data_hint = data_hint
+        self._timeout_s = timeout_s
         self._out: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
         self._abandoned = threading.Event()
         self.completed = False
@@ -165,30 +233,35 @@ class PlanStream(Generic[T]):
 
         return self._balancer.prefetch(feed(), depth=self._depth), pulled
 
+    def _pull(self, source: Iterator[tuple[PlanBatch, StepPlan | None]]) -> _Local:
+        if self._abandoned.is_set():
+            return _Local(_STOP, self._next_step)
+        try:
+            batch, plan = next(source)
+        except StopIteration:
+            return _Local(_END, self._next_step)
+        except BaseException as e:  # reading or planning failed here: the peers are told in the round
+            return _Local(_ERROR, self._next_step, error=e)
+        self._next_step = batch.step + 1
+        return _Local(_OK, batch.step, batch, plan)
+
     def _run(self) -> None:
         plans: Iterator[StepPlan] | None = None
         try:
-            computes = self._sync != "broadcast" or self._rank == 0
-            if computes:
+            if self._sync != "broadcast" or self._rank == 0:
                 plans, pulled = self._computed_plans()
                 source: Iterator[tuple[PlanBatch, StepPlan | None]] = _zip_plans(plans, pulled)
             else:
                 source = ((b, None) for b in self._batches)
             while True:
                 self._wait_for_turn()
-                try:
-                    batch, plan = next(source)
-                except StopIteration:
+                result = self._round(self._pull(source))
+                if result is _QUIT:
+                    return
+                if result is _END:
                     self._emit("done", None)
                     return
-                except BaseException as e:  # a local planning error: tell the peers, then raise here
-                    self._exchange_failure(e)
-                    self._emit("error", e)
-                    return
-                plan = self._exchange(batch, plan)
-                if plan is None:  # a peer stopped early, or this rank did
-                    return
-                self._emit("item", self._build(batch, plan))
+                self._emit("item", result)
         except BaseException as e:
             self._emit("error", e)
         finally:
@@ -196,88 +269,136 @@ class PlanStream(Generic[T]):
             if close is not None:
                 close()
 
-    # -- agreement ------------------------------------------------------------------------------
-    def _exchange(self, batch: PlanBatch, plan: StepPlan | None) -> StepPlan | None:
-        """Agree on ``batch``'s plan with the peers; ``None`` when iteration must stop."""
+    # -- one round of agreement -------------------------------------------------------------------
+    def _round(self, local: _Local) -> Any:
+        """This step's built item, ``_END`` or ``_QUIT``; raises (on every rank alike) when the ranks disagree."""
         if self._sync == "none":
-            return None if self._abandoned.is_set() else plan
+            if local.kind == _ERROR:
+                raise local.error  # type: ignore[misc]
+            if local.kind != _OK:
+                return _END if local.kind == _END else _QUIT
+            return self._build(local.batch, local.plan)  # type: ignore[arg-type]
+        fingerprint = batch_fingerprint(local.batch) if local.batch is not None else ""
+        if self._sync == "broadcast":
+            try:
+                self._receive_plan(local, fingerprint)
+            except _Quit:
+                return _QUIT
+        item: Any = None
+        if local.kind == _OK and local.plan is not None:
+            try:
+                item = self._build(local.batch, local.plan)  # type: ignore[arg-type]
+            except BaseException as e:  # a build error is exchanged like a planning error
+                local.kind, local.error = _ERROR, e
+        digest = local.plan.digest if self._sync == "verify" and local.plan is not None else ""
+        text = f"{type(local.error).__name__}: {local.error}" if local.error is not None else ""
+        got = self._all_gather((local.kind, local.step, fingerprint, digest, text), local.step)
+        return self._decide(got, local, item)
+
+    def _receive_plan(self, local: _Local, fingerprint: str) -> None:
+        """Broadcast mode: rank 0 sends its outcome and plan; the others take the plan if their batch matches."""
         import torch.distributed as dist
 
-        if self._sync == "broadcast":
-            if self._rank == 0:
-                msg = (_STOP, batch.step, "") if self._abandoned.is_set() else ("plan", batch.step, plan.to_json())  # type: ignore[union-attr]
-            else:
-                msg = None
-            box = [msg]
-            dist.broadcast_object_list(box, src=dist.get_global_rank(self._group, 0), group=self._group)
-            kind, step, payload = box[0]
-            if kind == "error":
-                raise PlanSyncError(f"rank 0 failed to plan step {step}: {payload}")
-            if kind == _STOP:
-                if not self._abandoned.is_set():
-                    self._emit("error", PlanSyncError(f"rank 0 stopped iterating at step {step} while this rank continued"))
-                return None
-            if step != batch.step:
-                raise PlanSyncError(f"plan broadcast out of order: received step {step}, expected {batch.step}")
+        if self._rank == 0:
+            payload = ""
+            if local.kind == _OK:
+                payload = local.plan.to_json()  # type: ignore[union-attr]
+            elif local.kind == _ERROR:
+                payload = f"{type(local.error).__name__}: {local.error}"
+            box: list[Any] = [(local.kind, local.step, fingerprint, payload)]
+        else:
+            box = [None]
+        src = dist.get_global_rank(self._group, 0)
+        self._collective(lambda: dist.broadcast_object_list(box, src=src, group=self._group), "broadcast", local.step)
+        kind, step, root_fingerprint, payload = box[0]
+        if kind == _ERROR:
+            if local.kind == _ERROR:
+                raise local.error  # type: ignore[misc]
+            raise PlanSyncError(f"rank 0 failed at step {step}: {payload}; this rank stops too")
+        if kind == _STOP:
             if self._abandoned.is_set():
-                return self._exchange_after_stop(batch)
-            return StepPlan.from_json(payload)
+                raise _Quit
+            raise PlanSyncError(f"rank 0 stopped iterating at step {step} while this rank continued; {_SAME_STEPS}")
+        if self._rank != 0 and local.kind == _OK:
+            # A batch that differs from rank 0's is not built: the all-gather below reports it on every rank.
+            local.plan = StepPlan.from_json(payload) if kind == _OK and root_fingerprint == fingerprint else None
 
-        # verify
-        mine = (_STOP, batch.step, "") if self._abandoned.is_set() else ("plan", batch.step, plan.digest)  # type: ignore[union-attr]
-        world = dist.get_world_size(self._group)
-        got: list[Any] = [None] * world
-        dist.all_gather_object(got, mine, group=self._group)
-        errors = [(r, m) for r, m in enumerate(got) if m[0] == "error"]
+    def _all_gather(self, mine: tuple[Any, ...], step: int) -> list[tuple[Any, ...]]:
+        import torch.distributed as dist
+
+        got: list[Any] = [None] * dist.get_world_size(self._group)
+        self._collective(lambda: dist.all_gather_object(got, mine, group=self._group), "all-gather", step)
+        return got
+
+    def _collective(self, fn: Callable[[], Any], what: str, step: int) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - a peer that died or never came: say so, on this rank
+            limit = f"{self._timeout_s:g} s" if self._timeout_s is not None else "its timeout"
+            raise PlanSyncError(
+                f"plan exchange ({what}) of step {step} failed: {type(e).__name__}: {e}. A peer rank did not take part "
+                f"within the plan group's timeout ({limit}): it probably failed or left the loop without "
+                "loader.close() — see its own error. The timeout is the default process group's "
+                "(init_process_group(timeout=...)) or the loader's sync_timeout_s"
+            ) from e
+
+    def _decide(self, got: list[tuple[Any, ...]], local: _Local, item: Any) -> Any:
+        step = local.step
+        errors = [(r, m) for r, m in enumerate(got) if m[0] == _ERROR]
         if errors:
+            if local.error is not None:
+                raise local.error
             r, m = errors[0]
-            raise PlanSyncError(f"rank {r} failed to plan step {m[1]}: {m[2]}")
+            raise PlanSyncError(f"rank {r} failed at step {m[1]}: {m[4]}; this rank stops too")
         stopped = [r for r, m in enumerate(got) if m[0] == _STOP]
         if stopped:
-            if not self._abandoned.is_set():
-                self._emit("error", PlanSyncError(f"rank(s) {stopped} stopped iterating at step {batch.step} while this rank continued"))
-            return None
-        steps = {m[1] for m in got}
-        if steps != {batch.step}:
-            raise PlanSyncError(f"ranks are at different steps {sorted(steps)} (this rank: {batch.step})")
-        digests = [m[2] for m in got]
-        if len(set(digests)) != 1:
-            groups: dict[str, list[int]] = {}
-            for r, d in enumerate(digests):
-                groups.setdefault(d, []).append(r)
-            detail = "; ".join(f"ranks {rs}: {d[:19]}" for d, rs in groups.items())
+            if self._abandoned.is_set():
+                return _QUIT
+            raise PlanSyncError(f"rank(s) {stopped} stopped iterating at step {step} while this rank continued; {_SAME_STEPS}")
+        ended = [r for r, m in enumerate(got) if m[0] == _END]
+        if ended:
+            if len(ended) == len(got):
+                return _END
+            more = [r for r in range(len(got)) if r not in ended]
             raise PlanSyncError(
-                f"ranks derived different plans for step {batch.step} ({detail}); the Balancer must be deterministic "
-                "on every rank (same config, candidates and observations) — use plan_sync='broadcast' otherwise"
+                f"ranks disagree on the epoch's length: rank(s) {ended} reached the end of their data at step {step} "
+                f"while rank(s) {more} still have a batch; {self._data_hint}"
             )
-        return plan
+        steps = sorted({m[1] for m in got})
+        if len(steps) > 1:
+            raise PlanSyncError(
+                f"ranks are at different steps {steps} (this rank: {step}); load the same state on every rank and "
+                "call set_epoch with the same epoch everywhere"
+            )
+        by_fingerprint = _groups([m[2] for m in got])
+        if len(by_fingerprint) > 1:
+            raise PlanSyncError(f"ranks hold different global batches for step {step} ({_detail(by_fingerprint)}): {self._data_hint}")
+        by_digest = _groups([m[3] for m in got])
+        if len(by_digest) > 1:
+            raise PlanSyncError(
+                f"ranks derived different plans for step {step} ({_detail(by_digest)}) from the same global batch: the "
+                "Balancer differs across ranks (its config, candidates, cost model, or measured times fed to "
+                "Balancer.observe). Build it identically on every rank, or use plan_sync='broadcast' (rank 0 plans for all)"
+            )
+        return item
 
-    def _exchange_after_stop(self, batch: PlanBatch) -> None:
-        """A non-root rank stopped while rank 0 still sends: drain until rank 0 stops or the epoch ends."""
-        import torch.distributed as dist
 
-        for b in self._batches:
-            box: list[Any] = [None]
-            dist.broadcast_object_list(box, src=dist.get_global_rank(self._group, 0), group=self._group)
-            if box[0][0] != "plan":
-                return None
-        return None
+class _Quit(Exception):
+    """Raised inside a round when rank 0 announced a stop that this rank asked for too."""
 
-    def _exchange_failure(self, error: BaseException) -> None:
-        if self._sync == "none":
-            return
-        import torch.distributed as dist
 
-        msg = ("error", -1, f"{type(error).__name__}: {error}")
-        try:
-            if self._sync == "broadcast":
-                if self._rank == 0:
-                    dist.broadcast_object_list([msg], src=dist.get_global_rank(self._group, 0), group=self._group)
-            else:
-                got: list[Any] = [None] * dist.get_world_size(self._group)
-                dist.all_gather_object(got, msg, group=self._group)
-        except Exception:  # the peers may be gone already; the local error is what matters
-            return
+_SAME_STEPS = "every rank must run the same steps (break on every rank, or call loader.close() on every rank)"
+
+
+def _groups(values: list[str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for r, v in enumerate(values):
+        out.setdefault(v, []).append(r)
+    return out
+
+
+def _detail(groups: dict[str, list[int]]) -> str:
+    return "; ".join(f"ranks {rs}: {v.removeprefix('sha256:')[:12]}…" for v, rs in groups.items())
 
 
 def _zip_plans(plans: Iterator[StepPlan], pulled: collections.deque[PlanBatch]) -> Iterator[tuple[PlanBatch, StepPlan]]:
