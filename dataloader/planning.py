@@ -75,7 +75,7 @@ class PlanBatch:
 
 def batch_fingerprint(batch: PlanBatch) -> str:
     """Hex digest of a batch's ids, lengths, loss tokens and ``content``: equal on ranks that hold the same batch."""
-    h = hashlib.blake2b(digest_size=12)
+    h = hashlib.blake2b(digest_size=8 * _FINGERPRINT_WORDS)
     for arr in (batch.ids, batch.lengths, batch.loss_tokens):
         h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
     h.update(batch.content)
@@ -290,9 +290,8 @@ class PlanStream(Generic[T]):
                 item = self._build(local.batch, local.plan)  # type: ignore[arg-type]
             except BaseException as e:  # a build error is exchanged like a planning error
                 local.kind, local.error = _ERROR, e
-        digest = local.plan.digest if self._sync == "verify" and local.plan is not None else ""
-        text = f"{type(local.error).__name__}: {local.error}" if local.error is not None else ""
-        got = self._all_gather((local.kind, local.step, fingerprint, digest, text), local.step)
+        digest = local.plan.digest.removeprefix("sha256:") if self._sync == "verify" and local.plan is not None else ""
+        got = self._gather_outcomes(local, fingerprint, digest)
         return self._decide(got, local, item)
 
     def _receive_plan(self, local: _Local, fingerprint: str) -> None:
@@ -323,12 +322,21 @@ class PlanStream(Generic[T]):
             # A batch that differs from rank 0's is not built: the all-gather below reports it on every rank.
             local.plan = StepPlan.from_json(payload) if kind == _OK and root_fingerprint == fingerprint else None
 
-    def _all_gather(self, mine: tuple[Any, ...], step: int) -> list[tuple[Any, ...]]:
+    def _gather_outcomes(self, local: _Local, fingerprint: str, digest: str) -> list[tuple[Any, ...]]:
+        """Every rank's ``(kind, step, fingerprint, digest, error text)``: one all-gather of 64 bytes per rank,
+        and a second one, of the error texts, only when some rank failed."""
+        import torch
         import torch.distributed as dist
 
-        got: list[Any] = [None] * dist.get_world_size(self._group)
-        self._collective(lambda: dist.all_gather_object(got, mine, group=self._group), "all-gather", step)
-        return got
+        mine = torch.from_numpy(_encode(local.kind, local.step, fingerprint, digest))
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._group))]
+        self._collective(lambda: dist.all_gather(parts, mine, group=self._group), "all-gather", local.step)
+        got = [_decode(p.numpy()) for p in parts]
+        texts = [""] * len(got)
+        if any(m[0] == _ERROR for m in got):
+            text = f"{type(local.error).__name__}: {local.error}" if local.error is not None else ""
+            self._collective(lambda: dist.all_gather_object(texts, text, group=self._group), "all-gather", local.step)
+        return [(*m, t) for m, t in zip(got, texts)]
 
     def _collective(self, fn: Callable[[], Any], what: str, step: int) -> None:
         try:
@@ -390,6 +398,27 @@ class _Quit(Exception):
 _SAME_STEPS = "every rank must run the same steps (break on every rank, or call loader.close() on every rank)"
 
 
+_KINDS = (_OK, _END, _STOP, _ERROR)
+_FINGERPRINT_WORDS, _DIGEST_WORDS = 2, 4
+"""int64 words of a batch fingerprint (16 bytes) and of a plan digest's first 32 bytes in an outcome."""
+
+
+def _encode(kind: str, step: int, fingerprint: str, digest: str) -> np.ndarray:
+    """An outcome as int64[8]: kind, step, the fingerprint's and the digest's bytes (zeros when absent)."""
+    out = np.zeros(2 + _FINGERPRINT_WORDS + _DIGEST_WORDS, dtype=np.int64)
+    out[0], out[1] = _KINDS.index(kind), step
+    for lo, hex_, words in ((2, fingerprint, _FINGERPRINT_WORDS), (2 + _FINGERPRINT_WORDS, digest, _DIGEST_WORDS)):
+        if hex_:
+            out[lo : lo + words] = np.frombuffer(bytes.fromhex(hex_)[: 8 * words], dtype=np.int64)
+    return out
+
+
+def _decode(arr: np.ndarray) -> tuple[str, int, str, str]:
+    fp = arr[2 : 2 + _FINGERPRINT_WORDS]
+    dg = arr[2 + _FINGERPRINT_WORDS :]
+    return _KINDS[int(arr[0])], int(arr[1]), fp.tobytes().hex() if fp.any() else "", dg.tobytes().hex() if dg.any() else ""
+
+
 def _groups(values: list[str]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for r, v in enumerate(values):
@@ -398,7 +427,7 @@ def _groups(values: list[str]) -> dict[str, list[int]]:
 
 
 def _detail(groups: dict[str, list[int]]) -> str:
-    return "; ".join(f"ranks {rs}: {v.removeprefix('sha256:')[:12]}…" for v, rs in groups.items())
+    return "; ".join(f"ranks {rs}: {v[:12]}…" for v, rs in groups.items())
 
 
 def _zip_plans(plans: Iterator[StepPlan], pulled: collections.deque[PlanBatch]) -> Iterator[tuple[PlanBatch, StepPlan]]:
