@@ -320,7 +320,10 @@ class PlanStream(Generic[T]):
             raise PlanSyncError(f"rank 0 stopped iterating at step {step} while this rank continued; {_SAME_STEPS}")
         if self._rank != 0 and local.kind == _OK:
             # A batch that differs from rank 0's is not built: the all-gather below reports it on every rank.
-            local.plan = StepPlan.from_json(payload) if kind == _OK and root_fingerprint == fingerprint else None
+            try:
+                local.plan = StepPlan.from_json(payload) if kind == _OK and root_fingerprint == fingerprint else None
+            except Exception as e:  # noqa: BLE001 - reported in the all-gather like any local failure
+                local.kind, local.error = _ERROR, e
 
     def _gather_outcomes(self, local: _Local, fingerprint: str, digest: str) -> list[tuple[Any, ...]]:
         """Every rank's ``(kind, step, fingerprint, digest, error text)``: one all-gather of 64 bytes per rank,
