@@ -14,7 +14,7 @@ from numba import njit
 from strategies.plan import RankPlan
 
 from .pieces import Pieces
-from .planning import PlanBatch
+from .agreement import PlanBatch
 from .spec import MicroBatchSpec
 
 __all__ = ["epoch_batches", "gather_batch", "micro_batch_specs", "token_budget_bounds"]

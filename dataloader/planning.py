@@ -32,7 +32,6 @@ the consumer has nothing planned left, so it never waits on the gate.
 from __future__ import annotations
 
 import collections
-import hashlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -40,11 +39,23 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 
-from strategies.plan import RankPlan, StepPlan
+from strategies.plan import StepPlan
 
-from .distributed import check_world
+from .agreement import (
+    DATA_HINT,
+    END,
+    ERROR,
+    OK,
+    STOP,
+    PlanBatch,
+    batch_fingerprint,
+    decode_outcome,
+    describe_groups,
+    encode_outcome,
+    group_ranks,
+)
 
-__all__ = ["PLAN_SYNC_MODES", "PlanBatch", "PlanStream", "PlanSyncError", "batch_fingerprint", "rank_plan_for"]
+__all__ = ["PLAN_SYNC_MODES", "PlanBatch", "PlanStream", "PlanSyncError"]
 
 PLAN_SYNC_MODES = ("none", "verify", "broadcast")
 
@@ -55,63 +66,6 @@ class PlanSyncError(RuntimeError):
     """Ranks disagree on a step (data, plan, or epoch length), or a peer failed or stopped early."""
 
 
-@dataclass(frozen=True, slots=True)
-class PlanBatch:
-    """One global batch to plan (every rank builds the same sequence of these)."""
-
-    step: int
-    """Global step number (passed to ``Balancer.plan``)."""
-    lengths: np.ndarray
-    """int64[n] tokens per sequence (piece)."""
-    ids: np.ndarray
-    """int64[n] sequence ids (sample ids, or piece ids for split samples)."""
-    loss_tokens: np.ndarray
-    """int64[n] loss-carrying tokens per sequence."""
-    meta: Any = None
-    """Whatever the builder needs to turn the plan into this rank's work."""
-    content: bytes = b""
-    """Extra bytes that identify the batch's data (a stream's first tokens per sample); fingerprinted."""
-
-
-def batch_fingerprint(batch: PlanBatch) -> str:
-    """Hex digest of a batch's ids, lengths, loss tokens and ``content``: equal on ranks that hold the same batch."""
-    h = hashlib.blake2b(digest_size=8 * _FINGERPRINT_WORDS)
-    for arr in (batch.ids, batch.lengths, batch.loss_tokens):
-        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-    h.update(batch.content)
-    return h.hexdigest()
-
-
-def rank_plan_for(batch: PlanBatch, plan: StepPlan, rank: int, world_size: int) -> RankPlan:
-    """``plan.for_rank(rank)`` after checking that the plan is ``batch``'s: the same sequences, loss tokens and world."""
-    want_loss = int(batch.loss_tokens.sum())
-    if plan.step != batch.step or plan.global_sequences != batch.ids.size or plan.global_loss_tokens != want_loss:
-        raise ValueError(
-            f"step {batch.step}: the plan (step {plan.step}) holds {plan.global_sequences} sequences / "
-            f"{plan.global_loss_tokens} loss tokens but this rank's batch has {batch.ids.size} / {want_loss}; the plan "
-            "does not belong to this rank's batch (do the ranks read the same data?)"
-        )
-    check_world(plan, world_size)
-    planned = np.sort(np.fromiter(plan.sample_ids(), dtype=np.int64, count=plan.global_sequences))
-    if not np.array_equal(planned, np.sort(batch.ids)):
-        extra = np.setdiff1d(planned, batch.ids)
-        missing = np.setdiff1d(batch.ids, planned)
-        raise ValueError(
-            f"step {batch.step}: the plan's sequences differ from this rank's batch (planned but not in the batch: "
-            f"{extra[:4].tolist()}; in the batch but not planned: {missing[:4].tolist()}); the plan does not belong "
-            "to this rank's batch"
-        )
-    return plan.for_rank(rank)
-
-
-DATA_HINT = (
-    "the data or its order differs across ranks. Every rank must build the loader with the same dataset (the whole "
-    "dataset, not a per-rank shard: the plan assigns samples to ranks), the same lengths and the same seed and "
-    "options (not seed + rank)"
-)
-"""Default advice when ranks hold different global batches (the streaming loader passes its own)."""
-
-_OK, _END, _STOP, _ERROR = "ok", "end", "stop", "error"
 _QUIT = object()
 """Round result: this rank stopped (``break``/``close``) and its peers know."""
 _PACE_POLL = 0.002
@@ -235,15 +189,15 @@ class PlanStream(Generic[T]):
 
     def _pull(self, source: Iterator[tuple[PlanBatch, StepPlan | None]]) -> _Local:
         if self._abandoned.is_set():
-            return _Local(_STOP, self._next_step)
+            return _Local(STOP, self._next_step)
         try:
             batch, plan = next(source)
         except StopIteration:
-            return _Local(_END, self._next_step)
+            return _Local(END, self._next_step)
         except BaseException as e:  # reading or planning failed here: the peers are told in the round
-            return _Local(_ERROR, self._next_step, error=e)
+            return _Local(ERROR, self._next_step, error=e)
         self._next_step = batch.step + 1
-        return _Local(_OK, batch.step, batch, plan)
+        return _Local(OK, batch.step, batch, plan)
 
     def _run(self) -> None:
         plans: Iterator[StepPlan] | None = None
@@ -258,7 +212,7 @@ class PlanStream(Generic[T]):
                 result = self._round(self._pull(source))
                 if result is _QUIT:
                     return
-                if result is _END:
+                if result is END:
                     self._emit("done", None)
                     return
                 self._emit("item", result)
@@ -271,12 +225,12 @@ class PlanStream(Generic[T]):
 
     # -- one round of agreement -------------------------------------------------------------------
     def _round(self, local: _Local) -> Any:
-        """This step's built item, ``_END`` or ``_QUIT``; raises (on every rank alike) when the ranks disagree."""
+        """This step's built item, ``END`` or ``_QUIT``; raises (on every rank alike) when the ranks disagree."""
         if self._sync == "none":
-            if local.kind == _ERROR:
+            if local.kind == ERROR:
                 raise local.error  # type: ignore[misc]
-            if local.kind != _OK:
-                return _END if local.kind == _END else _QUIT
+            if local.kind != OK:
+                return END if local.kind == END else _QUIT
             return self._build(local.batch, local.plan)  # type: ignore[arg-type]
         fingerprint = batch_fingerprint(local.batch) if local.batch is not None else ""
         if self._sync == "broadcast":
@@ -285,11 +239,11 @@ class PlanStream(Generic[T]):
             except _Quit:
                 return _QUIT
         item: Any = None
-        if local.kind == _OK and local.plan is not None:
+        if local.kind == OK and local.plan is not None:
             try:
                 item = self._build(local.batch, local.plan)  # type: ignore[arg-type]
             except BaseException as e:  # a build error is exchanged like a planning error
-                local.kind, local.error = _ERROR, e
+                local.kind, local.error = ERROR, e
         digest = local.plan.digest.removeprefix("sha256:") if self._sync == "verify" and local.plan is not None else ""
         got = self._gather_outcomes(local, fingerprint, digest)
         return self._decide(got, local, item)
@@ -300,9 +254,9 @@ class PlanStream(Generic[T]):
 
         if self._rank == 0:
             payload = ""
-            if local.kind == _OK:
+            if local.kind == OK:
                 payload = local.plan.to_json()  # type: ignore[union-attr]
-            elif local.kind == _ERROR:
+            elif local.kind == ERROR:
                 payload = f"{type(local.error).__name__}: {local.error}"
             box: list[Any] = [(local.kind, local.step, fingerprint, payload)]
         else:
@@ -310,20 +264,20 @@ class PlanStream(Generic[T]):
         src = dist.get_global_rank(self._group, 0)
         self._collective(lambda: dist.broadcast_object_list(box, src=src, group=self._group), "broadcast", local.step)
         kind, step, root_fingerprint, payload = box[0]
-        if kind == _ERROR:
-            if local.kind == _ERROR:
+        if kind == ERROR:
+            if local.kind == ERROR:
                 raise local.error  # type: ignore[misc]
             raise PlanSyncError(f"rank 0 failed at step {step}: {payload}; this rank stops too")
-        if kind == _STOP:
+        if kind == STOP:
             if self._abandoned.is_set():
                 raise _Quit
             raise PlanSyncError(f"rank 0 stopped iterating at step {step} while this rank continued; {_SAME_STEPS}")
-        if self._rank != 0 and local.kind == _OK:
+        if self._rank != 0 and local.kind == OK:
             # A batch that differs from rank 0's is not built: the all-gather below reports it on every rank.
             try:
-                local.plan = StepPlan.from_json(payload) if kind == _OK and root_fingerprint == fingerprint else None
+                local.plan = StepPlan.from_json(payload) if kind == OK and root_fingerprint == fingerprint else None
             except Exception as e:  # noqa: BLE001 - reported in the all-gather like any local failure
-                local.kind, local.error = _ERROR, e
+                local.kind, local.error = ERROR, e
 
     def _gather_outcomes(self, local: _Local, fingerprint: str, digest: str) -> list[tuple[Any, ...]]:
         """Every rank's ``(kind, step, fingerprint, digest, error text)``: one all-gather of 64 bytes per rank,
@@ -331,12 +285,12 @@ class PlanStream(Generic[T]):
         import torch
         import torch.distributed as dist
 
-        mine = torch.from_numpy(_encode(local.kind, local.step, fingerprint, digest))
+        mine = torch.from_numpy(encode_outcome(local.kind, local.step, fingerprint, digest))
         parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._group))]
         self._collective(lambda: dist.all_gather(parts, mine, group=self._group), "all-gather", local.step)
-        got = [_decode(p.numpy()) for p in parts]
+        got = [decode_outcome(p.numpy()) for p in parts]
         texts = [""] * len(got)
-        if any(m[0] == _ERROR for m in got):
+        if any(m[0] == ERROR for m in got):
             text = f"{type(local.error).__name__}: {local.error}" if local.error is not None else ""
             self._collective(lambda: dist.all_gather_object(texts, text, group=self._group), "all-gather", local.step)
         return [(*m, t) for m, t in zip(got, texts)]
@@ -355,21 +309,21 @@ class PlanStream(Generic[T]):
 
     def _decide(self, got: list[tuple[Any, ...]], local: _Local, item: Any) -> Any:
         step = local.step
-        errors = [(r, m) for r, m in enumerate(got) if m[0] == _ERROR]
+        errors = [(r, m) for r, m in enumerate(got) if m[0] == ERROR]
         if errors:
             if local.error is not None:
                 raise local.error
             r, m = errors[0]
             raise PlanSyncError(f"rank {r} failed at step {m[1]}: {m[4]}; this rank stops too")
-        stopped = [r for r, m in enumerate(got) if m[0] == _STOP]
+        stopped = [r for r, m in enumerate(got) if m[0] == STOP]
         if stopped:
             if self._abandoned.is_set():
                 return _QUIT
             raise PlanSyncError(f"rank(s) {stopped} stopped iterating at step {step} while this rank continued; {_SAME_STEPS}")
-        ended = [r for r, m in enumerate(got) if m[0] == _END]
+        ended = [r for r, m in enumerate(got) if m[0] == END]
         if ended:
             if len(ended) == len(got):
-                return _END
+                return END
             more = [r for r in range(len(got)) if r not in ended]
             raise PlanSyncError(
                 f"ranks disagree on the epoch's length: rank(s) {ended} reached the end of their data at step {step} "
@@ -381,13 +335,13 @@ class PlanStream(Generic[T]):
                 f"ranks are at different steps {steps} (this rank: {step}); load the same state on every rank and "
                 "call set_epoch with the same epoch everywhere"
             )
-        by_fingerprint = _groups([m[2] for m in got])
+        by_fingerprint = group_ranks([m[2] for m in got])
         if len(by_fingerprint) > 1:
-            raise PlanSyncError(f"ranks hold different global batches for step {step} ({_detail(by_fingerprint)}): {self._data_hint}")
-        by_digest = _groups([m[3] for m in got])
+            raise PlanSyncError(f"ranks hold different global batches for step {step} ({describe_groups(by_fingerprint)}): {self._data_hint}")
+        by_digest = group_ranks([m[3] for m in got])
         if len(by_digest) > 1:
             raise PlanSyncError(
-                f"ranks derived different plans for step {step} ({_detail(by_digest)}) from the same global batch: the "
+                f"ranks derived different plans for step {step} ({describe_groups(by_digest)}) from the same global batch: the "
                 "Balancer differs across ranks (its config, candidates, cost model, or measured times fed to "
                 "Balancer.observe). Build it identically on every rank, or use plan_sync='broadcast' (rank 0 plans for all)"
             )
@@ -399,38 +353,6 @@ class _Quit(Exception):
 
 
 _SAME_STEPS = "every rank must run the same steps (break on every rank, or call loader.close() on every rank)"
-
-
-_KINDS = (_OK, _END, _STOP, _ERROR)
-_FINGERPRINT_WORDS, _DIGEST_WORDS = 2, 4
-"""int64 words of a batch fingerprint (16 bytes) and of a plan digest's first 32 bytes in an outcome."""
-
-
-def _encode(kind: str, step: int, fingerprint: str, digest: str) -> np.ndarray:
-    """An outcome as int64[8]: kind, step, the fingerprint's and the digest's bytes (zeros when absent)."""
-    out = np.zeros(2 + _FINGERPRINT_WORDS + _DIGEST_WORDS, dtype=np.int64)
-    out[0], out[1] = _KINDS.index(kind), step
-    for lo, hex_, words in ((2, fingerprint, _FINGERPRINT_WORDS), (2 + _FINGERPRINT_WORDS, digest, _DIGEST_WORDS)):
-        if hex_:
-            out[lo : lo + words] = np.frombuffer(bytes.fromhex(hex_)[: 8 * words], dtype=np.int64)
-    return out
-
-
-def _decode(arr: np.ndarray) -> tuple[str, int, str, str]:
-    fp = arr[2 : 2 + _FINGERPRINT_WORDS]
-    dg = arr[2 + _FINGERPRINT_WORDS :]
-    return _KINDS[int(arr[0])], int(arr[1]), fp.tobytes().hex() if fp.any() else "", dg.tobytes().hex() if dg.any() else ""
-
-
-def _groups(values: list[str]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for r, v in enumerate(values):
-        out.setdefault(v, []).append(r)
-    return out
-
-
-def _detail(groups: dict[str, list[int]]) -> str:
-    return "; ".join(f"ranks {rs}: {v[:12]}…" for v, rs in groups.items())
 
 
 def _zip_plans(plans: Iterator[StepPlan], pulled: collections.deque[PlanBatch]) -> Iterator[tuple[PlanBatch, StepPlan]]:

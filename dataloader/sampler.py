@@ -52,7 +52,8 @@ from .distributed import group_timeout_s, plan_group, rank_and_world, resolve_sy
 from .epochs import epoch_batches, gather_batch, micro_batch_specs
 from .lengths import check_lengths
 from .pieces import OVERLONG_POLICIES, Pieces, build_pieces, check_loss_tokens, describe_cuts
-from .planning import PlanBatch, PlanStream, rank_plan_for
+from .agreement import PlanBatch, rank_plan_for
+from .planning import PlanStream
 from .spec import MicroBatchSpec
 from .state import STATE_VERSION, Position, SavedState, balancer_state, cap_change, lengths_fingerprint, read_sampler_state
 
@@ -222,8 +223,8 @@ class BalancedBatchSampler:
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next ``__iter__`` at step 0 of ``epoch`` (like ``DistributedSampler.set_epoch``)."""
-        if epoch < 0:
-            raise ValueError(f"epoch={epoch} must be >= 0")
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch={epoch!r} must be an integer >= 0")
         if epoch != self.epoch:
             self._global_step += self._steps_between(self.epoch, self._start_step, epoch)
         self.epoch, self._start_step = int(epoch), 0
