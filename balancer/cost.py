@@ -171,7 +171,7 @@ class CostModel:
                 out[lay] = LayoutCost.from_dict(val)
             else:
                 a, b, c, cap = val
-                out[lay] = LayoutCost(a=a, b=b, c=c, token_capacity=int(cap))
+                out[lay] = LayoutCost(a=a, b=b, c=c, token_capacity=cap)
         return cls(out, source="coefficients", meta=meta)
 
     @classmethod
@@ -394,10 +394,22 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CostModel":
+        if not isinstance(d, Mapping):
+            raise ValueError(
+                f"cost model JSON must be an object with 'layouts' (what CostModel.save writes), got {type(d).__name__}"
+            )
         if int(d.get("version", 1)) != 1:
             raise ValueError(f"cost model JSON version {d.get('version')} is not supported (expected 1)")
-        table = {Layout.parse(k): LayoutCost.from_dict(v) for k, v in dict(d.get("layouts", {})).items()}
-        meta = dict(d.get("meta", {}))
+        layouts, meta = d.get("layouts", {}), d.get("meta", {})
+        if not isinstance(layouts, Mapping) or not isinstance(meta, Mapping):
+            raise ValueError("cost model JSON: 'layouts' and 'meta' must be objects (layout name -> {a, b, c, token_capacity})")
+        table = {}
+        for k, v in layouts.items():
+            try:
+                table[Layout.parse(k)] = LayoutCost.from_dict(v)
+            except ValueError as e:
+                raise ValueError(f"cost model JSON, layout {k!r}: {e}") from None
+        meta = dict(meta)
         source = str(d.get("source", "coefficients"))
         rebuild = _REBUILDERS.get(source)
         if rebuild is not None:

@@ -45,11 +45,22 @@ class LayoutCost:
 
     def __post_init__(self) -> None:
         for name in ("a", "b", "c"):
-            v = float(getattr(self, name))
+            raw = getattr(self, name)
+            if isinstance(raw, (bool, str)) or not isinstance(raw, (int, float, np.integer, np.floating)):
+                raise ValueError(f"LayoutCost: {name}={raw!r} must be a number of seconds (finite, >= 0)")
+            v = float(raw)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"LayoutCost: {name}={v} must be finite and >= 0")
             object.__setattr__(self, name, v)
-        cap = int(self.token_capacity)
+        raw_cap = self.token_capacity
+        if isinstance(raw_cap, (bool, str)) or not isinstance(raw_cap, (int, float, np.integer, np.floating)) or (
+            not float(raw_cap).is_integer()
+        ):
+            raise ValueError(
+                f"LayoutCost: token_capacity={raw_cap!r} must be a whole number of tokens per micro-batch "
+                "(never rounded: a capacity the memory model did not give could overflow memory)"
+            )
+        cap = int(raw_cap)
         if cap < 1:
             raise ValueError(
                 f"LayoutCost: token_capacity={self.token_capacity} must be >= 1 token; "
@@ -67,6 +78,8 @@ class LayoutCost:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LayoutCost":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"LayoutCost: expected an object with a, b, c, token_capacity, got {type(d).__name__} {d!r}")
         missing = {"a", "b", "c", "token_capacity"} - set(d)
         if missing:
             raise ValueError(f"LayoutCost: missing keys {sorted(missing)} in {dict(d)}")

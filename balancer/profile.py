@@ -76,6 +76,9 @@ class LengthProfile:
             if not np.all(arr == np.round(arr)):
                 i = int(np.flatnonzero(arr != np.round(arr))[0])
                 raise ValueError(f"length at index {i} is {arr[i]}; lengths must be whole tokens")
+        if arr.dtype.kind in "fu" and bool(np.any(arr >= 2**63)):  # int64 would wrap these round
+            i = int(np.flatnonzero(arr >= 2**63)[0])
+            raise ValueError(f"length at index {i} is {arr[i]}, out of range (at most 2**63 - 1); the lengths are corrupt")
         arr = arr.astype(np.int64)
         bad = np.flatnonzero(arr < 1)
         if bad.size:

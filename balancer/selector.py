@@ -81,7 +81,14 @@ def _int_array(values: Any, what: str, n: int | None) -> np.ndarray:
             raise ValueError(f"{what}[{int(frac[0])}] = {arr[frac[0]]} is not a whole number")
     elif arr.dtype.kind not in "iu" and arr.size:
         raise ValueError(f"{what} must hold integers, got dtype {arr.dtype}")
+    if arr.size and arr.dtype.kind in "fu":  # values int64 cannot hold would wrap round, not fail
+        huge = np.flatnonzero(np.abs(arr) >= _INT64_LIMIT if arr.dtype.kind == "f" else arr >= _INT64_LIMIT)
+        if huge.size:
+            raise ValueError(f"{what}[{int(huge[0])}] = {arr[huge[0]]} is out of range (at most {_INT64_LIMIT - 1:.3e})")
     return arr.astype(np.int64)
+
+
+_INT64_LIMIT = 2**63
 
 
 class Balancer:
@@ -254,11 +261,12 @@ class Balancer:
             loss = lengths - 1
         else:
             loss = _int_array(loss_in, "loss_tokens", n)
-            bad = np.flatnonzero((loss < 0) | (loss > lengths))
+            bad = np.flatnonzero((loss < 0) | (loss > lengths - 1))
             if bad.size:
                 i = int(bad[0])
                 raise ValueError(
-                    f"loss_tokens[{i}] = {int(loss[i])} must be between 0 and the sequence length {int(lengths[i])}"
+                    f"loss_tokens[{i}] = {int(loss[i])} must be between 0 and the sequence length minus one, "
+                    f"{int(lengths[i]) - 1} (the first token of a sequence carries no loss: nothing precedes it)"
                 )
         return lengths, sample_ids, loss
 

@@ -448,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     workers = {"num_workers": args.num_workers, "prefetch_factor": 4 if args.num_workers else None, "persistent_workers": args.num_workers > 0}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        options = dict(lengths=lengths, tokens_per_step=args.tokens_per_step, rank=0, world_size=world)
+        # Rank 0 of a simulated world, in one process: no torch.distributed to exchange plans over.
+        options = dict(lengths=lengths, tokens_per_step=args.tokens_per_step, rank=0, world_size=world, plan_sync="none")
         balanced = BalancedDataLoader(ds, balancer=balancer, plan_ahead=args.plan_ahead, **options, **workers)  # type: ignore[arg-type]
         # Every step of the epoch planned ahead: the timed loop measures the data path alone.
         steps = balanced.sampler.num_steps(0)
@@ -459,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         # The plain "same data" baseline replays the plans of a separate balancer (untimed).
         reference = BalancedBatchSampler(
             lengths, fresh(),
-            SamplerConfig(tokens_per_step=args.tokens_per_step), rank=0, world_size=world,
+            SamplerConfig(tokens_per_step=args.tokens_per_step, plan_sync="none"), rank=0, world_size=world,
         )
     order, bounds = balanced.sampler._epoch_batches(0)
     global_batches = [order[bounds[t] : bounds[t + 1]] for t in range(bounds.size - 1)]

@@ -22,7 +22,8 @@ from .lengths import (
 from .loader import BalancedDataLoader
 from .loss import normalize, packed_loss, target_loss_sum, token_loss_sum
 from .planning import PlanSyncError
-from .sampler import BalancedBatchSampler, SamplerConfig, SamplerStats, SamplerStep
+from .config import SamplerConfig, SamplerStats
+from .sampler import BalancedBatchSampler, SamplerStep
 from .sources import DATA_SUFFIXES, LengthSource, read_dataset_lengths
 from .spec import MicroBatchSpec
 from .stream import StreamingSteps

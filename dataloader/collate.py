@@ -92,6 +92,16 @@ def _first_mismatch(got: np.ndarray, want: Sequence[int]) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
+def _check_ids(values: np.ndarray, cu: np.ndarray, spec: MicroBatchSpec | None, key: str, rule: str) -> None:
+    """Raise naming the sample and position of the first negative value (an embedding would wrap round or fail later)."""
+    if not values.size or int(values.min()) >= 0:
+        return
+    at = int(np.flatnonzero(values < 0)[0])
+    j = int(np.searchsorted(cu, at, side="right")) - 1
+    sid = spec.sample_ids[j] if spec is not None else j
+    raise ValueError(f"sample {sid}: {key!r} has {int(values[at])} at position {at - int(cu[j])}; {rule}")
+
+
 def _check_seq_lens(seq_lens: np.ndarray, spec: MicroBatchSpec) -> None:
     want = spec.seq_lens
     if len(want) != len(seq_lens):
@@ -144,12 +154,14 @@ class PackedCollator(Collator):
         cu = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(seq_lens, out=cu[1:])
         input_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        _check_ids(input_ids, cu, spec, self.input_key, "token ids are >= 0 (a tokenizer's ids; -100 belongs in labels)")
         if ids and has_labels[0]:
             labels_list = [_tokens(s, self.labels_key, i) for i, s in enumerate(samples)]
             for i, (a, b) in enumerate(zip(ids, labels_list)):
                 if a.size != b.size:
                     raise ValueError(f"sample {i}: {self.labels_key!r} has {b.size} entries, {self.input_key!r} has {a.size}")
             labels = np.concatenate(labels_list)
+            _check_ids(np.where(labels == IGNORE_INDEX, 0, labels), cu, spec, self.labels_key, f"labels are token ids >= 0 or {IGNORE_INDEX} (no loss)")
         else:
             labels = input_ids.copy()
         labels[cu[:-1][seq_lens > 0]] = IGNORE_INDEX  # nothing is predicted across a boundary

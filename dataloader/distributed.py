@@ -1,17 +1,20 @@
-"""torch.distributed defaults of the loader: rank and world size, the plan-exchange group.
+"""torch.distributed defaults of the loader: rank and world size, the plan-exchange group, its timeout.
 
-The loader works without torch.distributed (one process, or ranks given explicitly);
-when a default process group is initialised it takes rank and world size from it and
-exchanges plans over a dedicated gloo group.
+The loader works without torch.distributed (one process, or ranks given explicitly with
+``plan_sync='none'``); when a default process group is initialised it takes rank and
+world size from it and exchanges plans over a dedicated gloo group that waits for a peer
+at most the job's own timeout (the default group's, from ``init_process_group(timeout=...)``)
+or an explicit ``sync_timeout_s``.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from strategies.plan import StepPlan
 
-__all__ = ["check_world", "dist_ready", "plan_group", "rank_and_world", "resolve_sync"]
+__all__ = ["check_world", "dist_ready", "group_timeout_s", "plan_group", "rank_and_world", "resolve_sync"]
 
 
 def dist_ready() -> bool:
@@ -36,27 +39,83 @@ def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def resolve_sync(mode: str, world_size: int) -> str:
+    """The plan-sync mode to run: ``auto`` is ``broadcast`` on several ranks and ``none`` on one.
+
+    ``auto`` never falls back to ``none`` for several ranks: ranks that plan on their own
+    and never compare would train on diverged data without a word when their data differs.
+    """
     if mode == "auto":
-        return "broadcast" if world_size > 1 and dist_ready() else "none"
+        if world_size == 1:
+            return "none"
+        if not dist_ready():
+            raise ValueError(
+                f"plan_sync='auto' on world_size={world_size} ranks needs torch.distributed: it is not initialised yet, "
+                "so the ranks could not check that they plan the same steps. Call "
+                "torch.distributed.init_process_group(...) before building the loader (plans are then broadcast from "
+                "rank 0 and checked on every rank), or pass plan_sync='none' if every rank is guaranteed the same "
+                "dataset, seed and order (then nothing is checked)"
+            )
+        return "broadcast"
     if mode != "none" and not dist_ready():
         raise ValueError(f"plan_sync={mode!r} needs an initialised torch.distributed process group; use plan_sync='none'")
     return mode
 
 
-def plan_group(sync: str, process_group: Any) -> Any:
-    """A dedicated gloo group for plan exchange (created collectively: every rank builds the sampler)."""
+def default_timeout() -> timedelta | None:
+    """Collective timeout of the default process group (``init_process_group(timeout=...)``), if readable."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:
+            # No public accessor in torch 2.x: the backend's options carry the group's timeout.
+            timeout = world._get_backend(torch.device(device)).options._timeout  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - no backend for this device, or another torch version
+            continue
+        if isinstance(timeout, timedelta):
+            return timeout
+    return None
+
+
+def group_timeout_s(group: Any) -> float | None:
+    """Collective timeout of ``group`` in seconds (``None`` when torch does not expose it)."""
+    if group is None:
+        return None
+    import torch
+
+    try:
+        timeout = group._get_backend(torch.device("cpu")).options._timeout
+    except Exception:  # noqa: BLE001 - a group without a CPU backend, or another torch version
+        return None
+    return timeout.total_seconds() if isinstance(timeout, timedelta) else None
+
+
+def plan_group(sync: str, process_group: Any, timeout_s: float | None = None) -> Any:
+    """A dedicated gloo group for plan exchange (created collectively: every rank builds the sampler).
+
+    Its collectives wait at most ``timeout_s`` seconds for a peer, default the default
+    group's timeout, so a rank that fails or stops is noticed within the job's own limit
+    (torch's default for a new group would be 30 minutes whatever the job asked for).
+    """
     if sync == "none":
         return None
     import torch.distributed as dist
 
     if process_group is not None:
+        if timeout_s is not None:
+            raise ValueError(
+                f"sync_timeout_s={timeout_s} applies to the group the loader creates; with process_group=... the "
+                "exchange waits as long as that group's own timeout (set it in dist.new_group(timeout=...))"
+            )
         if dist.get_world_size(process_group) != dist.get_world_size():
             raise ValueError(
                 f"process_group has {dist.get_world_size(process_group)} ranks but plans are exchanged among all "
                 f"{dist.get_world_size()}; pass a group of every rank (or none: a gloo group is created)"
             )
         return process_group
-    return dist.new_group(backend="gloo")
+    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else default_timeout()
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def check_world(plan: StepPlan, world_size: int) -> None:

@@ -1,4 +1,5 @@
-"""Epoch bookkeeping: the order of an epoch and where its global batches begin and end.
+"""Epoch bookkeeping: the order of an epoch, where its global batches begin and end, and
+this rank's micro-batches of a planned batch.
 
 The global batch sequence depends only on (piece lengths, seed, epoch, budget) — never
 on the world size — so a run can resume on another number of ranks and continue the
@@ -10,9 +11,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .pieces import Pieces
+from strategies.plan import RankPlan
 
-__all__ = ["epoch_batches", "gather_batch", "token_budget_bounds"]
+from .pieces import Pieces
+from .agreement import PlanBatch
+from .spec import MicroBatchSpec
+
+__all__ = ["epoch_batches", "gather_batch", "micro_batch_specs", "token_budget_bounds"]
 
 
 @njit(cache=True)
@@ -80,3 +85,48 @@ def gather_batch(pieces: Pieces, samples: np.ndarray, num_samples: int) -> tuple
     lengths = np.concatenate([p.first_len[samples], p.extra_end[extra] - p.extra_start[extra]])
     loss = np.concatenate([p.first_loss[samples], p.extra_loss[extra]])
     return ids, lengths, loss
+
+
+def micro_batch_specs(
+    pieces: Pieces, lengths: np.ndarray, batch: PlanBatch, rank_plan: RankPlan, *, epoch: int, step_in_epoch: int
+) -> tuple[MicroBatchSpec, ...]:
+    """This rank's micro-batches of a planned ``batch``: which piece of which sample, and its loss tokens."""
+    where = {int(pid): j for j, pid in enumerate(batch.ids.tolist())}
+    n = lengths.size
+    glt = int(batch.loss_tokens.sum())
+    num = len(rank_plan.micro_batches)
+    specs = []
+    for k, mb in enumerate(rank_plan.micro_batches):
+        sids, starts, ends, full, loss = [], [], [], [], []
+        for pid in mb:
+            j = where.get(pid)
+            if j is None:
+                raise ValueError(f"step {batch.step}: the plan names sequence {pid}, which is not in the batch")
+            if pid < n:
+                sid, s0, s1 = pid, 0, int(pieces.first_len[pid])
+            else:
+                e = pid - n
+                sid, s0, s1 = int(pieces.extra_sample[e]), int(pieces.extra_start[e]), int(pieces.extra_end[e])
+            sids.append(sid)
+            starts.append(s0)
+            ends.append(s1)
+            full.append(int(lengths[sid]))
+            loss.append(int(batch.loss_tokens[j]))
+        specs.append(
+            MicroBatchSpec(
+                step=batch.step,
+                epoch=epoch,
+                step_in_epoch=step_in_epoch,
+                index=k,
+                num_micro_batches=num,
+                sample_ids=tuple(sids),
+                starts=tuple(starts),
+                ends=tuple(ends),
+                full_lengths=tuple(full),
+                loss_tokens=tuple(loss),
+                global_loss_tokens=glt,
+                cp=rank_plan.layout.cp,
+                cp_rank=rank_plan.cp_rank,
+            )
+        )
+    return tuple(specs)

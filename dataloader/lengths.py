@@ -79,6 +79,11 @@ def check_lengths(
     integers = np.issubdtype(arr.dtype, np.integer) and arr.dtype != bool
     if not (integers or whole_floats or arr.size == 0):
         raise ValueError(f"{what} must hold integers (tokens per sample), got dtype {arr.dtype}")
+    if arr.size and (whole_floats or arr.dtype.kind == "u"):  # int64 would wrap these round, not fail
+        huge = np.flatnonzero(arr >= 2.0**63 if whole_floats else arr >= 2**63)
+        if huge.size:
+            i = int(huge[0])
+            raise ValueError(f"{what}: row {i} has {arr[i]} tokens, out of range (at most 2**63 - 1); the lengths are corrupt")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     if num_samples is not None and arr.size != num_samples:
         raise ValueError(

@@ -41,7 +41,8 @@ from .collate import PackedCollator
 from .fetch import INLINE_BYTES_PINNED, CollateSpec, FetchDataset, SpecFeed, unship
 from .lengths import IGNORE_INDEX, compute_lengths, compute_loss_tokens
 from .planning import PlanSyncError
-from .sampler import BalancedBatchSampler, SamplerConfig, SamplerStep
+from .config import SamplerConfig
+from .sampler import BalancedBatchSampler, SamplerStep
 from .spec import MicroBatchSpec
 from .stream import StreamingSteps
 
@@ -339,6 +340,10 @@ class BalancedDataLoader:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Validate now, apply at the next ``__iter__``."""
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"cannot resume: the loader state must be a dict (what state_dict() returned), got {type(state).__name__}"
+            )
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"cannot resume loader state version {state.get('version')!r} (expected {_STATE_VERSION})")
         key = "stream" if self.streaming else "sampler"
@@ -350,7 +355,7 @@ class BalancedDataLoader:
             self._stream.load_state_dict(state["stream"])
             return
         inner = state["sampler"]
-        self.sampler.load_state_dict(inner)
+        self.sampler.load_state_dict(inner)  # checks every field
         self._consumed = (int(inner["epoch"]), int(inner["step_in_epoch"]), int(inner["global_step"]))
         self._consumed_strategy = dict(inner.get("balancer") or {}).get("previous_strategy")
         self._broken = False

@@ -40,84 +40,27 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from strategies.plan import RankPlan, StepPlan
 
-from .distributed import check_world, plan_group, rank_and_world, resolve_sync
-from .epochs import epoch_batches, gather_batch
+from .config import SamplerConfig, SamplerStats
+from .distributed import group_timeout_s, plan_group, rank_and_world, resolve_sync
+from .epochs import epoch_batches, gather_batch, micro_batch_specs
 from .lengths import check_lengths
 from .pieces import OVERLONG_POLICIES, Pieces, build_pieces, check_loss_tokens, describe_cuts
-from .planning import PLAN_SYNC_MODES, PlanBatch, PlanStream
+from .agreement import PlanBatch, rank_plan_for
+from .planning import PlanStream
 from .spec import MicroBatchSpec
+from .state import STATE_VERSION, Position, SavedState, balancer_state, cap_change, lengths_fingerprint, read_sampler_state
 
 __all__ = ["OVERLONG_POLICIES", "BalancedBatchSampler", "SamplerConfig", "SamplerStats", "SamplerStep", "balancer_state"]
 
-_STATE_VERSION = 1
 _LAST = object()
 """Sentinel: "the strategy of the last step yielded"."""
-
-
-@dataclass(kw_only=True)
-class SamplerConfig:
-    """How global batches are formed and planned. Give exactly one of the two budgets."""
-
-    tokens_per_step: int | None = None
-    """Global batch budget in tokens (all ranks together); batches take samples until the next would exceed it."""
-    sequences_per_step: int | None = None
-    """Global batch size in samples (all ranks together)."""
-    seed: int = 0
-    """Seed of the per-epoch shuffle (the order of epoch ``e`` comes from ``(seed, e)``)."""
-    shuffle: bool = True
-    """Shuffle every epoch; ``False`` keeps dataset order."""
-    overlong: str = "error"
-    """Policy for samples above ``max_length`` tokens: ``error``, ``truncate``, ``split`` or ``drop``."""
-    max_length: int | None = None
-    """Over-long threshold in tokens; ``None`` = the balancer's ``max_sequence_length``."""
-    drop_last: bool = False
-    """Skip a partial final batch per epoch (counted in the stats); see the module docstring."""
-    plan_ahead: int = 2
-    """Steps planned in the background ahead of the consumer."""
-    plan_sync: str = "auto"
-    """``none``, ``verify`` (all-gather plan digests), ``broadcast`` (rank 0 plans), or ``auto``:
-    ``broadcast`` under an initialised multi-rank torch.distributed, else ``none``."""
-
-    def __post_init__(self) -> None:
-        if (self.tokens_per_step is None) == (self.sequences_per_step is None):
-            raise ValueError(
-                "SamplerConfig: give exactly one of tokens_per_step (e.g. 1_048_576) or sequences_per_step (e.g. 512); "
-                f"got tokens_per_step={self.tokens_per_step}, sequences_per_step={self.sequences_per_step}"
-            )
-        for name in ("tokens_per_step", "sequences_per_step", "max_length", "plan_ahead"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"SamplerConfig: {name}={v!r} must be a positive integer")
-        if self.overlong not in OVERLONG_POLICIES:
-            raise ValueError(f"SamplerConfig: overlong={self.overlong!r}; choose one of {list(OVERLONG_POLICIES)}")
-        if self.plan_sync not in (*PLAN_SYNC_MODES, "auto"):
-            raise ValueError(f"SamplerConfig: plan_sync={self.plan_sync!r}; choose one of {[*PLAN_SYNC_MODES, 'auto']}")
-        if self.overlong == "split" and self.max_length == 1:
-            raise ValueError("SamplerConfig: overlong='split' needs max_length >= 2 (pieces overlap by one token)")
-
-
-@dataclass
-class SamplerStats:
-    """What the over-long policy and ``drop_last`` did (all counts in samples unless named tokens)."""
-
-    num_samples: int = 0
-    num_kept: int = 0
-    dropped_overlong: int = 0
-    dropped_overlong_ids: list[int] = field(default_factory=list)
-    """First few dropped sample ids (at most 16)."""
-    truncated: int = 0
-    truncated_tokens: int = 0
-    split: int = 0
-    extra_pieces: int = 0
-    dropped_last_samples: int = 0
-    """Samples skipped by ``drop_last`` so far (summed over epochs iterated)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +114,8 @@ class BalancedBatchSampler:
         self.balancer = balancer
         self.lengths = check_lengths(lengths)
         n = self.lengths.size
+        if n == 0:
+            raise ValueError("the dataset has no samples (lengths is empty): there is nothing to train on; check its filters")
         self.loss_tokens = self.lengths - 1 if loss_tokens is None else check_loss_tokens(loss_tokens, self.lengths)
         self._piece_loss_tokens = piece_loss_tokens
         self.rank, self.world_size = rank_and_world(rank, world_size)
@@ -181,7 +126,6 @@ class BalancedBatchSampler:
                 "build its ClusterSpec with num_ranks=world_size"
             )
         self._sync = resolve_sync(config.plan_sync, self.world_size)
-        self._group = plan_group(self._sync, process_group)
         self.max_length = int(config.max_length or balancer.max_sequence_length)
         if self.max_length > int(balancer.max_sequence_length):
             raise ValueError(
@@ -190,10 +134,11 @@ class BalancedBatchSampler:
             )
         self.stats = SamplerStats(num_samples=n)
         self._pieces = self._build_pieces(self.max_length, announce=True)
+        self._fingerprint: str | None = None
         self.epoch = 0
         self._start_step = 0
         self._global_step = 0
-        self._pending: dict[str, Any] | None = None
+        self._pending: Pending | None = None
         self._cached_epoch: tuple[int, np.ndarray, np.ndarray] | None = None
         self._stream: PlanStream[SamplerStep] | None = None
         self._last_strategy: str | None = getattr(balancer, "previous_strategy", None)
@@ -202,6 +147,37 @@ class BalancedBatchSampler:
         """A ``threading.Event`` set while the consumer trains (BalancedDataLoader sets it): see PlanStream's ``pace``."""
         self.completed_epochs = 0
         """Epochs iterated to their end by this object (a broken-off or closed one does not count)."""
+        if self.num_steps(0) == 0:
+            raise ValueError(self._no_steps_reason())
+        # Last: created collectively, after every check that could fail on one rank only.
+        self._group = plan_group(self._sync, process_group, config.sync_timeout_s)
+        self._timeout_s = group_timeout_s(self._group)
+
+    def _no_steps_reason(self) -> str:
+        kept = int(self._pieces.kept.size)
+        if kept == 0:
+            return (
+                f"every one of the {self.lengths.size} samples is longer than max_length={self.max_length} tokens and "
+                f"overlong={self.config.overlong!r} dropped it: there is nothing to train on; raise max_length or use "
+                "overlong='truncate' or 'split'"
+            )
+        return (
+            f"drop_last=True leaves no step: the {kept} samples do not fill one step "
+            f"({self._budget()}); lower the budget or set drop_last=False"
+        )
+
+    def _budget(self) -> str:
+        cfg = self.config
+        if cfg.sequences_per_step is not None:
+            return f"sequences_per_step={cfg.sequences_per_step}"
+        return f"tokens_per_step={cfg.tokens_per_step}"
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the lengths array (computed once): a resume state only loads on the same lengths."""
+        if self._fingerprint is None:
+            self._fingerprint = lengths_fingerprint(self.lengths)
+        return self._fingerprint
 
     # -- over-long policy ------------------------------------------------------------------------
     def _build_pieces(self, cap: int, *, announce: bool) -> Pieces:
@@ -214,14 +190,18 @@ class BalancedBatchSampler:
         return pieces
 
     # -- epochs ------------------------------------------------------------------------------------
-    def _epoch_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(order, bounds) of ``epoch``: sample ids in epoch order and batch boundaries into it."""
-        if self._cached_epoch is not None and self._cached_epoch[0] == epoch:
+    def _epoch_batches(self, epoch: int, pieces: Pieces | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(order, bounds) of ``epoch``: sample ids in epoch order and batch boundaries into it.
+
+        ``pieces``: other pieces than this sampler's (e.g. at a resumed state's ``max_length``); not cached.
+        """
+        if pieces is None and self._cached_epoch is not None and self._cached_epoch[0] == epoch:
             return self._cached_epoch[1], self._cached_epoch[2]
         cfg = self.config
+        p = self._pieces if pieces is None else pieces
         order, bounds = epoch_batches(
-            self._pieces.kept,
-            self._pieces.sample_tokens,
+            p.kept,
+            p.sample_tokens,
             epoch,
             seed=cfg.seed,
             shuffle=cfg.shuffle,
@@ -229,7 +209,8 @@ class BalancedBatchSampler:
             sequences_per_step=cfg.sequences_per_step,
             drop_last=cfg.drop_last,
         )
-        self._cached_epoch = (epoch, order, bounds)
+        if pieces is None:
+            self._cached_epoch = (epoch, order, bounds)
         return order, bounds
 
     def num_steps(self, epoch: int | None = None) -> int:
@@ -242,8 +223,8 @@ class BalancedBatchSampler:
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next ``__iter__`` at step 0 of ``epoch`` (like ``DistributedSampler.set_epoch``)."""
-        if epoch < 0:
-            raise ValueError(f"epoch={epoch} must be >= 0")
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch={epoch!r} must be an integer >= 0")
         if epoch != self.epoch:
             self._global_step += self._steps_between(self.epoch, self._start_step, epoch)
         self.epoch, self._start_step = int(epoch), 0
@@ -274,60 +255,16 @@ class BalancedBatchSampler:
 
     def _build_step(self, batch: PlanBatch, plan: StepPlan) -> SamplerStep:
         epoch, in_epoch = batch.meta
-        want_loss = int(batch.loss_tokens.sum())
-        if plan.global_sequences != batch.ids.size or plan.global_loss_tokens != want_loss:
-            raise ValueError(
-                f"step {batch.step}: the plan holds {plan.global_sequences} sequences / {plan.global_loss_tokens} loss "
-                f"tokens but the batch has {batch.ids.size} / {want_loss}; the plan does not belong to this batch"
-            )
-        check_world(plan, self.world_size)
-        rank_plan = plan.for_rank(self.rank)
-        layout = rank_plan.layout
-        where = {int(pid): j for j, pid in enumerate(batch.ids.tolist())}
-        n = self.lengths.size
-        p = self._pieces
-        specs = []
-        num = len(rank_plan.micro_batches)
-        for k, mb in enumerate(rank_plan.micro_batches):
-            sids, starts, ends, full, loss = [], [], [], [], []
-            for pid in mb:
-                j = where.get(pid)
-                if j is None:
-                    raise ValueError(f"step {batch.step}: the plan names sequence {pid}, which is not in the batch")
-                if pid < n:
-                    sid, s0, s1 = pid, 0, int(p.first_len[pid])
-                else:
-                    sid, s0, s1 = self.piece(pid)
-                sids.append(sid)
-                starts.append(s0)
-                ends.append(s1)
-                full.append(int(self.lengths[sid]))
-                loss.append(int(batch.loss_tokens[j]))
-            specs.append(
-                MicroBatchSpec(
-                    step=batch.step,
-                    epoch=epoch,
-                    step_in_epoch=in_epoch,
-                    index=k,
-                    num_micro_batches=num,
-                    sample_ids=tuple(sids),
-                    starts=tuple(starts),
-                    ends=tuple(ends),
-                    full_lengths=tuple(full),
-                    loss_tokens=tuple(loss),
-                    global_loss_tokens=want_loss,
-                    cp=layout.cp,
-                    cp_rank=rank_plan.cp_rank,
-                )
-            )
+        rank_plan = rank_plan_for(batch, plan, self.rank, self.world_size)
+        specs = micro_batch_specs(self._pieces, self.lengths, batch, rank_plan, epoch=epoch, step_in_epoch=in_epoch)
         return SamplerStep(
             step=batch.step,
             epoch=epoch,
             step_in_epoch=in_epoch,
             plan=plan,
             rank_plan=rank_plan,
-            micro_batches=tuple(specs),
-            global_loss_tokens=want_loss,
+            micro_batches=specs,
+            global_loss_tokens=int(batch.loss_tokens.sum()),
         )
 
     # -- iteration ------------------------------------------------------------------------------------
@@ -356,6 +293,8 @@ class BalancedBatchSampler:
             group=self._group,
             rank=self.rank,
             pace=self._pace,
+            first_step=g0,
+            timeout_s=self._timeout_s,
         )
         self._stream = stream
         finished = False
@@ -380,7 +319,8 @@ class BalancedBatchSampler:
                 self._global_step = g0
                 self._start_step = start
                 self._last_strategy = previous0
-                self._pending = self.state_at(epoch, start, g0, previous_strategy=previous0)
+                child = balancer_state(self.balancer, previous0)
+                self._pending = Pending(SavedState(Position(epoch, start, g0), self.world_size, child), self.max_length)
 
     def close(self, timeout: float | None = 120.0) -> None:
         """Stop background planning and wait up to ``timeout`` seconds until it has (``None``: do not wait).
@@ -405,15 +345,13 @@ class BalancedBatchSampler:
         switch penalty depends on it); default: the last step this sampler yielded. Planning
         runs ahead, so the Balancer's own record is usually a few steps further.
         """
-        cfg = self.config
         state: dict[str, Any] = {
-            "version": _STATE_VERSION,
-            "epoch": int(epoch),
-            "step_in_epoch": int(step_in_epoch),
-            "global_step": int(global_step),
-            "seed": cfg.seed,
+            "version": STATE_VERSION,
+            **Position(int(epoch), int(step_in_epoch), int(global_step)).to_dict(),
+            "seed": self.config.seed,
             "world_size": self.world_size,
             "num_samples": int(self.lengths.size),
+            "lengths_fingerprint": self.fingerprint,
             "batching": self._batching(),
         }
         previous = self._last_strategy if previous_strategy is _LAST else previous_strategy
@@ -438,73 +376,61 @@ class BalancedBatchSampler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Validate ``state`` now; apply it at the next ``__iter__``."""
-        version = state.get("version")
-        if version != _STATE_VERSION:
-            raise ValueError(f"cannot resume sampler state version {version!r}; this library reads version {_STATE_VERSION}")
-        missing = {"epoch", "step_in_epoch", "global_step", "seed", "world_size", "num_samples", "batching"} - set(state)
-        if missing:
-            raise ValueError(f"cannot resume: sampler state lacks {sorted(missing)}")
-        if int(state["num_samples"]) != self.lengths.size:
+        """Validate ``state`` now (every field, against this sampler's data and options); apply it at the next ``__iter__``."""
+        saved = read_sampler_state(
+            state, num_samples=self.lengths.size, fingerprint=self.fingerprint, seed=self.config.seed, batching=self._batching()
+        )
+        cap = self._resume_cap(saved.max_length)
+        pieces = self._pieces if cap == self.max_length else build_pieces(
+            self.lengths, self.loss_tokens, cap, self.config.overlong, SamplerStats(), self._piece_loss_tokens
+        )
+        at = saved.position
+        steps = int(self._epoch_batches(at.epoch, pieces)[1].size - 1)
+        if at.step_in_epoch > steps:
             raise ValueError(
-                f"cannot resume: the dataset had {state['num_samples']} samples, now {self.lengths.size}; "
-                "resume on the same dataset"
+                f"cannot resume: sampler state has step_in_epoch={at.step_in_epoch} but epoch {at.epoch} has only {steps} "
+                "steps with these options; the state belongs to another run (or was edited)"
             )
-        if int(state["seed"]) != self.config.seed:
-            raise ValueError(f"cannot resume: seed changed {state['seed']} → {self.config.seed}; build the sampler with seed={state['seed']}")
-        mine, theirs = self._batching(), dict(state["batching"])
-        for key in mine:
-            if key == "max_length":
-                continue
-            if theirs.get(key) != mine[key]:
-                raise ValueError(
-                    f"cannot resume: {key} changed {theirs.get(key)!r} → {mine[key]!r}; the global batch sequence "
-                    f"depends on it, so build the sampler with {key}={theirs.get(key)!r}"
-                )
-        saved_cap = int(theirs["max_length"])
-        if saved_cap != self.max_length and saved_cap > int(self.balancer.max_sequence_length):
-            raise ValueError(
-                f"cannot resume: the run cut samples at max_length={saved_cap} tokens but the new balancer holds at most "
-                f"{int(self.balancer.max_sequence_length)}; add a candidate with more capacity"
-            )
-        for key in ("epoch", "step_in_epoch", "global_step"):
-            if int(state[key]) < 0:
-                raise ValueError(f"cannot resume: {key}={state[key]} must be >= 0")
-        self._pending = dict(state)
+        self._pending = Pending(saved, cap)
 
-    def _apply_state(self, state: Mapping[str, Any]) -> None:
-        saved_cap = int(state["batching"]["max_length"])
-        if saved_cap != self.max_length:
-            self.max_length = saved_cap
+    def _resume_cap(self, saved: int) -> int:
+        """The ``max_length`` that resumes the saved run's exact global batches (raises when none can)."""
+        why = cap_change(self.lengths, self.config.overlong, saved, self.max_length)
+        if why is None:
+            return self.max_length
+        if saved <= int(self.balancer.max_sequence_length):
+            return saved
+        raise ValueError(
+            f"cannot resume: the run cut samples at max_length={saved} tokens but the new balancer holds at most "
+            f"{int(self.balancer.max_sequence_length)}: {why}. Add a candidate with more capacity (more tp/cp), or "
+            "start a new epoch with set_epoch instead of loading the state"
+        )
+
+    def _apply_state(self, pending: Pending) -> None:
+        saved, cap = pending.saved, pending.max_length
+        if cap != self.max_length:
+            self.max_length = cap
             self.stats = SamplerStats(num_samples=self.lengths.size)
-            self._pieces = self._build_pieces(saved_cap, announce=False)
+            self._pieces = self._build_pieces(cap, announce=False)
             self._cached_epoch = None
-        self.epoch = int(state["epoch"])
-        self._start_step = int(state["step_in_epoch"])
-        self._global_step = int(state["global_step"])
-        child = state.get("balancer")
+        self.epoch = saved.position.epoch
+        self._start_step = saved.position.step_in_epoch
+        self._global_step = saved.position.global_step
         loader = getattr(self.balancer, "load_state_dict", None)
-        if child is not None and loader is not None:
-            if int(state["world_size"]) == self.world_size:
-                loader(child)
+        if saved.balancer is not None and loader is not None:
+            if saved.world_size == self.world_size:
+                loader(saved.balancer)
             else:
                 warnings.warn(
-                    f"resuming on {self.world_size} ranks (was {state['world_size']}): the epoch continues with the same "
+                    f"resuming on {self.world_size} ranks (was {saved.world_size}): the epoch continues with the same "
                     "global batches; the balancer's per-rank state (straggler speeds) starts fresh",
                     stacklevel=3,
                 )
 
 
-def balancer_state(balancer: Any, previous_strategy: str | None) -> dict[str, Any] | None:
-    """The balancer's state with ``previous_strategy`` set to the last *consumed* step's strategy.
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A validated state waiting for the next ``__iter__``, with the ``max_length`` that resumes it exactly."""
 
-    The balancer plans ahead, so its own record names a step the training loop has not
-    reached; resuming with it could change the switch penalty of the next plan.
-    """
-    get = getattr(balancer, "state_dict", None)
-    if get is None:
-        return None
-    state = dict(get())
-    if "previous_strategy" in state:
-        state["previous_strategy"] = previous_strategy
-    return state
+    saved: SavedState
+    max_length: int

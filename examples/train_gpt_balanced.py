@@ -90,7 +90,8 @@ def parse_args() -> argparse.Namespace:
 
 
 class SyntheticTokens(torch.utils.data.Dataset):
-    """Sample ``i`` = ``lengths[i]`` random token ids, the same on every rank and every epoch."""
+    """Sample ``i`` = ``lengths[i]`` tokens ``(start + stride·t) mod vocab`` with a per-sample start and
+    stride: learnable in context, so the loss visibly falls; the same on every rank and every epoch."""
 
     def __init__(self, lengths: np.ndarray, vocab: int, seed: int) -> None:
         self.lengths, self.vocab, self.seed = lengths, vocab, seed
@@ -100,7 +101,8 @@ class SyntheticTokens(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng((self.seed, int(i)))
-        return {"input_ids": rng.integers(0, self.vocab, size=int(self.lengths[i]), dtype=np.int64)}
+        start, stride = rng.integers(0, self.vocab), rng.integers(1, 8)
+        return {"input_ids": (start + stride * np.arange(int(self.lengths[i]), dtype=np.int64)) % self.vocab}
 
 
 def time_tp1(cfg: ModelConfig, device: torch.device, lengths: list[int], dtype: torch.dtype | None,

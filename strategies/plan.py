@@ -71,12 +71,17 @@ class ReplicaPlan:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ReplicaPlan":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "replica") -> "ReplicaPlan":
+        """From JSON, strictly: ids and ranks must be integers (``2.7`` or ``"2"`` is an error, never rounded)."""
+        d = _object(d, where, ("ranks", "layout", "micro_batches", "est_seconds"))
+        layout = _object(d["layout"], f"{where}.layout", ())
         return cls(
-            ranks=tuple(d["ranks"]),
-            layout=Layout.from_dict(d["layout"]),
-            micro_batches=tuple(tuple(mb) for mb in d["micro_batches"]),
-            est_seconds=float(d["est_seconds"]),
+            ranks=tuple(_ints(d["ranks"], f"{where}.ranks")),
+            layout=Layout.from_dict({k: _int(v, f"{where}.layout.{k}") for k, v in layout.items()}),
+            micro_batches=tuple(
+                tuple(_ints(mb, f"{where}.micro_batches[{k}]")) for k, mb in enumerate(_list(d["micro_batches"], f"{where}.micro_batches"))
+            ),
+            est_seconds=_number(d["est_seconds"], f"{where}.est_seconds"),
         )
 
 
@@ -200,21 +205,23 @@ class StepPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StepPlan":
-        version = int(d.get("version", -1))
-        if version != PLAN_VERSION:
+        """From JSON, strictly: every field present and of its type (raises :class:`PlanError` naming the field)."""
+        d = _object(d, "plan", ())
+        if d.get("version") != PLAN_VERSION or isinstance(d.get("version"), bool):
             raise PlanError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        d = _object(d, "plan", _PLAN_FIELDS)
         plan = cls(
-            step=int(d["step"]),
-            strategy=str(d["strategy"]),
-            replicas=tuple(ReplicaPlan.from_dict(r) for r in d["replicas"]),
-            est_step_seconds=float(d["est_step_seconds"]),
-            lower_bound_seconds=float(d["lower_bound_seconds"]),
-            global_sequences=int(d["global_sequences"]),
-            global_tokens=int(d["global_tokens"]),
-            global_loss_tokens=int(d["global_loss_tokens"]),
-            solver=str(d["solver"]),
-            plan_seconds=float(d.get("plan_seconds", 0.0)),
-            version=version,
+            step=_int(d["step"], "plan.step"),
+            strategy=_str(d["strategy"], "plan.strategy"),
+            replicas=tuple(ReplicaPlan.from_dict(r, f"plan.replicas[{j}]") for j, r in enumerate(_list(d["replicas"], "plan.replicas"))),
+            est_step_seconds=_number(d["est_step_seconds"], "plan.est_step_seconds"),
+            lower_bound_seconds=_number(d["lower_bound_seconds"], "plan.lower_bound_seconds"),
+            global_sequences=_int(d["global_sequences"], "plan.global_sequences"),
+            global_tokens=_int(d["global_tokens"], "plan.global_tokens"),
+            global_loss_tokens=_int(d["global_loss_tokens"], "plan.global_loss_tokens"),
+            solver=_str(d["solver"], "plan.solver"),
+            plan_seconds=_number(d.get("plan_seconds", 0.0), "plan.plan_seconds"),
+            version=PLAN_VERSION,
         )
         want = d.get("digest")
         if want and want != plan.digest:
@@ -228,6 +235,57 @@ class StepPlan:
         except json.JSONDecodeError as e:
             raise PlanError(f"plan is not valid JSON: {e}") from None
         return cls.from_dict(d)
+
+
+# -- strict JSON fields -------------------------------------------------------------------------
+_PLAN_FIELDS = (
+    "step",
+    "strategy",
+    "replicas",
+    "est_step_seconds",
+    "lower_bound_seconds",
+    "global_sequences",
+    "global_tokens",
+    "global_loss_tokens",
+    "solver",
+)
+
+
+def _object(d: Any, where: str, required: Sequence[str]) -> Mapping[str, Any]:
+    if not isinstance(d, Mapping):
+        raise PlanError(f"{where} must be a JSON object, got {type(d).__name__}; is this a StepPlan's JSON (plan.to_json())?")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise PlanError(f"{where} lacks {missing}; a plan written by StepPlan.to_json() has them")
+    return d
+
+
+def _list(v: Any, where: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise PlanError(f"{where} must be a JSON list, got {type(v).__name__}")
+    return v
+
+
+def _int(v: Any, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise PlanError(f"{where}={v!r} must be an integer (ids, ranks and counts are never rounded)")
+    return int(v)
+
+
+def _ints(v: Any, where: str) -> list[int]:
+    return [_int(x, f"{where}[{i}]") for i, x in enumerate(_list(v, where))]
+
+
+def _number(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        raise PlanError(f"{where}={v!r} must be a finite number of seconds")
+    return float(v)
+
+
+def _str(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise PlanError(f"{where}={v!r} must be a string")
+    return v
 
 
 def length_of(lengths: np.ndarray | Mapping[int, int], sid: int) -> int:

@@ -198,3 +198,14 @@ def test_tiny_llama_packed_loss_equals_unpacked(impl: str) -> None:
         if hasattr(masking_utils, "find_packed_sequence_indices"):
             by_positions = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
             assert torch.allclose(token_loss_sum(by_positions, mb["labels"]), reference, rtol=1e-5)
+
+
+def test_negative_token_ids_and_labels_name_the_sample() -> None:
+    spec = MicroBatchSpec(step=0, epoch=0, step_in_epoch=0, index=0, num_micro_batches=1, sample_ids=(7, 9),
+                          starts=(0, 0), ends=(3, 2), full_lengths=(3, 2), loss_tokens=(2, 1), global_loss_tokens=3)
+    with pytest.raises(ValueError, match=r"sample 9: 'input_ids' has -5 at position 1; token ids are >= 0"):
+        PackedCollator()([{"input_ids": [1, 2, 3]}, {"input_ids": [4, -5]}], spec)
+    with pytest.raises(ValueError, match=r"sample 7: 'labels' has -1 at position 2; labels are token ids >= 0 or -100"):
+        PackedCollator()([{"input_ids": [1, 2, 3], "labels": [1, 2, -1]}, {"input_ids": [4, 5], "labels": [4, 5]}], spec)
+    out = PackedCollator()([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}], spec)
+    assert out["labels"][0].tolist() == [-100, 2, 3, -100, 5]

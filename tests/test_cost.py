@@ -120,3 +120,28 @@ def test_load_errors(tmp_path):
         CostModel.load(tmp_path / "x.json")
     with pytest.raises(ValueError, match="version 2 is not supported"):
         CostModel.from_dict({"version": 2})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "cost model JSON must be an object with 'layouts'"),
+        ('{"layouts": [1]}', "'layouts' and 'meta' must be objects"),
+        ('{"layouts": {"tp1": [1, 2, 3, 4]}}', "layout 'tp1': LayoutCost: expected an object"),
+        ('{"layouts": {"tp1": {"a": "abc", "b": 0, "c": 0, "token_capacity": 8}}}', "layout 'tp1': LayoutCost: a='abc' must be a number"),
+        ('{"layouts": {"tp1": {"a": 0, "b": 0, "c": 0, "token_capacity": 4096.9}}}', "token_capacity=4096.9 must be a whole number"),
+        ('{"layouts": {"tp1": {"a": 0, "b": 0, "c": 0, "token_capacity": true}}}', "token_capacity=True must be a whole number"),
+    ],
+)
+def test_cost_model_json_errors_name_the_field(tmp_path, text, message):
+    (tmp_path / "cost.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        CostModel.load(tmp_path / "cost.json")
+
+
+def test_token_capacity_is_never_rounded():
+    with pytest.raises(ValueError, match="token_capacity=4096.9 must be a whole number"):
+        CostModel.from_coefficients({"tp1": (1e-6, 1e-4, 1e-3, 4096.9)})
+    assert LayoutCost(a=0, b=0, c=0, token_capacity=4096.0).token_capacity == 4096
+    with pytest.raises(ValueError, match="b=None must be a number"):
+        LayoutCost(a=0, b=None, c=0, token_capacity=8)  # type: ignore[arg-type]

@@ -55,7 +55,7 @@ def test_every_sample_once_and_tokens_match_the_dataset() -> None:
     rows = ds["input_ids"]
     seen: dict[int, list[int]] = {}
     world = 2
-    loaders = [BalancedDataLoader(ds, balancer=make_balancer(world), tokens_per_step=400, rank=r, world_size=world) for r in range(world)]
+    loaders = [BalancedDataLoader(ds, balancer=make_balancer(world), tokens_per_step=400, rank=r, world_size=world, plan_sync="none") for r in range(world)]
     for steps in zip(*loaders):
         assert len({b.plan.digest for b in steps}) == 1
         replicas: dict[int, list[tuple[int, list[int]]]] = {}
@@ -200,14 +200,14 @@ def test_plain_map_dataset_with_lengths() -> None:
 def test_loader_resume_counts_consumed_steps_not_prefetched_ones(k: int) -> None:
     ds = hf_dataset(80, seed=7)
     kw = dict(tokens_per_step=500, seed=4, plan_ahead=3)
-    reference = [sequences(b) for b in BalancedDataLoader(ds, balancer=make_balancer(2), rank=0, world_size=2, **kw)]
-    first = BalancedDataLoader(ds, balancer=make_balancer(2), rank=0, world_size=2, **kw)
+    reference = [sequences(b) for b in BalancedDataLoader(ds, balancer=make_balancer(2), rank=0, world_size=2, plan_sync="none", **kw)]
+    first = BalancedDataLoader(ds, balancer=make_balancer(2), rank=0, world_size=2, plan_sync="none", **kw)
     it = iter(first)
     for _ in range(k):
         next(it)
     state = first.state_dict()
     assert state["sampler"]["step_in_epoch"] == k
-    resumed = BalancedDataLoader(ds, balancer=make_balancer(2), rank=0, world_size=2, **kw)
+    resumed = BalancedDataLoader(ds, balancer=make_balancer(2), rank=0, world_size=2, plan_sync="none", **kw)
     resumed.load_state_dict(state)
     assert [sequences(b) for b in resumed] == reference[k:]
     again = [sequences(b) for b in it]  # the abandoned iterator is untouched by the state copy
@@ -262,14 +262,14 @@ def test_streaming_matches_map_style_in_arrival_order(kind: str) -> None:
 def test_streaming_resume(k: int) -> None:
     rows = token_rows(60, seed=12)
     kw = dict(tokens_per_step=400, plan_ahead=2)
-    reference = [sequences(b) for b in BalancedDataLoader(TorchStream(rows), balancer=make_balancer(2), rank=1, world_size=2, **kw)]
-    first = BalancedDataLoader(TorchStream(rows), balancer=make_balancer(2), rank=1, world_size=2, **kw)
+    reference = [sequences(b) for b in BalancedDataLoader(TorchStream(rows), balancer=make_balancer(2), rank=1, world_size=2, plan_sync="none", **kw)]
+    first = BalancedDataLoader(TorchStream(rows), balancer=make_balancer(2), rank=1, world_size=2, plan_sync="none", **kw)
     it = iter(first)
     for _ in range(k):
         next(it)
     state = first.state_dict()
     it.close()
-    resumed = BalancedDataLoader(TorchStream(rows), balancer=make_balancer(2), rank=1, world_size=2, **kw)
+    resumed = BalancedDataLoader(TorchStream(rows), balancer=make_balancer(2), rank=1, world_size=2, plan_sync="none", **kw)
     resumed.load_state_dict(state)
     assert [sequences(b) for b in resumed] == reference[k:]
 

@@ -12,6 +12,7 @@ import os
 import queue
 import socket
 import traceback
+from datetime import timedelta
 from typing import Any, Callable
 
 import numpy as np
@@ -25,6 +26,7 @@ from balancer.selector import Balancer
 from dataloader import BalancedDataLoader
 from dataloader.loss import packed_loss, token_loss_sum
 from strategies.layout import ClusterSpec, Layout, Strategy
+from strategies.plan import StepPlan
 
 VOCAB = 61
 TIMEOUT = 90.0
@@ -36,11 +38,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _child(fn: Callable[..., Any], rank: int, world: int, port: int, out: Any, args: tuple[Any, ...]) -> None:
+def _child(fn: Callable[..., Any], rank: int, world: int, port: int, out: Any, args: tuple[Any, ...], timeout_s: float) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         out.put((rank, "ok", fn(rank, world, *args)))
         dist.barrier()
         dist.destroy_process_group()
@@ -48,11 +50,12 @@ def _child(fn: Callable[..., Any], rank: int, world: int, port: int, out: Any, a
         out.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 60.0) -> list[Any]:
+    """``fn(rank, world, *args)`` on ``world`` forked gloo ranks whose job timeout is ``timeout_s``; the results by rank."""
     ctx = mp.get_context("fork")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world, port, out, args), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, out, args, timeout_s), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -86,32 +89,48 @@ def make_balancer(world: int, hetero: bool) -> Balancer:
 
 
 # -- every rank, the same plan ---------------------------------------------------------------------
-def _agree(rank: int, world: int, sync: str) -> dict[str, Any]:
+def _agree(rank: int, world: int, sync: str) -> list[dict[str, Any]]:
     data = [{"input_ids": r} for r in rows(90, seed=1, high=200)]
     loader = BalancedDataLoader(data, balancer=make_balancer(world, hetero=True), lengths=[len(d["input_ids"]) for d in data], tokens_per_step=900, plan_sync=sync)
-    mine: list[tuple[str, int, list[int]]] = []
+    mine: list[dict[str, Any]] = []
+
+    def record(batch: Any) -> None:
+        got = [mb["sample_ids"].tolist() for mb in batch.micro_batches]
+        assert got == [list(sp.sample_ids) for sp in batch.specs]  # the collated rows are the planned ones
+        mine.append({"plan": batch.plan.canonical_json(), "replica": batch.rank_plan.replica_index, "micro_batches": got})
+
     for i, batch in enumerate(loader):  # break off and continue: the stop protocol must not hang
-        mine.append((batch.plan.digest, batch.rank_plan.replica_index, [s for sp in batch.specs for s in sp.sample_ids]))
+        record(batch)
         if i == 1:
             break
     for batch in loader:
-        mine.append((batch.plan.digest, batch.rank_plan.replica_index, [s for sp in batch.specs for s in sp.sample_ids]))
-    digests = [m[0] for m in mine]
-    every: list[Any] = [None] * world
-    dist.all_gather_object(every, digests)
-    assert all(d == digests for d in every), f"rank {rank}: plans differ across ranks"
-    return {"steps": mine}
+        record(batch)
+    return mine
 
 
 @pytest.mark.parametrize("sync", ["verify", "broadcast", "none"])
 def test_every_rank_derives_the_same_plan(sync: str) -> None:
     world = 3
     got = run_ranks(_agree, world, sync)
-    steps = len(got[0]["steps"])
+    steps = len(got[0])
+    assert all(len(g) == steps for g in got), "every rank runs the same number of steps"
     seen: list[int] = []
+    shared_replicas = 0
     for t in range(steps):
-        per_replica = {g["steps"][t][1]: g["steps"][t][2] for g in got}
-        seen += [s for ids in per_replica.values() for s in ids]
+        texts = {g[t]["plan"] for g in got}
+        assert len(texts) == 1, f"step {t}: ranks hold different plans"
+        plan = StepPlan.from_json(texts.pop())
+        by_replica: dict[int, list[int]] = {}
+        for r in range(world):  # every rank, tensor-parallel peers included, runs its own part of the plan
+            rank_plan = plan.for_rank(r)
+            assert got[r][t]["replica"] == rank_plan.replica_index
+            assert got[r][t]["micro_batches"] == [list(mb) for mb in rank_plan.micro_batches], f"step {t}, rank {r}"
+            by_replica.setdefault(rank_plan.replica_index, []).append(r)
+        for members in by_replica.values():
+            assert all(got[r][t]["micro_batches"] == got[members[0]][t]["micro_batches"] for r in members)
+            shared_replicas += len(members) > 1
+        seen += plan.sample_ids()
+    assert shared_replicas > 0, "the test needs steps whose plan has a replica of several (tensor-parallel) ranks"
     assert sorted(seen) == list(range(90))
 
 

@@ -76,7 +76,7 @@ def test_planning_runs_ahead_of_the_consumer_and_is_bounded() -> None:
 @pytest.mark.parametrize(("num_workers", "plan_ahead"), [(2, 2), (0, 50)])
 def test_resume_with_prefetch_yields_exactly_the_remaining_steps(num_workers: int, plan_ahead: int) -> None:
     ds = hf_dataset(90, seed=11)
-    kw: dict[str, Any] = dict(tokens_per_step=450, seed=5, plan_ahead=plan_ahead, rank=1, world_size=2, num_workers=num_workers)
+    kw: dict[str, Any] = dict(tokens_per_step=450, seed=5, plan_ahead=plan_ahead, rank=1, world_size=2, plan_sync="none", num_workers=num_workers)
     reference = [sequences(b) for b in BalancedDataLoader(ds, balancer=make_balancer(2), **kw)]
     assert len(reference) > 6
     first = BalancedDataLoader(ds, balancer=make_balancer(2), **kw)

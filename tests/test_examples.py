@@ -75,3 +75,7 @@ def test_train_gpt_balanced_runs_on_four_cpu_ranks(tmp_path: Path) -> None:
         assert strategy in names  # every step ran one of the built candidates
         assert float(est) > 0 and float(measured) > 0 and float(step_s) >= float(measured) * 0.5
         assert 0 < float(loss) < 10
+    # It trains: the synthetic sequences are learnable in context, and the global batches (hence the
+    # losses) do not depend on which strategy each step ran. Seen: 5.560, 5.517, 5.476.
+    losses = [float(r[5]) for r in rows]
+    assert losses[0] > losses[1] > losses[2] and losses[2] < losses[0] - 0.02, losses

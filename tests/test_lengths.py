@@ -191,3 +191,12 @@ def test_check_lengths_rejects_bad_shapes_and_types() -> None:
         check_lengths(np.array([1.5, 2.0]))
     with pytest.raises(ValueError, match="row 2 has -1 tokens"):
         check_lengths([3, 4, -1])
+
+
+def test_lengths_out_of_the_int64_range_are_refused() -> None:
+    """A whole-number float such as 1e30 must not wrap round to a negative token count."""
+    with pytest.raises(ValueError, match=r"row 1 has 1e\+30 tokens, out of range"):
+        check_lengths(np.array([3.0, 1e30]))
+    with pytest.raises(ValueError, match="row 0 has 18446744073709551615 tokens, out of range"):
+        check_lengths(np.array([2**64 - 1], dtype=np.uint64))
+    assert check_lengths(np.array([3.0, 2.0**40])).tolist() == [3, 2**40]

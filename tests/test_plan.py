@@ -79,3 +79,34 @@ def test_validate_catches_broken_invariants():
     d["digest"] = ""
     with pytest.raises(PlanError, match="est_seconds"):
         validate(StepPlan.from_dict(d), lengths, cost_model=model)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["replicas"][0]["micro_batches"][0].__setitem__(1, 2.7), r"plan.replicas\[0\].micro_batches\[0\]\[1\]=2.7 must be an integer"),
+        (lambda d: d["replicas"][0]["micro_batches"][0].__setitem__(1, 1.0), r"micro_batches\[0\]\[1\]=1.0 must be an integer"),
+        (lambda d: d["replicas"][1].__setitem__("ranks", [True]), r"plan.replicas\[1\].ranks\[0\]=True must be an integer"),
+        (lambda d: d["replicas"][0]["layout"].__setitem__("tp", 2.5), r"plan.replicas\[0\].layout.tp=2.5 must be an integer"),
+        (lambda d: d.pop("replicas"), r"plan lacks \['replicas'\]"),
+        (lambda d: d.__setitem__("replicas", {"0": 1}), "plan.replicas must be a JSON list, got dict"),
+        (lambda d: d["replicas"].__setitem__(0, [1]), r"plan.replicas\[0\] must be a JSON object, got list"),
+        (lambda d: d["replicas"][0].pop("micro_batches"), r"plan.replicas\[0\] lacks \['micro_batches'\]"),
+        (lambda d: d.__setitem__("step", "3"), "plan.step='3' must be an integer"),
+        (lambda d: d.__setitem__("est_step_seconds", "fast"), "plan.est_step_seconds='fast' must be a finite number"),
+        (lambda d: d.__setitem__("version", True), "plan version True is not supported"),
+    ],
+)
+def test_plan_json_is_read_strictly(edit, message):
+    """An edited plan is an error naming the field, never a rounded id that still passes its digest."""
+    d = json.loads(_plan(_model(), np.array([1000, 2000, 500, 900])).to_json())
+    edit(d)
+    with pytest.raises(PlanError, match=message):
+        StepPlan.from_dict(d)
+
+
+def test_plan_json_of_the_wrong_shape_is_a_plan_error():
+    with pytest.raises(PlanError, match="plan must be a JSON object, got list"):
+        StepPlan.from_json("[1, 2]")
+    with pytest.raises(PlanError, match="plan is not valid JSON"):
+        StepPlan.from_json("{")

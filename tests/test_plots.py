@@ -1,12 +1,16 @@
 """hydraulis.plots: the per-doubling shares behind the time-share plot, and the PNGs."""
 
+import types
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.profile import LengthProfile
-from hydraulis.plots import doubling_shares, plot_length_histogram, plot_time_share
+from hydraulis.plots import doubling_shares, plot_length_histogram, plot_simulation, plot_time_share
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -40,9 +44,77 @@ def test_merge_leading_keeps_the_totals() -> None:
     assert merged.above(4096) == pytest.approx(shares.above(4096))
 
 
-def test_plots_write_png_files(tmp_path) -> None:
+def _captured(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every figure the plots save (the PNG is still written)."""
+    import matplotlib.figure
+
+    figures: list[Any] = []
+    original = matplotlib.figure.Figure.savefig
+
+    def capture(self: Any, *args: Any, **kwargs: Any) -> Any:
+        figures.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    return figures
+
+
+def _png(path: Path, figure: Any) -> np.ndarray:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    pixels = matplotlib.image.imread(path)
+    width, height = figure.get_size_inches() * figure.dpi
+    assert pixels.shape[:2] == (round(height), round(width))
+    assert pixels[..., :3].std() > 0.05, "a blank picture"
+    return pixels
+
+
+def test_plots_write_png_files_with_their_axes_and_series(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = _captured(monkeypatch)
     prof = LengthProfile.from_lengths(np.random.default_rng(0).lognormal(6, 1.2, 2000).astype(np.int64) + 1)
     plot_length_histogram(prof, tmp_path / "h.png")
-    plot_time_share(doubling_shares(prof, 1e-9, 1e-6), tmp_path / "t.png", "test cost")
-    for name in ("h.png", "t.png"):
-        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    shares = doubling_shares(prof, 1e-9, 1e-6)
+    plot_time_share(shares, tmp_path / "t.png", "test cost")
+    hist, share = figures
+
+    _png(tmp_path / "h.png", hist)
+    (ax,) = hist.axes
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+    assert ax.get_xlabel() == "sequence length (tokens)" and "sequences per bucket" in ax.get_ylabel()
+    assert "2,000 sequences" in ax.get_title()
+    assert len(ax.patches) == 1  # the histogram's one step patch
+    marks = [float(line.get_xdata()[0]) for line in ax.lines]  # p50, p90, p99, max as vertical lines
+    q = prof.quantiles
+    assert marks == [q["p50"], q["p90"], q["p99"], prof.max_length]
+    assert [t.get_text().split()[0] for t in ax.texts] == ["p50", "p90", "p99", "max"]
+
+    _png(tmp_path / "t.png", share)
+    (ax,) = share.axes
+    merged = shares.merge_leading()
+    assert len(ax.containers) == 3  # sequences, tokens, estimated time
+    for bars, want in zip(ax.containers, (merged.sequences, merged.tokens, merged.time)):
+        assert [b.get_height() for b in bars] == pytest.approx(100 * want)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sequences", "tokens", "estimated time (test cost)"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == merged.labels()
+    assert ax.get_ylabel() == "share (%)"
+
+
+def test_simulation_plot_has_one_line_per_policy_on_both_panels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = _captured(monkeypatch)
+    steps = np.arange(6, dtype=np.float64)
+    traces = {
+        name: types.SimpleNamespace(step_seconds=1.0 + k + 0.1 * steps, imbalance=1.0 + 0.05 * k * np.ones(6))
+        for k, name in enumerate(["balancer", "fixed", "multipack"])
+    }
+    plot_simulation(types.SimpleNamespace(traces=traces, num_ranks=8), tmp_path / "s.png", unit="ms")
+    (fig,) = figures
+    _png(tmp_path / "s.png", fig)
+    top, bottom = fig.axes
+    assert top.get_ylabel() == "estimated step time (ms)" and "8 ranks" in top.get_title()
+    assert bottom.get_xlabel() == "step"
+    for ax, key in ((top, "step_seconds"), (bottom, "imbalance")):
+        assert [line.get_label() for line in ax.lines] == list(traces)
+        for line, trace in zip(ax.lines, traces.values()):
+            assert line.get_ydata().tolist() == getattr(trace, key).tolist()
+    assert top.lines[0].get_linewidth() > top.lines[1].get_linewidth()  # the balancer stands out

@@ -46,3 +46,5 @@ def test_bad_lengths_name_the_index():
         LengthProfile.from_lengths(np.array([], dtype=np.int64))
     with pytest.raises(ValueError, match="index 1 is nan"):
         LengthProfile.from_lengths(np.array([5.0, np.nan]))
+    with pytest.raises(ValueError, match=r"index 1 is 1e\+30, out of range"):  # was "-9223372036854775808 tokens"
+        LengthProfile.from_lengths(np.array([5.0, 1e30]))

@@ -157,8 +157,8 @@ def test_bound_pruning_picks_what_the_exhaustive_loop_picks(n, seed, penalty, lo
 def test_loss_tokens_and_sample_ids_pass_through():
     bal = Balancer(CLUSTER, [HOMO_TP1], _model())
     lengths = np.array([10, 20, 30], dtype=np.int64)
-    plan = bal.plan(lengths, sample_ids=[7, 3, 5], loss_tokens=[10, 0, 29], step=4)
-    assert plan.global_loss_tokens == 39 and plan.step == 4
+    plan = bal.plan(lengths, sample_ids=[7, 3, 5], loss_tokens=[9, 0, 29], step=4)
+    assert plan.global_loss_tokens == 38 and plan.step == 4
     assert sorted(plan.sample_ids()) == [3, 5, 7]
     empty = [r for r in plan.replicas if r.micro_batches == ((),)]
     assert len(plan.replicas) == 8 and len(empty) == 5
@@ -372,6 +372,12 @@ def test_bad_inputs_raise_one_clear_error():
         bal.plan([])
     with pytest.raises(ValueError, match="loss_tokens"):
         bal.plan([5, 6], loss_tokens=[5, 7])
+    with pytest.raises(ValueError, match=r"loss_tokens\[0\] = 5 must be between 0 and the sequence length minus one, 4"):
+        bal.plan([5, 6], loss_tokens=[5, 6])  # the first token of a sequence carries no loss
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 1e\+30 is out of range"):
+        bal.plan(np.array([5.0, 1e30]))  # a whole number, but not one int64 holds
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 18446744073709551615 is out of range"):
+        bal.plan(np.array([2**64 - 1], dtype=np.uint64))
     with pytest.raises(ValueError, match="observe: got 3 rank times"):
         bal.observe([1.0, 1.0, 1.0], bal.plan([5, 6]))
 

@@ -1,0 +1,82 @@
+"""How global batches are formed and planned (:class:`SamplerConfig`) and what the over-long
+policy and ``drop_last`` did (:class:`SamplerStats`); shared by the map-style sampler and the
+streaming loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .pieces import OVERLONG_POLICIES
+from .planning import PLAN_SYNC_MODES
+
+__all__ = ["SamplerConfig", "SamplerStats"]
+
+
+@dataclass(kw_only=True)
+class SamplerConfig:
+    """How global batches are formed and planned. Give exactly one of the two budgets."""
+
+    tokens_per_step: int | None = None
+    """Global batch budget in tokens (all ranks together); batches take samples until the next would exceed it."""
+    sequences_per_step: int | None = None
+    """Global batch size in samples (all ranks together)."""
+    seed: int = 0
+    """Seed of the per-epoch shuffle (the order of epoch ``e`` comes from ``(seed, e)``)."""
+    shuffle: bool = True
+    """Shuffle every epoch; ``False`` keeps dataset order."""
+    overlong: str = "error"
+    """Policy for samples above ``max_length`` tokens: ``error``, ``truncate``, ``split`` or ``drop``."""
+    max_length: int | None = None
+    """Over-long threshold in tokens; ``None`` = the balancer's ``max_sequence_length``."""
+    drop_last: bool = False
+    """Skip a partial final batch per epoch (counted in the stats); see the module docstring."""
+    plan_ahead: int = 2
+    """Steps planned in the background ahead of the consumer."""
+    plan_sync: str = "auto"
+    """``none`` (nothing exchanged or checked), ``verify`` (every rank plans; batch fingerprints and
+    plan digests are all-gathered), ``broadcast`` (rank 0 plans; batch fingerprints are checked), or
+    ``auto``: ``broadcast`` on several ranks (which needs an initialised torch.distributed), ``none``
+    on one. See docs/dataloader.md for what each guarantees."""
+    sync_timeout_s: float | None = None
+    """Seconds a plan exchange waits for a peer before every rank fails; ``None``: the default
+    process group's timeout (``init_process_group(timeout=...)``)."""
+
+    def __post_init__(self) -> None:
+        if (self.tokens_per_step is None) == (self.sequences_per_step is None):
+            raise ValueError(
+                "SamplerConfig: give exactly one of tokens_per_step (e.g. 1_048_576) or sequences_per_step (e.g. 512); "
+                f"got tokens_per_step={self.tokens_per_step}, sequences_per_step={self.sequences_per_step}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"SamplerConfig: seed={self.seed!r} must be an integer >= 0 (the same on every rank)")
+        t = self.sync_timeout_s
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf")):
+            raise ValueError(f"SamplerConfig: sync_timeout_s={self.sync_timeout_s!r} must be a number of seconds > 0 (or None)")
+        for name in ("tokens_per_step", "sequences_per_step", "max_length", "plan_ahead"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"SamplerConfig: {name}={v!r} must be a positive integer")
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"SamplerConfig: overlong={self.overlong!r}; choose one of {list(OVERLONG_POLICIES)}")
+        if self.plan_sync not in (*PLAN_SYNC_MODES, "auto"):
+            raise ValueError(f"SamplerConfig: plan_sync={self.plan_sync!r}; choose one of {[*PLAN_SYNC_MODES, 'auto']}")
+        if self.overlong == "split" and self.max_length == 1:
+            raise ValueError("SamplerConfig: overlong='split' needs max_length >= 2 (pieces overlap by one token)")
+
+
+@dataclass
+class SamplerStats:
+    """What the over-long policy and ``drop_last`` did (all counts in samples unless named tokens)."""
+
+    num_samples: int = 0
+    num_kept: int = 0
+    dropped_overlong: int = 0
+    dropped_overlong_ids: list[int] = field(default_factory=list)
+    """First few dropped sample ids (at most 16)."""
+    truncated: int = 0
+    truncated_tokens: int = 0
+    split: int = 0
+    extra_pieces: int = 0
+    dropped_last_samples: int = 0
+    """Samples skipped by ``drop_last`` so far (summed over epochs iterated)."""
