@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from strategies.collectives import group_timeout
 from strategies.plan import StepPlan
 
 __all__ = ["check_world", "dist_ready", "group_timeout_s", "plan_group", "rank_and_world", "resolve_sync"]
@@ -63,32 +64,15 @@ def resolve_sync(mode: str, world_size: int) -> str:
 
 def default_timeout() -> timedelta | None:
     """Collective timeout of the default process group (``init_process_group(timeout=...)``), if readable."""
-    import torch
-    import torch.distributed as dist
-
-    world = dist.group.WORLD
-    for device in ("cpu", "cuda"):
-        try:
-            # No public accessor in torch 2.x: the backend's options carry the group's timeout.
-            timeout = world._get_backend(torch.device(device)).options._timeout  # type: ignore[union-attr]
-        except Exception:  # noqa: BLE001 - no backend for this device, or another torch version
-            continue
-        if isinstance(timeout, timedelta):
-            return timeout
-    return None
+    return group_timeout(None)
 
 
 def group_timeout_s(group: Any) -> float | None:
     """Collective timeout of ``group`` in seconds (``None`` when torch does not expose it)."""
     if group is None:
         return None
-    import torch
-
-    try:
-        timeout = group._get_backend(torch.device("cpu")).options._timeout
-    except Exception:  # noqa: BLE001 - a group without a CPU backend, or another torch version
-        return None
-    return timeout.total_seconds() if isinstance(timeout, timedelta) else None
+    timeout = group_timeout(group)
+    return timeout.total_seconds() if timeout is not None else None
 
 
 def plan_group(sync: str, process_group: Any, timeout_s: float | None = None) -> Any:

@@ -190,6 +190,7 @@ def _worker(rank: int, world: int, ckpt_dir: str) -> dict:
 
     engine = Engine(candidates(), make_model, make_optimizer, config=EngineConfig(token_capacity=CAPACITY))
     out["groups_created"] = engine.groups_created
+    out["group_timeouts_s"] = engine.group_timeouts_s
     late_groups: list = []
     real_new_group = torch.distributed.new_group
 
@@ -384,6 +385,8 @@ def test_no_process_group_after_startup(run):
         # tp (0,1) (2,3); cp (0,2) (1,3) of tp2cp2; cp (0,1) of cp2+tp1x2; no gradient groups
         assert set(out["groups_created"]) == {(0, 1), (2, 3), (0, 2), (1, 3)}
         assert len(out["groups_created"]) == len(set(out["groups_created"]))
+        # every group takes the job's timeout (run_local's init_process_group: 30 s), not torch's 30 minutes
+        assert out["group_timeouts_s"] and set(out["group_timeouts_s"].values()) == {30.0}
 
 
 @pytest.mark.parametrize(

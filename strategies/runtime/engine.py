@@ -46,6 +46,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from strategies.collectives import group_timeout
 from strategies.layout import Layout, Strategy
 from strategies.plan import StepPlan
 
@@ -82,8 +83,10 @@ class EngineConfig:
     (see :func:`strategies.runtime.attention.choose_kernel`)."""
     seed: int = 0
     """Seed of the per-parameter initialisation when the model is given as a ModelConfig."""
-    group_timeout_s: float = 300.0
-    """Timeout of every process group the engine creates, seconds."""
+    group_timeout_s: float | None = None
+    """Timeout of every process group the engine creates, seconds; ``None``: the job's own
+    (the default group's, from ``init_process_group(timeout=...)``), or 300 s when torch
+    does not expose it."""
     broadcast_parameters: bool = True
     """When the model is given as a callable: use rank 0's initial values on every rank."""
     clock: Callable[[], float] = time.perf_counter
@@ -94,7 +97,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"EngineConfig: max_grad_norm={self.max_grad_norm} must be > 0 or None")
-        if not self.group_timeout_s > 0:
+        if self.group_timeout_s is not None and not self.group_timeout_s > 0:
             raise ValueError(f"EngineConfig: group_timeout_s={self.group_timeout_s} must be > 0 seconds")
         if self.autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"EngineConfig: autocast_dtype={self.autocast_dtype} must be None, bfloat16 or float16")
@@ -200,13 +203,24 @@ class Engine:
         self.optimizer = self._build_optimizer(optimizer_builder)
         self.compute = ComputeWeights(self.model, self.state)
 
-        registry = GroupRegistry(self.world_size, timedelta(seconds=self.config.group_timeout_s))
+        registry = GroupRegistry(self.world_size, self._group_timeout())
         self._views = {s.name: self._build_view(s, registry) for s in self.candidates}
         registry.freeze()
         self.groups_created: tuple[tuple[int, ...], ...] = tuple(registry.created)
         """Rank sets of the process groups created at start-up, in creation order."""
+        self.group_timeouts_s: dict[tuple[int, ...], float | None] = {
+            ranks: None if (t := group_timeout(g)) is None else t.total_seconds()
+            for ranks, g in zip(registry.created, registry.created_groups)
+            if self.rank in ranks
+        }
+        """Collective timeout, seconds, of each created group this rank belongs to (the job's own unless configured)."""
 
     # -- start-up ---------------------------------------------------------------------------
+    def _group_timeout(self) -> timedelta:
+        if self.config.group_timeout_s is not None:
+            return timedelta(seconds=self.config.group_timeout_s)
+        return group_timeout(None) or timedelta(seconds=300)
+
     def _check_candidates(self, candidates: Sequence[Strategy]) -> tuple[Strategy, ...]:
         out = tuple(candidates)
         if not out:

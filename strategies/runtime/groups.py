@@ -30,6 +30,8 @@ class GroupRegistry:
         self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         self.created: list[tuple[int, ...]] = []
         """Rank tuples for which a new group was created, in creation order."""
+        self.created_groups: list[dist.ProcessGroup] = []
+        """The groups created, in the same order."""
         self._frozen = False
 
     def get(self, ranks: Sequence[int]) -> dist.ProcessGroup | None:
@@ -45,6 +47,7 @@ class GroupRegistry:
         else:
             group = dist.new_group(list(key), timeout=self.timeout)
             self.created.append(key)
+            self.created_groups.append(group)
         self._groups[key] = group
         return group
 
