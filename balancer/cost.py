@@ -1,8 +1,9 @@
 """The cost model: how long a sequence takes on a layout, and how many tokens fit.
 
-Per :class:`~strategies.Layout` the model gives three coefficients and a capacity:
+Per :class:`~strategies.Layout` the model gives four coefficients and a capacity:
 
-    t(s) = a·s² + b·s        seconds for one sequence of ``s`` tokens (forward + backward)
+    t(s) = a·s² + b·s + d    seconds for one sequence of ``s`` tokens (forward + backward),
+                              ``d`` the overhead every sequence adds to its micro-batch
     c                         seconds of fixed overhead per micro-batch
     token_capacity            tokens one micro-batch may hold (from the memory model)
 
@@ -14,6 +15,9 @@ One type, several sources: explicit coefficients (:meth:`CostModel.from_coeffici
 analytic from model and hardware specs (:meth:`CostModel.analytic`), least-squares fits
 of measurements (:meth:`CostModel.fit`) and calibration on the local device
 (:meth:`CostModel.calibrate`). Every source resolves to a table of :class:`LayoutCost`.
+
+JSON (:meth:`CostModel.to_dict`) is version :data:`COST_MODEL_VERSION` (2: ``d`` per
+layout); version-1 files, written before the per-sequence term, still load with ``d = 0``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,13 @@ from .layout_cost import (
 )
 from .specs import HardwareSpec, ModelSpec, hardware_preset, model_preset
 
-__all__ = ["LayoutCost", "CostModel", "UnsupportedLayoutError", "replica_seconds"]
+__all__ = ["COST_MODEL_VERSION", "LayoutCost", "CostModel", "UnsupportedLayoutError", "replica_seconds"]
+
+COST_MODEL_VERSION = 2
+"""Version of :meth:`CostModel.to_dict`: 2 adds ``d`` (seconds per sequence) to every layout.
+Version 1 (no ``d``) is still read, with ``d = 0``."""
+_READABLE_VERSIONS = (1, 2)
+
 
 class CostModel:
     """Per-layout cost coefficients from one source.
@@ -138,7 +148,7 @@ class CostModel:
         return float(fits[lay.name]["r2"])
 
     def seconds(self, lengths: np.ndarray | Sequence[int], layout: Layout) -> np.ndarray:
-        """Per-sequence seconds ``a·s² + b·s`` on ``layout`` (vectorised)."""
+        """Per-sequence seconds ``a·s² + b·s + d`` on ``layout`` (vectorised)."""
         return self.cost(layout).seconds(lengths)
 
     def token_capacity(self, layout: Layout) -> int:
@@ -159,8 +169,10 @@ class CostModel:
     ) -> "CostModel":
         """Explicit coefficients per layout.
 
-        Values may be :class:`LayoutCost`, dicts with ``a, b, c, token_capacity`` or tuples
-        ``(a, b, c, token_capacity)``; keys may be layouts or names like ``"tp4"``.
+        Values may be :class:`LayoutCost`, dicts with ``a, b, c, token_capacity`` (and
+        optionally ``d``) or tuples ``(a, b, c, token_capacity)`` / ``(a, b, c,
+        token_capacity, d)`` (``d`` appended, so older 4-tuples keep their meaning); keys may
+        be layouts or names like ``"tp4"``.
         """
         out: dict[Layout, LayoutCost] = {}
         for key, val in table.items():
@@ -170,8 +182,14 @@ class CostModel:
             elif isinstance(val, Mapping):
                 out[lay] = LayoutCost.from_dict(val)
             else:
-                a, b, c, cap = val
-                out[lay] = LayoutCost(a=a, b=b, c=c, token_capacity=int(cap))
+                vals = tuple(val)
+                if len(vals) not in (4, 5):
+                    raise ValueError(
+                        f"from_coefficients: {lay.name} has {len(vals)} values {vals}; give (a, b, c, token_capacity) "
+                        "or (a, b, c, token_capacity, d)"
+                    )
+                a, b, c, cap = vals[:4]
+                out[lay] = LayoutCost(a=a, b=b, c=c, token_capacity=int(cap), d=vals[4] if len(vals) == 5 else 0.0)
         return cls(out, source="coefficients", meta=meta)
 
     @classmethod
@@ -251,18 +269,21 @@ class CostModel:
         token_capacity: int,
         layout: LayoutKey = Layout(),
         c: float | None = None,
+        d: float | None = None,
         time_unit: str = "s",
     ) -> "CostModel":
-        """Non-negative least-squares fit of one layout's ``a, b`` (and ``c`` when ``c=None``).
+        """Non-negative least-squares fit of one layout's ``a, b`` (and ``c``, ``d`` when ``None``).
 
         ``lengths``: one length per sample (a micro-batch of one sequence) or one list of
         lengths per sample (a micro-batch of several); ``seconds``: each sample's measured
-        time. The model is ``a·Σs² + b·Σs + c``. ``token_capacity`` comes from the caller
+        time. The model is ``a·Σs² + b·Σs + d·n + c`` for ``n`` sequences
+        (:func:`balancer.fit.fit_quadratic`: ``d`` is fitted only when the samples hold
+        different sequence counts, else 0). ``token_capacity`` comes from the caller
         (memory is not measured here). R² and the residuals go into ``meta["fit"]``
         (:meth:`fit_r2`).
         """
         return cls.fit_layouts(
-            {as_layout(layout): (lengths, seconds)}, token_capacity=token_capacity, c=c, time_unit=time_unit
+            {as_layout(layout): (lengths, seconds)}, token_capacity=token_capacity, c=c, d=d, time_unit=time_unit
         )
 
     @classmethod
@@ -272,11 +293,13 @@ class CostModel:
         *,
         token_capacity: int | Mapping[LayoutKey, int],
         c: float | None | Mapping[LayoutKey, float | None] = None,
+        d: float | None = None,
         time_unit: str = "s",
     ) -> "CostModel":
         """:meth:`fit` for several layouts at once: ``{layout: (lengths, seconds)}``.
 
-        ``token_capacity`` and ``c`` are one value for all layouts or a dict per layout.
+        ``token_capacity`` and ``c`` are one value for all layouts or a dict per layout;
+        ``d`` (``None``: fitted where the samples allow) applies to every layout.
         """
 
         if not samples:
@@ -296,10 +319,10 @@ class CostModel:
             except (TypeError, ValueError):
                 raise ValueError(f"CostModel.fit_layouts: samples[{lay.name}] must be a pair (lengths, seconds)") from None
             try:
-                res = fit_quadratic(lengths, seconds, c=c_lay)
+                res = fit_quadratic(lengths, seconds, c=c_lay, d=d)
             except ValueError as e:
                 raise ValueError(f"layout {lay.name}: {e}") from None
-            table[lay] = LayoutCost(a=res.a, b=res.b, c=res.c, token_capacity=int(cap))  # type: ignore[arg-type]
+            table[lay] = LayoutCost(a=res.a, b=res.b, c=res.c, d=res.d, token_capacity=int(cap))  # type: ignore[arg-type]
             fits[lay.name] = res.to_dict()
         return cls(table, source="fit", meta={"time_unit": time_unit, "fit": fits})
 
@@ -386,7 +409,7 @@ class CostModel:
         for lay in layouts or ():
             self.cost(lay)
         return {
-            "version": 1,
+            "version": COST_MODEL_VERSION,
             "source": self.source,
             "meta": self.meta,
             "layouts": {lay.name: self._table[lay].to_dict() for lay in sorted(self._table)},
@@ -394,8 +417,12 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CostModel":
-        if int(d.get("version", 1)) != 1:
-            raise ValueError(f"cost model JSON version {d.get('version')} is not supported (expected 1)")
+        version = d.get("version", 1)
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(
+                f"cost model JSON version {version!r} is not supported (this hydraulis reads versions "
+                f"{', '.join(map(str, _READABLE_VERSIONS))}); upgrade hydraulis or re-save the model"
+            )
         table = {Layout.parse(k): LayoutCost.from_dict(v) for k, v in dict(d.get("layouts", {})).items()}
         meta = dict(d.get("meta", {}))
         source = str(d.get("source", "coefficients"))

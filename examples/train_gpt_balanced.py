@@ -153,7 +153,7 @@ def build_cost_model(args: argparse.Namespace, cfg: ModelConfig, device: torch.d
         cp_attn = layout.cp  # the head+tail split keeps attention balanced
         cp_lin = layout.cp * e ** (2 * math.log2(layout.cp))  # ... but the K/V all-gather costs per token
         return LayoutCost(a=base.a / (tp_gain * cp_attn), b=base.b / (tp_gain * cp_lin), c=base.c,
-                          token_capacity=base.token_capacity * layout.tp * layout.cp)
+                          d=base.d, token_capacity=base.token_capacity * layout.tp * layout.cp)
 
     return CostModel({Layout(1): base}, source="fit+scaled", resolver=derive)
 
