@@ -331,9 +331,12 @@ class CostModel:
         cls,
         model: "ModelSpec | str | None" = "tiny",
         *,
-        lengths: Sequence[int] | None = None,
+        micro_batches: Sequence[int | Sequence[int]] | None = None,
+        token_budget: int | None = None,
+        length_pool: Sequence[int] | np.ndarray | None = None,
         layout: LayoutKey = Layout(),
-        step_fn: Callable[[int], None] | None = None,
+        step_fn: Callable[[tuple[int, ...]], None] | None = None,
+        num_layers: int | None = None,
         token_capacity: int | None = None,
         hardware: "HardwareSpec | str | None" = None,
         warmup: int = 1,
@@ -342,66 +345,43 @@ class CostModel:
         clock: str = "wall",
         num_threads: int | None = None,
         seed: int = 0,
+        attention: str = "auto",
         progress: bool | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> "CostModel":
-        """Time forward + backward at several lengths on the local device, then :meth:`fit`.
+        """Time forward + backward of packed micro-batches on the local device, then fit
+        ``a, b, c, d`` (:mod:`balancer.calibrate`).
 
-        By default a Llama-style decoder of ``model`` (a spec or preset name) runs on one
-        random sequence per step (:mod:`balancer.calibrate`; CUDA when available, else
-        CPU; bf16 on CUDA when ``dtype_bytes == 2``, fp32 on the CPU). ``step_fn(length)``
-        replaces it to time your own model; it must block until the work is done.
-        ``token_capacity=None`` takes the analytic memory model of ``model`` on
-        ``hardware`` (default: this device's preset with its real memory size). ``a, b, c``
-        are all fitted (one sequence per micro-batch) to the fastest of ``repeats`` runs per
-        length (``statistic="median"`` for the median). ``num_threads`` sets torch's CPU
-        threads for the calibration (restored afterwards); ``clock="process"`` times CPU work
-        by the process's CPU time, which other processes cannot inflate — with
-        ``num_threads=1`` the robust choice on a shared machine. ``meta`` records the
-        device, torch version, threads, clock, lengths, times and R².
+        By default the packed Llama-style decoder of ``model`` (a spec or preset name;
+        :mod:`balancer.decoder`) is built on the device — CUDA when available, else the
+        CPU; bf16 on CUDA when ``dtype_bytes == 2``, fp32 on the CPU — and times the
+        compositions of :func:`~balancer.calibrate.calibration_micro_batches` under
+        ``token_budget`` tokens (default 2,048 on the CPU, 16,384 on a GPU, at most the
+        token capacity), with micro-batches drawn from ``length_pool`` (a length file's
+        lengths) when given. ``micro_batches`` (lengths, or lists of lengths) replaces the
+        compositions. ``step_fn(micro_batch)`` replaces the decoder to time your own model
+        (it receives a tuple of lengths and need not synchronise). ``num_layers=N`` times an
+        ``N``-layer copy (and depth 0) and scales to the model's depth. ``token_capacity=None``
+        takes the analytic memory model of ``model`` on ``hardware`` (default: this device's
+        preset with its real memory size). ``statistic``: ``"min"`` (default) or
+        ``"median"`` of ``repeats`` runs; ``num_threads`` sets torch's CPU threads (restored
+        afterwards); ``clock="process"`` times CPU work by the process's CPU time (with
+        ``num_threads=1`` the robust choice on a shared machine); ``attention``: ``auto``,
+        ``varlen`` or ``sdpa`` (:func:`~balancer.decoder.attention_backend`). ``meta``
+        records the device, torch version, kernel, every micro-batch with its measured
+        and fitted time, R², and ``reliable`` / ``problems``; an unreliable fit also
+        raises a :class:`~balancer.calibrate.CalibrationWarning`.
         """
-        import torch
-
-
         lay = as_layout(layout)
         spec = model_preset(model) if isinstance(model, str) else model
-        custom_step = step_fn is not None
-        device = cal.calibration_device()
-        if step_fn is None:
-            if spec is None:
-                raise ValueError("CostModel.calibrate: give a model spec (or preset name) or your own step_fn")
-            dtype = torch.bfloat16 if device.type == "cuda" and spec.dtype_bytes == 2 else torch.float32
-            step_fn = cal.decoder_step_fn(spec, device, dtype, seed)
-        if token_capacity is None:
-            if spec is None:
-                raise ValueError("CostModel.calibrate: with model=None pass token_capacity (tokens per micro-batch)")
-            hw = hardware_preset(hardware) if isinstance(hardware, str) else hardware or cal.local_hardware(device)
-            token_capacity = AnalyticModel(spec, hw).analyze(lay).token_capacity
-            if token_capacity < 1:
-                raise ValueError(
-                    f"CostModel.calibrate: {spec.name} does not fit layout {lay.name} on {hw.name} "
-                    "by the memory model; pass token_capacity or a smaller model"
-                )
-        lens = list(lengths) if lengths is not None else list(cal.default_lengths(device))
-        with cal.cpu_threads(num_threads):
-            env = cal.environment(device)
-            run = cal.measure(
-                step_fn, lens, device=device, warmup=warmup, repeats=repeats,
-                statistic=statistic, clock=clock, progress=progress,
-            )
-        fitted = cls.fit(run.lengths, run.seconds, token_capacity=token_capacity, layout=lay)
-        meta = {
-            **fitted.meta,
-            **env,
-            "model": spec.to_dict() if spec is not None else None,
-            "custom_step_fn": custom_step,
-            "lengths": run.lengths.tolist(),
-            "seconds": run.seconds.tolist(),
-            "statistic": statistic,
-            "clock": clock,
-            "warmup": warmup,
-            "repeats": repeats,
-        }
-        return cls(fitted._table, source="calibrated", meta=meta)
+        hw = hardware_preset(hardware) if isinstance(hardware, str) else hardware
+        cost, meta = cal.calibrate_layout(
+            spec, layout=lay, micro_batches=micro_batches, token_budget=token_budget, length_pool=length_pool,
+            step_fn=step_fn, num_layers=num_layers, token_capacity=token_capacity, hardware=hw, warmup=warmup,
+            repeats=repeats, statistic=statistic, clock=clock, num_threads=num_threads, seed=seed,
+            attention=attention, progress=progress, log=log,
+        )
+        return cls({lay: cost}, source="calibrated", meta=meta)
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self, layouts: Iterable[Layout] | None = None) -> dict[str, Any]:
