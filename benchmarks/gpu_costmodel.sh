@@ -49,20 +49,35 @@ python3 -m hydraulis.cli simulate --lengths "$DATA" --cluster 8xH200 --model lla
   --tokens-per-step 256K --no-plots --out "$WARM" > "$RES/warm_numba.log" 2>&1 &
 WARM_PID=$!
 
+# run_part NAME TIMEOUT LOG ARGS...: one hydraulis command under a timeout, its output teed to LOG.
+# A failure other than an unreliable fit (3) or a timeout (124) is retried once with SDPA
+# attention, in case the varlen kernel of this torch build fails on the real shapes.
+run_part() {
+  local name=$1 limit=$2 log=$3; shift 3
+  timeout "$limit" python3 -m hydraulis.cli "$@" 2>&1 | tee "$log"
+  local status=${PIPESTATUS[0]}
+  if [ "$status" != 0 ] && [ "$status" != 3 ] && [ "$status" != 124 ]; then
+    stamp "$name failed with status $status; retrying with --attention sdpa"
+    timeout "$limit" python3 -m hydraulis.cli "$@" --attention sdpa 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+  fi
+  return "$status"
+}
+
 stamp "part 1: calibrate $MODEL (depth $LAYERS, scaled) on packed micro-batches"
-timeout "$CAL_TIMEOUT" python3 -m hydraulis.cli calibrate --model "$MODEL" --layers "$LAYERS" --lengths "$DATA" \
-  --budget "$BUDGET" --repeats "$REPEATS" --strict --quiet "${CPU_FLAGS[@]}" --out "$RES/calibration.json" \
-  2>&1 | tee "$RES/calibration.log"
-CAL_STATUS=${PIPESTATUS[0]}
+run_part calibrate "$CAL_TIMEOUT" "$RES/calibration.log" calibrate --model "$MODEL" --layers "$LAYERS" \
+  --lengths "$DATA" --budget "$BUDGET" --repeats "$REPEATS" --strict --quiet ${CPU_FLAGS[@]+"${CPU_FLAGS[@]}"} \
+  --out "$RES/calibration.json"
+CAL_STATUS=$?
 stamp "part 1 finished with status $CAL_STATUS (0 ok, 3 unreliable fit, 124 timeout)"
 
 wait "$WARM_PID"; stamp "part 0 finished with status $?"; rm -rf "$WARM"
 
 stamp "part 2: measured plans, $DATA on $CLUSTER, $STEPS steps"
-timeout "$MEASURE_TIMEOUT" python3 -m hydraulis.cli measure --model "$MODEL" --layers "$LAYERS" --cluster "$CLUSTER" \
-  --lengths "$DATA" --tokens-per-step "$TOKENS" --token-capacity "$CAPACITY" --budget "$BUDGET" --steps "$STEPS" \
-  --repeats "$REPEATS" "${CPU_FLAGS[@]}" --out "$RES/measure" 2>&1 | tee "$RES/measure.log"
-MEASURE_STATUS=${PIPESTATUS[0]}
+run_part measure "$MEASURE_TIMEOUT" "$RES/measure.log" measure --model "$MODEL" --layers "$LAYERS" \
+  --cluster "$CLUSTER" --lengths "$DATA" --tokens-per-step "$TOKENS" --token-capacity "$CAPACITY" \
+  --budget "$BUDGET" --steps "$STEPS" --repeats "$REPEATS" ${CPU_FLAGS[@]+"${CPU_FLAGS[@]}"} --out "$RES/measure"
+MEASURE_STATUS=$?
 stamp "part 2 finished with status $MEASURE_STATUS"
 
 {
@@ -75,6 +90,16 @@ stamp "part 2 finished with status $MEASURE_STATUS"
   echo
   echo '```'
   grep -E "^(device|fit|scaled|token capacity|attention|one sequence|warning)" "$RES/calibration.log" || echo "(no calibration output)"
+  echo '```'
+  echo
+  echo "Micro-batches (measured at depth $LAYERS, fitted; depth 0; scaled; fitted):"
+  echo
+  grep -E "^\|" "$RES/calibration.log" || echo "(none)"
+  echo
+  echo "Calibration of the executed copy (part 2):"
+  echo
+  echo '```'
+  grep -E "^(device|fit|warning|estimate/measured)" "$RES/measure.log" || echo "(no output)"
   echo '```'
   echo
   echo "## Measured plans"

@@ -181,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "measured.md").write_text(
         f"Measured on {cost.meta['device']} (torch {cost.meta['torch']}, attention {step.attention}): {cut.name} at "
         f"depth {cut.num_layers}, {lengths_input.label}, {describe_cluster(cluster, None)}, "
-        f"{args.tokens_per_step:,} tokens per step, {args.steps} steps, micro-batches ≤ {capacity:,} tokens.\n\n"
+        f"{args.tokens_per_step:,} tokens per step, {args.steps} step{'s' if args.steps != 1 else ''}, "
+        f"micro-batches ≤ {capacity:,} tokens.\n\n"
         + table + f"\nMedian |estimate/measured − 1| over all {ratios.size} replicas: {100 * overall:.1f}%.\n"
     )
     print(f"wrote {out / 'measured.json'}, {out / 'measured.md'}, {out / 'plans.jsonl'}, {out / 'cost_model.json'}")
