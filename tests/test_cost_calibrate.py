@@ -106,7 +106,7 @@ def test_a_launch_bound_profile_is_reported_unreliable():
         time.sleep(0.01 + 1e-7 * sum(mb))
 
     with pytest.warns(CalibrationWarning, match="launch-bound"):
-        model = CostModel.calibrate(None, step_fn=step, token_budget=512, token_capacity=512, warmup=0, repeats=1,
+        model = CostModel.calibrate(None, step_fn=step, token_budget=512, token_capacity=512, warmup=0, repeats=3,
                                     progress=False)
     assert not model.meta["reliable"] and any("launch-bound" in p for p in model.meta["problems"])
 
