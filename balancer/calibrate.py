@@ -225,16 +225,21 @@ def measure(
     return Measurement(mbs, runs, statistic, clock)
 
 
-def assess(fit: FitResult, micro_batches: Sequence[MicroBatch], seconds: np.ndarray, label: str = "fit") -> list[str]:
+def assess(
+    fit: FitResult, micro_batches: Sequence[MicroBatch], seconds: np.ndarray, label: str = "fit", *,
+    launch_bound: bool = True,
+) -> list[str]:
     """Why a calibration fit is unreliable (empty list: it is not): R² below :data:`MIN_R2`,
-    or launch-bound timings (``c`` over half of the largest micro-batch's time, or times
-    spanning under 1.5× while tokens span 4× or more)."""
+    or (``launch_bound``) launch-bound timings: ``c`` over half of the largest micro-batch's
+    time, or times spanning under 1.5× while tokens span 4× or more."""
     problems = []
     if not fit.r2 >= MIN_R2:
         problems.append(
             f"{label}: R² = {fit.r2:.3f} is below {MIN_R2}: the model a·s² + b·s + d + c does not explain the "
             "timings (noisy device, or work that is not the model's); rerun with more --repeats on an idle device"
         )
+    if not launch_bound:
+        return problems
     tokens = np.array([sum(mb) for mb in micro_batches], dtype=np.float64)
     t = np.asarray(seconds, dtype=np.float64)
     share = fit.c / t.max() if t.max() > 0 else 1.0
@@ -252,6 +257,47 @@ def assess(fit: FitResult, micro_batches: Sequence[MicroBatch], seconds: np.ndar
 
 def _fit_dict(fit: FitResult, micro_batches: Sequence[MicroBatch], seconds: np.ndarray) -> dict[str, Any]:
     return {**fit.to_dict(), "predicted": fit.predict(micro_batches).tolist(), "measured": np.asarray(seconds).tolist()}
+
+
+def _token_capacity(spec: ModelSpec | None, layout: Layout, hardware: HardwareSpec | None, device: Any) -> int:
+    """Tokens per micro-batch by the analytic memory model of ``spec`` on ``hardware`` (default: this device)."""
+    if spec is None:
+        raise ValueError("CostModel.calibrate: with model=None pass token_capacity (tokens per micro-batch)")
+    hw = hardware or local_hardware(device)
+    capacity = AnalyticModel(spec, hw).analyze(layout).token_capacity
+    if capacity < 1:
+        raise ValueError(
+            f"CostModel.calibrate: {spec.name} does not fit layout {layout.name} on {hw.name} "
+            "by the memory model; pass token_capacity or a smaller model"
+        )
+    return int(capacity)
+
+
+def _timed_layers(spec: ModelSpec | None, num_layers: int | None, custom_step: bool) -> int | None:
+    """The reduced depth to time, or ``None`` to time the model whole."""
+    if num_layers is None:
+        return None
+    if custom_step or spec is None:
+        raise ValueError("CostModel.calibrate: num_layers times a reduced copy of the built-in decoder; "
+                         "it cannot reduce a custom step_fn")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= spec.num_layers:
+        raise ValueError(f"CostModel.calibrate: num_layers={num_layers!r} must be 1..{spec.num_layers} "
+                         f"(the layers of {spec.name})")
+    return num_layers if num_layers < spec.num_layers else None
+
+
+def _compositions(
+    micro_batches: Sequence[int | Sequence[int]] | None, token_budget: int | None,
+    length_pool: Sequence[int] | np.ndarray | None, default: int, seed: int,
+) -> tuple[list[tuple[str, MicroBatch]], int]:
+    """``(labelled micro-batches, token budget)``: the given ones, or :func:`calibration_micro_batches`."""
+    if micro_batches is None:
+        budget = token_budget if token_budget is not None else default
+        return calibration_micro_batches(budget, length_pool, seed=seed), int(budget)
+    if token_budget is not None or length_pool is not None:
+        raise ValueError("CostModel.calibrate: give micro_batches, or token_budget / length_pool to compose them")
+    given = [_as_micro_batch(x) for x in micro_batches]
+    return [(_label(mb), mb) for mb in given], max((sum(mb) for mb in given), default=0)
 
 
 def calibrate_layout(
@@ -282,42 +328,19 @@ def calibrate_layout(
 
     say = log or (lambda _line: None)
     device = calibration_device()
-    if step_fn is None and spec is None:
+    custom = step_fn is not None
+    if not custom and spec is None:
         raise ValueError("CostModel.calibrate: give a model spec (or preset name) or your own step_fn")
-    if token_capacity is None:
-        if spec is None:
-            raise ValueError("CostModel.calibrate: with model=None pass token_capacity (tokens per micro-batch)")
-        hw = hardware or local_hardware(device)
-        token_capacity = AnalyticModel(spec, hw).analyze(layout).token_capacity
-        if token_capacity < 1:
-            raise ValueError(
-                f"CostModel.calibrate: {spec.name} does not fit layout {layout.name} on {hw.name} "
-                "by the memory model; pass token_capacity or a smaller model"
-            )
-    timed_layers = None
-    if num_layers is not None:
-        if step_fn is not None or spec is None:
-            raise ValueError("CostModel.calibrate: num_layers times a reduced copy of the built-in decoder; "
-                             "it cannot reduce a custom step_fn")
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= spec.num_layers:
-            raise ValueError(f"CostModel.calibrate: num_layers={num_layers!r} must be 1..{spec.num_layers} "
-                             f"(the layers of {spec.name})")
-        timed_layers = num_layers if num_layers < spec.num_layers else None
-    if micro_batches is None:
-        budget = token_budget if token_budget is not None else min(default_budget(device), int(token_capacity))
-        labelled = calibration_micro_batches(budget, length_pool, seed=seed)
-    else:
-        if token_budget is not None or length_pool is not None:
-            raise ValueError("CostModel.calibrate: give micro_batches, or token_budget / length_pool to compose them")
-        given = [_as_micro_batch(x) for x in micro_batches]
-        labelled = [(_label(mb), mb) for mb in given]
-        budget = max((sum(mb) for mb in given), default=0)
-    labels = [lab for lab, _ in labelled]
+    capacity = int(token_capacity) if token_capacity is not None else _token_capacity(spec, layout, hardware, device)
+    timed_layers = _timed_layers(spec, num_layers, custom)
+    labelled, budget = _compositions(
+        micro_batches, token_budget, length_pool, min(default_budget(device), capacity), seed
+    )
     mbs = [mb for _, mb in labelled]
 
+    # time every micro-batch (and at depth 0 when a reduced copy stands for the model)
     with cpu_threads(num_threads):
         env = environment(device)
-        custom = step_fn is not None
         if step_fn is None:
             assert spec is not None
             dtype = torch.bfloat16 if device.type == "cuda" and spec.dtype_bytes == 2 else torch.float32
@@ -325,51 +348,46 @@ def calibrate_layout(
             say(f"building {built.name} (depth {built.num_layers}, {built.num_parameters / 1e6:,.1f} M parameters) "
                 f"on {env['device']} in {str(dtype).removeprefix('torch.')}")
             step_fn = decoder_step_fn(built, device, dtype, seed, attention)
-        kw = dict(device=device, warmup=warmup, repeats=repeats, statistic=statistic, clock=clock, progress=progress)
-        depth = f" at depth {timed_layers} of {spec.num_layers}" if timed_layers and spec else ""
-        say(f"timing {len(mbs)} micro-batches of up to {budget:,} tokens{depth}: {warmup} warm-up + {repeats} runs each")
-        run = measure(step_fn, mbs, **kw)
+        kw: dict[str, Any] = dict(
+            device=device, warmup=warmup, repeats=repeats, statistic=statistic, clock=clock, progress=progress
+        )
+        at = f" at depth {timed_layers} of {spec.num_layers}" if timed_layers is not None and spec is not None else ""
+        say(f"timing {len(mbs)} micro-batches of up to {budget:,} tokens{at}: {warmup} warm-up + {repeats} runs each")
+        seconds = measure(step_fn, mbs, **kw).seconds
         seconds_no_layers = None
         if timed_layers is not None:
             assert isinstance(step_fn, DecoderStep) and spec is not None
             say(f"timing the same micro-batches at depth 0 (embedding, head and loss) to scale to {spec.num_layers} layers")
-            step0 = step_fn
-            seconds_no_layers = measure(lambda mb: step0(mb, depth=0), mbs, **kw).seconds
-    timed_fit = fit_quadratic(mbs, run.seconds)
-    problems = assess(timed_fit, mbs, run.seconds, "measured fit")
+            whole = step_fn
+            seconds_no_layers = measure(lambda mb: whole(mb, depth=0), mbs, **kw).seconds
+
+    # fit what was measured; with a reduced copy, fit again on the times scaled to the full depth
+    timed_fit = fit_quadratic(mbs, seconds)
+    problems = assess(timed_fit, mbs, seconds, "measured fit")
     meta: dict[str, Any] = {
-        "time_unit": "s",
-        **env,
+        "time_unit": "s", **env,
         "model": spec.to_dict() if spec is not None else None,
         "custom_step_fn": custom,
         "attention": getattr(step_fn, "attention", "custom"),
-        "labels": labels,
+        "labels": [lab for lab, _ in labelled],
         "micro_batches": [list(mb) for mb in mbs],
-        "seconds": run.seconds.tolist(),
-        "token_budget": int(budget),
-        "statistic": statistic,
-        "clock": clock,
-        "warmup": warmup,
-        "repeats": repeats,
-        "timed_fit": _fit_dict(timed_fit, mbs, run.seconds),
+        "seconds": seconds.tolist(),
+        "token_budget": budget, "statistic": statistic, "clock": clock, "warmup": warmup, "repeats": repeats,
+        "timed_fit": _fit_dict(timed_fit, mbs, seconds),
     }
-    fit = timed_fit
-    if seconds_no_layers is not None and spec is not None and timed_layers is not None:
-        scale = spec.num_layers / timed_layers
-        scaled = seconds_no_layers + scale * np.maximum(run.seconds - seconds_no_layers, 0.0)
-        fit = fit_quadratic(mbs, scaled)
-        problems += [p for p in assess(fit, mbs, scaled, "scaled fit") if "R²" in p]
+    fit, fitted_seconds = timed_fit, seconds
+    if seconds_no_layers is not None:
+        assert spec is not None and timed_layers is not None
+        fitted_seconds = seconds_no_layers + spec.num_layers / timed_layers * np.maximum(seconds - seconds_no_layers, 0)
+        fit = fit_quadratic(mbs, fitted_seconds)
+        problems += assess(fit, mbs, fitted_seconds, "scaled fit", launch_bound=False)
         meta["depth"] = {
-            "timed_layers": timed_layers,
-            "model_layers": spec.num_layers,
-            "seconds_no_layers": seconds_no_layers.tolist(),
-            "scaled_seconds": scaled.tolist(),
+            "timed_layers": timed_layers, "model_layers": spec.num_layers,
+            "seconds_no_layers": seconds_no_layers.tolist(), "scaled_seconds": fitted_seconds.tolist(),
         }
-    fitted_seconds = run.seconds if seconds_no_layers is None else np.asarray(meta["depth"]["scaled_seconds"])
     meta["fit"] = {layout.name: _fit_dict(fit, mbs, fitted_seconds)}
     meta["reliable"] = not problems
     meta["problems"] = problems
     for p in problems:
         warnings.warn(f"calibration unreliable: {p}", CalibrationWarning, stacklevel=3)
-    cost = LayoutCost(a=fit.a, b=fit.b, c=fit.c, d=fit.d, token_capacity=int(token_capacity))
-    return cost, meta
+    return LayoutCost(a=fit.a, b=fit.b, c=fit.c, d=fit.d, token_capacity=capacity), meta
