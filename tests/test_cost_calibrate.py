@@ -105,9 +105,10 @@ def test_a_launch_bound_profile_is_reported_unreliable():
     def step(mb: tuple[int, ...]) -> None:
         time.sleep(0.01 + 1e-7 * sum(mb))
 
-    with pytest.warns(CalibrationWarning, match="launch-bound"):
+    with pytest.warns(CalibrationWarning) as caught:  # launch-bound, and often a low R² besides
         model = CostModel.calibrate(None, step_fn=step, token_budget=512, token_capacity=512, warmup=0, repeats=3,
                                     progress=False)
+    assert any("launch-bound" in str(w.message) for w in caught)
     assert not model.meta["reliable"] and any("launch-bound" in p for p in model.meta["problems"])
 
 
