@@ -27,7 +27,14 @@ _EXPORTS: dict[str, str] = {
     "CandidateConfig": "candidates",
     "enumerate_layouts": "candidates",
     "heterogeneous_mixes": "candidates",
+    "COST_MODEL_VERSION": "cost",
     "CostModel": "cost",
+    "CalibrationWarning": "calibrate",
+    "calibration_micro_batches": "calibrate",
+    "build_decoder": "decoder",
+    "MeasuredPlan": "measure",
+    "ReplicaMeasurement": "measure",
+    "execute_plan": "measure",
     "Dispatch": "stage1",
     "ReplicaTable": "stage1",
     "dispatch": "stage1",
@@ -86,7 +93,10 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
     )
     from .bounds import lower_bound
     from .candidates import CandidateConfig, enumerate_layouts, heterogeneous_mixes
-    from .cost import CostModel
+    from .calibrate import CalibrationWarning, calibration_micro_batches
+    from .cost import COST_MODEL_VERSION, CostModel
+    from .decoder import build_decoder
+    from .measure import MeasuredPlan, ReplicaMeasurement, execute_plan
     from .stage1 import Dispatch, ReplicaTable, dispatch, item_seconds, refine_dispatch, stage1_times
     from .fit import FitResult, fit_quadratic
     from .histogram import LengthHistogram

@@ -11,12 +11,13 @@ for every ``Layout(tp, cp, pp)`` (formulas, sources and a worked example in
   profile — and causal attention (the ``s²`` term) at ``cp_efficiency(cp)``.
 * **communication** (added to ``b``, never overlapped) — tensor-parallel all-reduces,
   context-parallel K/V all-gathers and dK/dV reduce-scatters, pipeline sends.
-* **overhead** ``c`` — a fixed time per layer per micro-batch from the hardware spec.
+* **overhead** ``c`` — a fixed time per layer per micro-batch from the hardware spec, and
+  ``d`` — a fixed time per layer per sequence (``sequence_overhead_seconds``).
 * **memory** — weights, gradients and Adam states of the stage's shard (optionally ZeRO
   sharded, or in the bundled runtime's layout: ``zero_stage="world"``), activations per token (FlashAttention: no ``s²`` term) times the micro-batches
   1F1B keeps in flight, and a reserve; the capacity is what fits in what is left.
 
-Units: FLOPs, seconds, bytes, tokens. The per-sequence time ``t(s) = a·s² + b·s`` is one
+Units: FLOPs, seconds, bytes, tokens. The per-sequence time ``t(s) = a·s² + b·s + d`` is one
 micro-batch's time *per pipeline stage*, as the replica formula ``Σ T + v·c + (pp−1)·max T``
 expects.
 """
@@ -277,6 +278,8 @@ class LayoutAnalysis:
     """Seconds per token of pipeline activation/gradient sends."""
     c: float
     """Fixed seconds per micro-batch."""
+    d: float
+    """Fixed seconds per sequence of a micro-batch."""
     static_bytes: float
     """Weights + gradients + optimizer states (+ ZeRO-3 gather buffers) on the fullest stage."""
     activation_bytes_per_token: float
@@ -377,6 +380,7 @@ class AnalyticModel:
             # already split over the tp ranks (sequence parallel) and cp ranks
             b_pp = 2 * m.hidden_size * B / (tp * cp) / self._bandwidth(layout.size)
         c = layers * hw.layer_overhead_seconds * (4 / 3 if recompute_full else 1.0)
+        d = layers * hw.sequence_overhead_seconds * (4 / 3 if recompute_full else 1.0)
 
         static, per_token, available = self._memory(layout, layers)
         capacity = min(math.floor((available - s) / t) for s, t in zip(static, per_token))
@@ -384,7 +388,7 @@ class AnalyticModel:
         return LayoutAnalysis(
             layout=layout, layers_per_stage=layers, efficiency=eff, attention_efficiency=eff_attention,
             flops_quadratic=quad, flops_linear=lin, a=a, b_compute=b_compute,
-            b_tp=b_tp, b_cp=b_cp, b_pp=b_pp, c=c,
+            b_tp=b_tp, b_cp=b_cp, b_pp=b_pp, c=c, d=d,
             static_bytes=static[binding], activation_bytes_per_token=per_token[binding],
             available_bytes=available, token_capacity=int(capacity),
         )
@@ -402,11 +406,11 @@ class AnalyticModel:
                 f"{an.available_bytes / gib:.1f} GiB is available per rank; raise tp or pp, "
                 "shard states with zero_stage=1..3 or 'world' (and num_ranks), or use activation_recompute='full'"
             )
-        return LayoutCost(a=an.a, b=an.b, c=an.c, token_capacity=an.token_capacity)
+        return LayoutCost(a=an.a, b=an.b, c=an.c, d=an.d, token_capacity=an.token_capacity)
 
     def tokens_per_second(self, layout: Layout, length: int) -> float:
         """Training throughput per device with one sequence of ``length`` tokens per micro-batch
-        (steady-state pipeline: each stage finishes one micro-batch every ``t(s) + c``)."""
+        (steady-state pipeline: each stage finishes one micro-batch every ``t(s) + c``, ``d`` in ``t``)."""
         cost = self.layout_cost(layout)
         step = float(cost.seconds(length)) + cost.c
         return length / step / layout.size

@@ -1,8 +1,10 @@
 """Lower bounds on the step time of any two-stage plan of a strategy.
 
 :func:`lower_bound` is valid against the exact replica time ``Σ T + v·c + (pp−1)·max T``
-(its docstring proves each of its six parts), so every plan can report
-``estimate / bound``. :func:`quick_lower_bound` is the cheap subset the selector uses to
+with ``T(m) = Σ_{i∈m} t(s_i)``, ``t(s) = a·s² + b·s + d`` (its docstring proves each of its
+six parts), so every plan can report ``estimate / bound``. The per-sequence overhead ``d``
+needs no bound of its own: every sequence pays it wherever it runs, so it is part of the
+item time ``t`` that every proof below is written in. :func:`quick_lower_bound` is the cheap subset the selector uses to
 skip strategies that cannot beat the best estimate found.
 """
 
@@ -209,7 +211,10 @@ def lower_bound(
     """Seconds no two-stage plan of this strategy can beat; ``max`` of six valid bounds.
 
     With ``T_j`` the exact replica time ``(Σ_k T(m_k) + v·c + (pp−1)·max_k T(m_k)) / speed``,
-    ``v ≥ pp`` micro-batches on a non-idle replica and ``v ≥ Σ s / capacity``:
+    ``T(m) = Σ_{i∈m} t(s_i)``, ``t(s) = a·s² + b·s + d`` with ``a, b, c, d ≥ 0`` (``t`` is
+    :func:`~balancer.stage1.item_seconds`: the per-sequence ``d`` is inside every item time,
+    so each argument below holds with it as it holds without), ``v ≥ pp`` micro-batches on
+    a non-idle replica and ``v ≥ Σ s / capacity``:
 
     1. *one item*: the replica holding ``i`` takes ``≥ pp·(t(s_i) + c) / speed``
        (``Σ T ≥ t_i``, ``max T ≥ t_i``, ``v ≥ pp``); minimised over the types that hold ``i``
@@ -245,7 +250,7 @@ def lower_bound(
          the plain LP (spreading it over 58 cp2 replicas) does not;
        * a replica with ``S`` tokens, work ``W = Σ t``, ``v`` micro-batches has
          ``speed·T ≥ W + v·c + (pp−1)·W/v`` (``max T ≥ W/v``), ``v ≥ pp`` when not idle,
-         ``S ≤ v·capacity`` and ``W ≥ b·S`` (``t ≥ b·s`` as ``a ≥ 0``). Within
+         ``S ≤ v·capacity`` and ``W ≥ b·S`` (``t ≥ b·s`` as ``a, d ≥ 0``). Within
          ``y = M·speed`` that leaves ``W ≤ W_v = (y − v·c)·v/(v + pp − 1)``, so for every
          ``α ≥ 0``: ``α·S + W ≤ γ(y) = max(0, max_{pp ≤ v ≤ y/c} α·min(v·capacity,
          W_v/b) + W_v)`` (:func:`_replica_capacity`). With ``α = c/capacity``

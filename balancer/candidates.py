@@ -129,8 +129,11 @@ def enumerate_layouts(
         for other, oc in found:
             if other == lay or other.size != lay.size:
                 continue
-            no_worse = oc.a <= cost.a and oc.b <= cost.b and oc.c <= cost.c and oc.token_capacity >= cost.token_capacity
-            better = oc.a < cost.a or oc.b < cost.b or oc.c < cost.c or oc.token_capacity > cost.token_capacity
+            no_worse = (
+                oc.a <= cost.a and oc.b <= cost.b and oc.c <= cost.c and oc.d <= cost.d
+                and oc.token_capacity >= cost.token_capacity
+            )
+            better = oc.a < cost.a or oc.b < cost.b or oc.c < cost.c or oc.d < cost.d or oc.token_capacity > cost.token_capacity
             if no_worse and (better or other < lay):
                 dominated = True
                 break
@@ -150,13 +153,17 @@ class _Class:
     a: float
     b: float
     c: float
+    d: float
+    """Seconds per sequence."""
 
 
 def _classes(cost_model: CostModel, layouts: Sequence[Layout]) -> list[_Class]:
     out = []
     for lay in layouts:
         cost = cost_model.cost(lay)
-        out.append(_Class(lay, lay.size, int(cost.token_capacity), float(cost.a), float(cost.b), float(cost.c)))
+        out.append(
+            _Class(lay, lay.size, int(cost.token_capacity), float(cost.a), float(cost.b), float(cost.c), float(cost.d))
+        )
     return sorted(out, key=lambda k: (k.capacity, k.size, k.layout.tp, k.layout.cp, k.layout.pp))
 
 
@@ -174,7 +181,7 @@ def _range_loads(classes: list[_Class], hist: LengthHistogram, per_step: float) 
     W = np.full((J + 1, J), np.inf)
     Q = np.full((J + 1, J), np.inf)
     for j, k in enumerate(classes):
-        per_seq = k.a * m2 + k.b * m1 + k.c * m1 / k.capacity
+        per_seq = k.a * m2 + k.b * m1 + k.d + k.c * m1 / k.capacity
         for i in range(J + 1):
             if caps[i] >= k.capacity:
                 continue
@@ -182,7 +189,7 @@ def _range_loads(classes: list[_Class], hist: LengthHistogram, per_step: float) 
             W[i, j] = float((share[sel] * per_seq[sel]).sum())
             if sel.any():
                 b = int(np.flatnonzero(sel)[-1])
-                Q[i, j] = (k.a * top[b] ** 2 + k.b * top[b] + k.c) * min(1.0, float(share[b]))
+                Q[i, j] = (k.a * top[b] ** 2 + k.b * top[b] + k.d + k.c) * min(1.0, float(share[b]))
             else:
                 Q[i, j] = 0.0
     return W, Q

@@ -1,8 +1,9 @@
 """The cost model: how long a sequence takes on a layout, and how many tokens fit.
 
-Per :class:`~strategies.Layout` the model gives three coefficients and a capacity:
+Per :class:`~strategies.Layout` the model gives four coefficients and a capacity:
 
-    t(s) = a·s² + b·s        seconds for one sequence of ``s`` tokens (forward + backward)
+    t(s) = a·s² + b·s + d    seconds for one sequence of ``s`` tokens (forward + backward),
+                              ``d`` the overhead every sequence adds to its micro-batch
     c                         seconds of fixed overhead per micro-batch
     token_capacity            tokens one micro-batch may hold (from the memory model)
 
@@ -14,6 +15,9 @@ One type, several sources: explicit coefficients (:meth:`CostModel.from_coeffici
 analytic from model and hardware specs (:meth:`CostModel.analytic`), least-squares fits
 of measurements (:meth:`CostModel.fit`) and calibration on the local device
 (:meth:`CostModel.calibrate`). Every source resolves to a table of :class:`LayoutCost`.
+
+JSON (:meth:`CostModel.to_dict`) is version :data:`COST_MODEL_VERSION` (2: ``d`` per
+layout); version-1 files, written before the per-sequence term, still load with ``d = 0``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,13 @@ from .layout_cost import (
 )
 from .specs import HardwareSpec, ModelSpec, hardware_preset, model_preset
 
-__all__ = ["LayoutCost", "CostModel", "UnsupportedLayoutError", "replica_seconds"]
+__all__ = ["COST_MODEL_VERSION", "LayoutCost", "CostModel", "UnsupportedLayoutError", "replica_seconds"]
+
+COST_MODEL_VERSION = 2
+"""Version of :meth:`CostModel.to_dict`: 2 adds ``d`` (seconds per sequence) to every layout.
+Version 1 (no ``d``) is still read, with ``d = 0``."""
+_READABLE_VERSIONS = (1, 2)
+
 
 class CostModel:
     """Per-layout cost coefficients from one source.
@@ -138,7 +148,7 @@ class CostModel:
         return float(fits[lay.name]["r2"])
 
     def seconds(self, lengths: np.ndarray | Sequence[int], layout: Layout) -> np.ndarray:
-        """Per-sequence seconds ``a·s² + b·s`` on ``layout`` (vectorised)."""
+        """Per-sequence seconds ``a·s² + b·s + d`` on ``layout`` (vectorised)."""
         return self.cost(layout).seconds(lengths)
 
     def token_capacity(self, layout: Layout) -> int:
@@ -159,8 +169,10 @@ class CostModel:
     ) -> "CostModel":
         """Explicit coefficients per layout.
 
-        Values may be :class:`LayoutCost`, dicts with ``a, b, c, token_capacity`` or tuples
-        ``(a, b, c, token_capacity)``; keys may be layouts or names like ``"tp4"``.
+        Values may be :class:`LayoutCost`, dicts with ``a, b, c, token_capacity`` (and
+        optionally ``d``) or tuples ``(a, b, c, token_capacity)`` / ``(a, b, c,
+        token_capacity, d)`` (``d`` appended, so older 4-tuples keep their meaning); keys may
+        be layouts or names like ``"tp4"``.
         """
         out: dict[Layout, LayoutCost] = {}
         for key, val in table.items():
@@ -170,8 +182,14 @@ class CostModel:
             elif isinstance(val, Mapping):
                 out[lay] = LayoutCost.from_dict(val)
             else:
-                a, b, c, cap = val
-                out[lay] = LayoutCost(a=a, b=b, c=c, token_capacity=cap)
+                vals = tuple(val)
+                if len(vals) not in (4, 5):
+                    raise ValueError(
+                        f"from_coefficients: {lay.name} has {len(vals)} values {vals}; give (a, b, c, token_capacity) "
+                        "or (a, b, c, token_capacity, d)"
+                    )
+                a, b, c, cap = vals[:4]
+                out[lay] = LayoutCost(a=a, b=b, c=c, token_capacity=cap, d=vals[4] if len(vals) == 5 else 0.0)
         return cls(out, source="coefficients", meta=meta)
 
     @classmethod
@@ -251,18 +269,21 @@ class CostModel:
         token_capacity: int,
         layout: LayoutKey = Layout(),
         c: float | None = None,
+        d: float | None = None,
         time_unit: str = "s",
     ) -> "CostModel":
-        """Non-negative least-squares fit of one layout's ``a, b`` (and ``c`` when ``c=None``).
+        """Non-negative least-squares fit of one layout's ``a, b`` (and ``c``, ``d`` when ``None``).
 
         ``lengths``: one length per sample (a micro-batch of one sequence) or one list of
         lengths per sample (a micro-batch of several); ``seconds``: each sample's measured
-        time. The model is ``a·Σs² + b·Σs + c``. ``token_capacity`` comes from the caller
+        time. The model is ``a·Σs² + b·Σs + d·n + c`` for ``n`` sequences
+        (:func:`balancer.fit.fit_quadratic`: ``d`` is fitted only when the samples hold
+        different sequence counts, else 0). ``token_capacity`` comes from the caller
         (memory is not measured here). R² and the residuals go into ``meta["fit"]``
         (:meth:`fit_r2`).
         """
         return cls.fit_layouts(
-            {as_layout(layout): (lengths, seconds)}, token_capacity=token_capacity, c=c, time_unit=time_unit
+            {as_layout(layout): (lengths, seconds)}, token_capacity=token_capacity, c=c, d=d, time_unit=time_unit
         )
 
     @classmethod
@@ -272,11 +293,13 @@ class CostModel:
         *,
         token_capacity: int | Mapping[LayoutKey, int],
         c: float | None | Mapping[LayoutKey, float | None] = None,
+        d: float | None = None,
         time_unit: str = "s",
     ) -> "CostModel":
         """:meth:`fit` for several layouts at once: ``{layout: (lengths, seconds)}``.
 
-        ``token_capacity`` and ``c`` are one value for all layouts or a dict per layout.
+        ``token_capacity`` and ``c`` are one value for all layouts or a dict per layout;
+        ``d`` (``None``: fitted where the samples allow) applies to every layout.
         """
 
         if not samples:
@@ -296,10 +319,10 @@ class CostModel:
             except (TypeError, ValueError):
                 raise ValueError(f"CostModel.fit_layouts: samples[{lay.name}] must be a pair (lengths, seconds)") from None
             try:
-                res = fit_quadratic(lengths, seconds, c=c_lay)
+                res = fit_quadratic(lengths, seconds, c=c_lay, d=d)
             except ValueError as e:
                 raise ValueError(f"layout {lay.name}: {e}") from None
-            table[lay] = LayoutCost(a=res.a, b=res.b, c=res.c, token_capacity=int(cap))  # type: ignore[arg-type]
+            table[lay] = LayoutCost(a=res.a, b=res.b, c=res.c, d=res.d, token_capacity=int(cap))  # type: ignore[arg-type]
             fits[lay.name] = res.to_dict()
         return cls(table, source="fit", meta={"time_unit": time_unit, "fit": fits})
 
@@ -308,9 +331,12 @@ class CostModel:
         cls,
         model: "ModelSpec | str | None" = "tiny",
         *,
-        lengths: Sequence[int] | None = None,
+        micro_batches: Sequence[int | Sequence[int]] | None = None,
+        token_budget: int | None = None,
+        length_pool: Sequence[int] | np.ndarray | None = None,
         layout: LayoutKey = Layout(),
-        step_fn: Callable[[int], None] | None = None,
+        step_fn: Callable[[tuple[int, ...]], None] | None = None,
+        num_layers: int | None = None,
         token_capacity: int | None = None,
         hardware: "HardwareSpec | str | None" = None,
         warmup: int = 1,
@@ -319,66 +345,43 @@ class CostModel:
         clock: str = "wall",
         num_threads: int | None = None,
         seed: int = 0,
+        attention: str = "auto",
         progress: bool | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> "CostModel":
-        """Time forward + backward at several lengths on the local device, then :meth:`fit`.
+        """Time forward + backward of packed micro-batches on the local device, then fit
+        ``a, b, c, d`` (:mod:`balancer.calibrate`).
 
-        By default a Llama-style decoder of ``model`` (a spec or preset name) runs on one
-        random sequence per step (:mod:`balancer.calibrate`; CUDA when available, else
-        CPU; bf16 on CUDA when ``dtype_bytes == 2``, fp32 on the CPU). ``step_fn(length)``
-        replaces it to time your own model; it must block until the work is done.
-        ``token_capacity=None`` takes the analytic memory model of ``model`` on
-        ``hardware`` (default: this device's preset with its real memory size). ``a, b, c``
-        are all fitted (one sequence per micro-batch) to the fastest of ``repeats`` runs per
-        length (``statistic="median"`` for the median). ``num_threads`` sets torch's CPU
-        threads for the calibration (restored afterwards); ``clock="process"`` times CPU work
-        by the process's CPU time, which other processes cannot inflate — with
-        ``num_threads=1`` the robust choice on a shared machine. ``meta`` records the
-        device, torch version, threads, clock, lengths, times and R².
+        By default the packed Llama-style decoder of ``model`` (a spec or preset name;
+        :mod:`balancer.decoder`) is built on the device — CUDA when available, else the
+        CPU; bf16 on CUDA when ``dtype_bytes == 2``, fp32 on the CPU — and times the
+        compositions of :func:`~balancer.calibrate.calibration_micro_batches` under
+        ``token_budget`` tokens (default 2,048 on the CPU, 16,384 on a GPU, at most the
+        token capacity), with micro-batches drawn from ``length_pool`` (a length file's
+        lengths) when given. ``micro_batches`` (lengths, or lists of lengths) replaces the
+        compositions. ``step_fn(micro_batch)`` replaces the decoder to time your own model
+        (it receives a tuple of lengths and need not synchronise). ``num_layers=N`` times an
+        ``N``-layer copy (and depth 0) and scales to the model's depth. ``token_capacity=None``
+        takes the analytic memory model of ``model`` on ``hardware`` (default: this device's
+        preset with its real memory size). ``statistic``: ``"min"`` (default) or
+        ``"median"`` of ``repeats`` runs; ``num_threads`` sets torch's CPU threads (restored
+        afterwards); ``clock="process"`` times CPU work by the process's CPU time (with
+        ``num_threads=1`` the robust choice on a shared machine); ``attention``: ``auto``,
+        ``varlen`` or ``sdpa`` (:func:`~balancer.decoder.attention_backend`). ``meta``
+        records the device, torch version, kernel, every micro-batch with its measured
+        and fitted time, R², and ``reliable`` / ``problems``; an unreliable fit also
+        raises a :class:`~balancer.calibrate.CalibrationWarning`.
         """
-        import torch
-
-
         lay = as_layout(layout)
         spec = model_preset(model) if isinstance(model, str) else model
-        custom_step = step_fn is not None
-        device = cal.calibration_device()
-        if step_fn is None:
-            if spec is None:
-                raise ValueError("CostModel.calibrate: give a model spec (or preset name) or your own step_fn")
-            dtype = torch.bfloat16 if device.type == "cuda" and spec.dtype_bytes == 2 else torch.float32
-            step_fn = cal.decoder_step_fn(spec, device, dtype, seed)
-        if token_capacity is None:
-            if spec is None:
-                raise ValueError("CostModel.calibrate: with model=None pass token_capacity (tokens per micro-batch)")
-            hw = hardware_preset(hardware) if isinstance(hardware, str) else hardware or cal.local_hardware(device)
-            token_capacity = AnalyticModel(spec, hw).analyze(lay).token_capacity
-            if token_capacity < 1:
-                raise ValueError(
-                    f"CostModel.calibrate: {spec.name} does not fit layout {lay.name} on {hw.name} "
-                    "by the memory model; pass token_capacity or a smaller model"
-                )
-        lens = list(lengths) if lengths is not None else list(cal.default_lengths(device))
-        with cal.cpu_threads(num_threads):
-            env = cal.environment(device)
-            run = cal.measure(
-                step_fn, lens, device=device, warmup=warmup, repeats=repeats,
-                statistic=statistic, clock=clock, progress=progress,
-            )
-        fitted = cls.fit(run.lengths, run.seconds, token_capacity=token_capacity, layout=lay)
-        meta = {
-            **fitted.meta,
-            **env,
-            "model": spec.to_dict() if spec is not None else None,
-            "custom_step_fn": custom_step,
-            "lengths": run.lengths.tolist(),
-            "seconds": run.seconds.tolist(),
-            "statistic": statistic,
-            "clock": clock,
-            "warmup": warmup,
-            "repeats": repeats,
-        }
-        return cls(fitted._table, source="calibrated", meta=meta)
+        hw = hardware_preset(hardware) if isinstance(hardware, str) else hardware
+        cost, meta = cal.calibrate_layout(
+            spec, layout=lay, micro_batches=micro_batches, token_budget=token_budget, length_pool=length_pool,
+            step_fn=step_fn, num_layers=num_layers, token_capacity=token_capacity, hardware=hw, warmup=warmup,
+            repeats=repeats, statistic=statistic, clock=clock, num_threads=num_threads, seed=seed,
+            attention=attention, progress=progress, log=log,
+        )
+        return cls({lay: cost}, source="calibrated", meta=meta)
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self, layouts: Iterable[Layout] | None = None) -> dict[str, Any]:
@@ -386,7 +389,7 @@ class CostModel:
         for lay in layouts or ():
             self.cost(lay)
         return {
-            "version": 1,
+            "version": COST_MODEL_VERSION,
             "source": self.source,
             "meta": self.meta,
             "layouts": {lay.name: self._table[lay].to_dict() for lay in sorted(self._table)},
@@ -398,11 +401,17 @@ class CostModel:
             raise ValueError(
                 f"cost model JSON must be an object with 'layouts' (what CostModel.save writes), got {type(d).__name__}"
             )
-        if int(d.get("version", 1)) != 1:
-            raise ValueError(f"cost model JSON version {d.get('version')} is not supported (expected 1)")
+        version = d.get("version", 1)
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(
+                f"cost model JSON version {version!r} is not supported (this hydraulis reads versions "
+                f"{', '.join(map(str, _READABLE_VERSIONS))}); upgrade hydraulis or re-save the model"
+            )
         layouts, meta = d.get("layouts", {}), d.get("meta", {})
         if not isinstance(layouts, Mapping) or not isinstance(meta, Mapping):
-            raise ValueError("cost model JSON: 'layouts' and 'meta' must be objects (layout name -> {a, b, c, token_capacity})")
+            raise ValueError(
+                "cost model JSON: 'layouts' and 'meta' must be objects (layout name -> {a, b, c, d, token_capacity})"
+            )
         table = {}
         for k, v in layouts.items():
             try:

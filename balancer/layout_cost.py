@@ -42,9 +42,12 @@ class LayoutCost:
     """Fixed overhead per micro-batch, seconds (kernel launches, pipeline bubbles' fixed part)."""
     token_capacity: int
     """Most tokens one micro-batch may hold on this layout (memory model)."""
+    d: float = 0.0
+    """Overhead per sequence in a micro-batch, seconds (per-sequence attention launches,
+    position and mask set-up); 0 for models that predate it (cost-model JSON version 1)."""
 
     def __post_init__(self) -> None:
-        for name in ("a", "b", "c"):
+        for name in ("a", "b", "c", "d"):
             raw = getattr(self, name)
             if isinstance(raw, (bool, str)) or not isinstance(raw, (int, float, np.integer, np.floating)):
                 raise ValueError(f"LayoutCost: {name}={raw!r} must be a number of seconds (finite, >= 0)")
@@ -69,21 +72,35 @@ class LayoutCost:
         object.__setattr__(self, "token_capacity", cap)
 
     def seconds(self, lengths: np.ndarray | Sequence[int] | int) -> np.ndarray:
-        """Per-sequence time ``a·s² + b·s`` (float64, same shape as ``lengths``)."""
+        """Per-sequence time ``t(s) = a·s² + b·s + d`` (float64, same shape as ``lengths``).
+
+        The per-sequence overhead ``d`` is part of every sequence's time, so a micro-batch
+        costs ``T(m) = Σ_{i∈m} t(s_i)`` and every consumer of per-item times (stage 1,
+        stage 2, the packers, the bounds) prices it without knowing it is there."""
         s = np.asarray(lengths, dtype=np.float64)
-        return self.a * s * s + self.b * s
+        return self.a * s * s + self.b * s + self.d
+
+    def micro_batch_seconds(self, lengths: np.ndarray | Sequence[int]) -> float:
+        """Time of one micro-batch holding sequences of ``lengths`` tokens, alone:
+        ``Σ_i (a·s_i² + b·s_i + d) + c`` (what calibration measures and fits)."""
+        s = np.asarray(lengths, dtype=np.float64)
+        return float(self.seconds(s).sum()) + self.c
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"a": self.a, "b": self.b, "c": self.c, "token_capacity": self.token_capacity}
+        return {"a": self.a, "b": self.b, "c": self.c, "d": self.d, "token_capacity": self.token_capacity}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LayoutCost":
+        """From :meth:`to_dict`; ``d`` may be missing (version-1 files: no per-sequence term)."""
         if not isinstance(d, Mapping):
             raise ValueError(f"LayoutCost: expected an object with a, b, c, token_capacity, got {type(d).__name__} {d!r}")
         missing = {"a", "b", "c", "token_capacity"} - set(d)
         if missing:
             raise ValueError(f"LayoutCost: missing keys {sorted(missing)} in {dict(d)}")
-        return cls(a=d["a"], b=d["b"], c=d["c"], token_capacity=d["token_capacity"])
+        unknown = set(d) - {"a", "b", "c", "d", "token_capacity"}
+        if unknown:
+            raise ValueError(f"LayoutCost: unknown keys {sorted(unknown)} in {dict(d)}; expected a, b, c, d, token_capacity")
+        return cls(a=d["a"], b=d["b"], c=d["c"], d=d.get("d", 0.0), token_capacity=d["token_capacity"])
 
 
 def replica_seconds(
@@ -91,7 +108,8 @@ def replica_seconds(
 ) -> float:
     """Replica time of micro-batches with times ``T(m_k)`` (1F1B pipeline).
 
-    ``(Σ_k T(m_k) + v·c + (pp−1)·max_k T(m_k)) / speed``. An empty list costs 0.
+    ``(Σ_k T(m_k) + v·c + (pp−1)·max_k T(m_k)) / speed``, ``T(m) = Σ_{i∈m} (a·s_i² + b·s_i + d)``
+    (:meth:`LayoutCost.seconds` summed). An empty list costs 0.
     """
     t = np.asarray(micro_batch_seconds, dtype=np.float64)
     if t.size == 0:

@@ -5,7 +5,10 @@ micro-batches ``m_1..m_v`` (each at most ``capacity`` tokens) in
 
     (Σ_k T(m_k) + v·c + (pp−1)·max_k T(m_k)) / speed        T(m) = Σ_{i∈m} t_i
 
-seconds (:func:`balancer.cost.replica_seconds`). ``Σ T`` is fixed by stage 1, so:
+seconds (:func:`balancer.cost.replica_seconds`). Each ``t_i = a·s_i² + b·s_i + d``
+carries the per-sequence overhead ``d`` (:func:`balancer.stage1.item_seconds`): a
+sequence pays it in whichever micro-batch it lands, so the packers see plain item times
+and need no term of their own. ``Σ T`` is fixed by stage 1, so:
 
 * ``pp = 1``: only ``v`` matters — bin packing by tokens for the fewest micro-batches
   (:func:`packers.first_fit_decreasing`: the same 11/9·OPT + 6/9 guarantee as best fit,

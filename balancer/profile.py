@@ -121,9 +121,9 @@ class LengthProfile:
         out = np.floor(np.exp(np.log(lo) + u * (np.log(hi + 1) - np.log(lo)))).astype(np.int64)
         return np.clip(out, lo.astype(np.int64), hi.astype(np.int64))
 
-    def time_share(self, a: float, b: float) -> np.ndarray:
-        """Share of total time ``Σ a·s² + b·s`` per bucket (float64, sums to 1)."""
-        t = a * self.square_tokens + b * self.tokens.astype(np.float64)
+    def time_share(self, a: float, b: float, d: float = 0.0) -> np.ndarray:
+        """Share of total time ``Σ a·s² + b·s + d`` per bucket (float64, sums to 1; ``d`` per sequence)."""
+        t = a * self.square_tokens + b * self.tokens.astype(np.float64) + d * self.counts.astype(np.float64)
         total = t.sum()
         return t / total if total > 0 else t
 

@@ -105,7 +105,7 @@ class StrategySolution:
     stage1_times: np.ndarray
     """float64[n, K], the anticipated stage-1 times (kept for refinement)."""
     item_seconds: np.ndarray
-    """float64[n, K], ``a·s² + b·s`` per type."""
+    """float64[n, K], ``a·s² + b·s + d`` per type."""
 
     @property
     def est_step_seconds(self) -> float:

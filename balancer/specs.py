@@ -202,6 +202,11 @@ class HardwareSpec:
     layer_overhead_seconds: float = 0.0
     """Fixed time per Transformer layer per micro-batch, forward + backward (kernel
     launches, collective latencies); enters the per-micro-batch overhead ``c``."""
+    sequence_overhead_seconds: float = 0.0
+    """Time per Transformer layer per sequence of a packed micro-batch, forward + backward
+    (the attention kernel's per-sequence work and set-up); enters the per-sequence ``d``."""
+    source: str = ""
+    """Where the figures come from (datasheet, measurement: device, software, method)."""
 
     def __post_init__(self) -> None:
         owner = f"HardwareSpec {self.name!r}"
@@ -216,7 +221,15 @@ class HardwareSpec:
         _positive_float(
             owner, "layer_overhead_seconds", self.layer_overhead_seconds, "seconds, e.g. 1.5e-4", allow_zero=True
         )
-        for name in ("peak_flops", "mfu", "intra_node_bandwidth", "inter_node_bandwidth", "layer_overhead_seconds"):
+        _positive_float(
+            owner, "sequence_overhead_seconds", self.sequence_overhead_seconds, "seconds, e.g. 5e-5", allow_zero=True
+        )
+        if not isinstance(self.source, str):
+            raise ValueError(f"{owner}: source={self.source!r} must be a string (where the figures come from)")
+        for name in (
+            "peak_flops", "mfu", "intra_node_bandwidth", "inter_node_bandwidth", "layer_overhead_seconds",
+            "sequence_overhead_seconds",
+        ):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
@@ -267,7 +280,8 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 # 400 Gb/s NDR NIC per GPU between nodes). ``mfu`` is what well-tuned Megatron-style
 # training of 7B-70B dense models reports (about 50 % on A100, 40-45 % on H100, whose
 # matmuls outpace its memory system). ``layer_overhead_seconds``: ~45 kernels per layer for
-# forward + backward at ~4 µs each when launch-bound.
+# forward + backward at ~4 µs each when launch-bound. ``sequence_overhead_seconds`` is
+# measured where we have a measurement (H200) and 0 elsewhere: calibrate to learn it.
 HARDWARE_PRESETS: dict[str, HardwareSpec] = {
     "a100-80g": HardwareSpec(
         name="A100-80G", peak_flops=312e12, mfu=0.50, memory_bytes=80 * GIB,
@@ -280,10 +294,19 @@ HARDWARE_PRESETS: dict[str, HardwareSpec] = {
         layer_overhead_seconds=1.5e-4,
     ),
     "h200": HardwareSpec(
-        # Same compute die as H100 SXM; 141 GB HBM3e (vendor GB = 1e9 bytes).
-        name="H200", peak_flops=989e12, mfu=0.45, memory_bytes=141 * 10**9,
+        # Same compute die as H100 SXM; 141 GB HBM3e (vendor GB = 1e9 bytes). Measured on one
+        # H200 (torch 2.11 + CUDA 13, bf16; Llama-7B shape cut to 4 layers, one sequence per
+        # micro-batch of 1K-16K tokens): b = 1.07e-5 s/token is 527 TFLOP/s on the matmuls,
+        # mfu 0.53 of the 989 TFLOP/s peak (a plain bf16 matmul reaches ~790 TFLOP/s, 0.80);
+        # 64 sequences of 256 tokens in one varlen micro-batch took 14 ms more than the
+        # single-sequence fit gives: ~0.22 ms per sequence over 4 layers, 5.5e-5 s per layer.
+        name="H200", peak_flops=989e12, mfu=0.53, memory_bytes=141 * 10**9,
         intra_node_bandwidth=360e9, inter_node_bandwidth=45e9, ranks_per_node=8,
-        layer_overhead_seconds=1.5e-4,
+        layer_overhead_seconds=1.5e-4, sequence_overhead_seconds=5.5e-5,
+        source=(
+            "mfu and sequence_overhead_seconds measured on one H200 (torch 2.11, CUDA 13, bf16, Llama-7B shape "
+            "cut to 4 layers; issue #16 of this project, docs/cost_model.md); the rest from vendor datasheets"
+        ),
     ),
     "cpu": HardwareSpec(
         # A few x86 cores in fp32 with AVX2/AVX-512 FMA; ranks are processes talking over

@@ -1,7 +1,9 @@
 """Stage 1: dispatch one step's sequences to the replicas of one strategy.
 
 The problem is makespan scheduling on *unrelated machines*: sequence ``i`` costs
-``t_k(s_i) = a_k·s_i² + b_k·s_i`` seconds on a replica of layout ``k``, may go only to a
+``t_k(s_i) = a_k·s_i² + b_k·s_i + d_k`` seconds on a replica of layout ``k`` (``d_k`` the
+per-sequence overhead, folded into every item's time so that no kernel needs a term of
+its own), may go only to a
 replica whose layout holds it (``s_i ≤ token_capacity_k``), and replica ``j`` runs at
 relative speed ``speed_j`` (its slowest rank). Replicas with the same layout form one
 *type*: the time matrix has one column per type, not per replica, so a 1,024-replica
@@ -69,6 +71,8 @@ class ReplicaTable:
     """float64[K], seconds per token."""
     c: np.ndarray
     """float64[K], seconds per micro-batch."""
+    d: np.ndarray
+    """float64[K], seconds per sequence (part of every item time :func:`item_seconds` gives)."""
     capacity: np.ndarray
     """int64[K], most tokens per micro-batch."""
     pp: np.ndarray
@@ -106,6 +110,7 @@ class ReplicaTable:
             a=np.array([x.a for x in costs], dtype=np.float64),
             b=np.array([x.b for x in costs], dtype=np.float64),
             c=np.array([x.c for x in costs], dtype=np.float64),
+            d=np.array([x.d for x in costs], dtype=np.float64),
             capacity=np.array([x.token_capacity for x in costs], dtype=np.int64),
             pp=np.array([lay.pp for lay in layouts], dtype=np.int64),
             bin_type=bin_type,
@@ -141,9 +146,9 @@ class Dispatch:
 
 
 def item_seconds(table: ReplicaTable, lengths: np.ndarray) -> np.ndarray:
-    """float64[n, K]: ``a_k·s² + b_k·s`` of every sequence on every replica type."""
+    """float64[n, K]: ``a_k·s² + b_k·s + d_k`` of every sequence on every replica type."""
     s = lengths.astype(np.float64)[:, None]
-    return table.a[None, :] * s * s + table.b[None, :] * s
+    return table.a[None, :] * s * s + table.b[None, :] * s + table.d[None, :]
 
 
 def stage1_times(table: ReplicaTable, lengths: np.ndarray, t: np.ndarray | None = None) -> np.ndarray:
@@ -157,7 +162,7 @@ def stage1_times(table: ReplicaTable, lengths: np.ndarray, t: np.ndarray | None 
 
 
 @njit(cache=True, nogil=True)
-def _stage1_kernel(lengths, a, b, c, capacity):
+def _stage1_kernel(lengths, a, b, c, d, capacity):
     n = lengths.shape[0]
     num_types = a.shape[0]
     t = np.empty((n, num_types))
@@ -165,7 +170,7 @@ def _stage1_kernel(lengths, a, b, c, capacity):
     for i in range(n):
         s = float(lengths[i])
         for k in range(num_types):
-            x = a[k] * s * s + b[k] * s  # same operations, in the same order, as item_seconds
+            x = a[k] * s * s + b[k] * s + d[k]  # same operations, in the same order, as item_seconds
             t[i, k] = x
             w[i, k] = np.inf if lengths[i] > capacity[k] else x + c[k] * s / float(capacity[k])
     return t, w
@@ -174,7 +179,9 @@ def _stage1_kernel(lengths, a, b, c, capacity):
 def stage1_arrays(table: ReplicaTable, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(item_seconds, stage1_times)`` of int64 ``lengths`` in one pass (numba): the same
     float64[n, K] arrays as :func:`item_seconds` and :func:`stage1_times`, bit for bit."""
-    return _stage1_kernel(np.ascontiguousarray(lengths, dtype=np.int64), table.a, table.b, table.c, table.capacity)
+    return _stage1_kernel(
+        np.ascontiguousarray(lengths, dtype=np.int64), table.a, table.b, table.c, table.d, table.capacity
+    )
 
 
 @dataclass(frozen=True, eq=False)

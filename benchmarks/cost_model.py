@@ -3,10 +3,10 @@ published 13B coefficients, pricing latency, and a CPU calibration.
 
     python benchmarks/cost_model.py --lengths PATH_OR_BUNDLED_NAME [--model llama-13b]
                                     [--hardware a100-80g] [--num-ranks 64] [--zero-stage 1]
-                                    [--no-calibrate]
+                                    [--no-calibrate] [--no-measure]
 
 1. **Analytic table** — for every layout (tp ≤ 8, cp ≤ 4, pp ≤ 4, at most ``--num-ranks``
-   ranks): ``a``, ``b`` (compute and communication parts), ``c``, token capacity and
+   ranks): ``a``, ``b`` (compute and communication parts), ``c``, ``d``, token capacity and
    training throughput per device at the length file's median and 99th-percentile length.
 2. **Against Hydraulis** — the analytic ``llama-13b`` on ``a100-80g`` (ZeRO-1 over 64
    ranks) next to the coefficients the Hydraulis authors fitted on their 13B runs
@@ -17,11 +17,20 @@ published 13B coefficients, pricing latency, and a CPU calibration.
    ``tp_efficiency`` table (fitted to these ratios) and with the former single-term
    ``efficiency_decay=0.05``.
    **7B throughput** — tokens/s per GPU and MFU of ``llama-7b`` at 4,096 tokens on
-   ``a100-80g`` and ``h100-80g`` (ZeRO-1 over 8) for tp = 1, 2, 4, 8.
+   ``a100-80g``, ``h100-80g`` and ``h200`` (ZeRO-1 over 8) for tp = 1, 2, 4, 8.
 3. **Pricing latency** — a first ``cost(layout)`` (resolving) and cached lookups, and
    ``seconds(lengths, layout)`` over the whole length file.
 4. **Calibration** — ``CostModel.calibrate("tiny")`` on this CPU (one thread, CPU-time
-   clock) next to the analytic ``tiny`` on the ``cpu`` preset.
+   clock) on packed micro-batches drawn from the length file too: ``a, b, c, d``, every
+   micro-batch measured vs fitted, and the same timings fitted *without* the packed ones
+   (single sequences only, ``d`` = 0, as calibration did before) to show what the
+   per-sequence term buys on micro-batches of many short sequences; next to the analytic
+   ``tiny`` on the ``cpu`` preset.
+5. **Measured plans** — ``hydraulis measure`` on this CPU: ``tiny`` on 4 replicas, the
+   length file, 16K tokens per step, 2 steps, micro-batches of at most 1,024 tokens, the
+   balancer and three baselines; every replica run on the CPU, the fastest of 2 runs per
+   micro-batch. Measured step time, imbalance and estimate/measured per replica (a
+   shared CPU is noisy: the H200 figures are in ``docs/cost_model.md``).
 
 Results: ``benchmarks/results/cost_model.json`` and ``cost_model.md``, with the machine
 load (``os.getloadavg``).
@@ -35,6 +44,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,7 +56,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "benchmarks")]
 
 from balancer.analytic import AnalyticModel, AnalyticOptions  # noqa: E402
+from balancer.calibrate import CalibrationWarning  # noqa: E402
 from balancer.cost import CostModel  # noqa: E402
+from balancer.fit import fit_quadratic  # noqa: E402
 from balancer.data import read_lengths  # noqa: E402
 from balancer.specs import hardware_preset, model_preset  # noqa: E402
 from strategies.layout import Layout  # noqa: E402
@@ -118,7 +130,7 @@ def efficiency_fit() -> list[dict[str, Any]]:
 def throughput_7b(length: int = 4096) -> list[dict[str, Any]]:
     """Tokens/s per GPU and MFU of llama-7b at ``length`` tokens, ZeRO-1 over 8 GPUs."""
     rows = []
-    for hw in ("a100-80g", "h100-80g"):
+    for hw in ("a100-80g", "h100-80g", "h200"):
         am = AnalyticModel(model_preset("llama-7b"), hardware_preset(hw), AnalyticOptions(zero_stage=1, num_ranks=8))
         for tp in (1, 2, 4, 8):
             lay = Layout(tp=tp)
@@ -149,17 +161,58 @@ def pricing_latency(lengths: np.ndarray) -> dict[str, float]:
             "num_lengths": int(lengths.size)}
 
 
-def calibration() -> dict[str, Any]:
+def calibration(lengths: np.ndarray) -> dict[str, Any]:
     t0 = time.perf_counter()
-    model = CostModel.calibrate("tiny", repeats=5, num_threads=1, clock="process", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)  # the verdict is reported below
+        model = CostModel.calibrate("tiny", repeats=5, num_threads=1, clock="process", progress=False,
+                                    length_pool=lengths)
     wall = time.perf_counter() - t0
     cal = model.cost(Layout())
     ana = CostModel.analytic("tiny", "cpu").cost(Layout())
-    out = {"wall_seconds": wall, "r2": model.fit_r2(Layout()), "device": model.meta["device"],
-           "calibrated": cal.to_dict(), "analytic_cpu_preset": ana.to_dict()}
+    meta = model.meta
+    mbs = [tuple(mb) for mb in meta["micro_batches"]]
+    measured = np.asarray(meta["seconds"])
+    single = [k for k, mb in enumerate(mbs) if len(mb) == 1]
+    old = fit_quadratic([mbs[k] for k in single], measured[single])  # what single-sequence calibration knew
+    rows = []
+    for k, (label, mb) in enumerate(zip(meta["labels"], mbs)):
+        rows.append({"label": label, "sequences": len(mb), "tokens": sum(mb), "measured": float(measured[k]),
+                     "fitted": cal.micro_batch_seconds(mb),
+                     "single_sequence_fit": float(old.predict([mb])[0])})
+    out = {"wall_seconds": wall, "r2": model.fit_r2(Layout()), "device": meta["device"],
+           "reliable": meta["reliable"], "problems": meta["problems"], "calibrated": cal.to_dict(),
+           "single_sequence_fit": {"a": old.a, "b": old.b, "c": old.c, "r2": old.r2},
+           "analytic_cpu_preset": ana.to_dict(), "micro_batches": rows}
     for s in (256, 1024, 2048):
-        out[f"ratio_analytic_over_measured_{s}"] = float((ana.seconds(s) + ana.c) / (cal.seconds(s) + cal.c))
+        out[f"ratio_analytic_over_measured_{s}"] = ana.micro_batch_seconds([s]) / cal.micro_batch_seconds([s])
     return out
+
+
+def measured_plans(lengths_name: str) -> dict[str, Any]:
+    """``hydraulis measure`` in-process on this CPU (its own output captured), its measured.json back."""
+    import contextlib
+    import io
+    import tempfile
+
+    from hydraulis.cli import main as hydraulis_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log = io.StringIO()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(log):
+            status = hydraulis_main([
+                "measure", "--model", "tiny", "--cluster", "4xcpu", "--lengths", lengths_name,
+                "--tokens-per-step", "16K", "--token-capacity", "1024", "--steps", "2", "--repeats", "3",
+                "--run-repeats", "2", "--policies", "balancer,multipack,megatron_dp_balanced,hydraulis_random_restart",
+                "--threads", "1", "--clock", "process", "--out", tmp,
+            ])
+        if status != 0:
+            raise RuntimeError(f"hydraulis measure failed ({status}):\n{log.getvalue()}")
+        got = json.loads((Path(tmp) / "measured.json").read_text())
+    got["wall_seconds"] = time.perf_counter() - t0
+    got.pop("plans")
+    return got
 
 
 def _fmt(v: Any) -> str:
@@ -175,14 +228,14 @@ def markdown(res: dict[str, Any]) -> str:
            f"ZeRO-{res['zero_stage']} over {res['num_ranks']} ranks)", "",
            f"machine: {res['machine']}, load average {res['load']}", "",
            "## Analytic coefficients (seconds, tokens)", "",
-           "| layout | a | b | b_tp | b_cp | b_pp | c | capacity | tok/s/dev p50 | tok/s/dev p99 |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| layout | a | b | b_tp | b_cp | b_pp | c | d | capacity | tok/s/dev p50 | tok/s/dev p99 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["analytic"]:
         if "unsupported" in r:
-            out.append(f"| {r['layout']} | unsupported: {r['unsupported'][:80]} |||||||||")
+            out.append(f"| {r['layout']} | unsupported: {r['unsupported'][:80]} ||||||||||")
             continue
         out.append("| " + " | ".join(_fmt(r[k]) for k in (
-            "layout", "a", "b", "b_tp", "b_cp", "b_pp", "c", "token_capacity",
+            "layout", "a", "b", "b_tp", "b_cp", "b_pp", "c", "d", "token_capacity",
             "tokens_per_s_per_device_p50", "tokens_per_s_per_device_p99")) + " |")
     out += ["", "## Analytic llama-13b / A100-80G vs Hydraulis's published 13B fits", "",
             "ratio = analytic (t(s)+c) / published (t(s)+c)", "",
@@ -202,7 +255,7 @@ def markdown(res: dict[str, Any]) -> str:
     for r in res["efficiency_fit"]:
         out.append(f"| {r['layout']} | " + " | ".join(
             f"{r[f'{t}_ratio_{n}']:.3f}" for t in ("b", "a") for n in ("published", "analytic", "legacy")) + " |")
-    out += ["", "## llama-7b throughput at 4,096 tokens (ZeRO-1 over 8 GPUs)", "",
+    out += ["", "## llama-7b throughput at 4,096 tokens (ZeRO-1 over 8 GPUs; h200: the measured preset)", "",
             "| hardware | layout | tokens/s/GPU | MFU |", "|---|---|---|---|"]
     for r in res["throughput_7b"]:
         out.append(f"| {r['hardware']} | {r['layout']} | {r['tokens_per_s_per_gpu']:,.0f} | {100 * r['mfu']:.1f} % |")
@@ -212,12 +265,36 @@ def markdown(res: dict[str, Any]) -> str:
             f"seconds() over {lat['num_lengths']} lengths: {lat['seconds_all_lengths_us']:.0f} µs"]
     if res.get("calibration"):
         c = res["calibration"]
-        out += ["", f"## Calibration of `tiny` on this CPU ({c['device']})", "",
-                f"{c['wall_seconds']:.1f} s, R² = {c['r2']:.4f}; calibrated a={c['calibrated']['a']:.3g}, "
-                f"b={c['calibrated']['b']:.3g}, c={c['calibrated']['c']:.3g}; analytic `cpu` preset "
-                f"a={c['analytic_cpu_preset']['a']:.3g}, b={c['analytic_cpu_preset']['b']:.3g}; "
-                "analytic / measured time: "
-                + ", ".join(f"{s}: {c[f'ratio_analytic_over_measured_{s}']:.2f}" for s in (256, 1024, 2048))]
+        k, o = c["calibrated"], c["single_sequence_fit"]
+        out += ["", f"## Calibration of `tiny` on this CPU ({c['device']}), packed micro-batches", "",
+                f"{c['wall_seconds']:.1f} s, R² = {c['r2']:.4f} ({'reliable' if c['reliable'] else 'UNRELIABLE'}); "
+                f"a={k['a']:.3g}, b={k['b']:.3g}, c={k['c']:.3g}, d={k['d']:.3g}. The same timings fitted on "
+                f"single sequences only (d = 0): a={o['a']:.3g}, b={o['b']:.3g}, c={o['c']:.3g}. "
+                f"Analytic `cpu` preset a={c['analytic_cpu_preset']['a']:.3g}, b={c['analytic_cpu_preset']['b']:.3g}; "
+                "analytic / measured time of one sequence: "
+                + ", ".join(f"{s}: {c[f'ratio_analytic_over_measured_{s}']:.2f}" for s in (256, 1024, 2048)), "",
+                "| micro-batch | seqs | tokens | measured ms | fit ms (a, b, c, d) | error | single-sequence fit ms | error |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in c["micro_batches"]:
+            m = r["measured"]
+            out.append(f"| {r['label']} | {r['sequences']} | {r['tokens']:,} | {1e3 * m:.2f} | {1e3 * r['fitted']:.2f} | "
+                       f"{100 * (r['fitted'] - m) / m:+.1f}% | {1e3 * r['single_sequence_fit']:.2f} | "
+                       f"{100 * (r['single_sequence_fit'] - m) / m:+.1f}% |")
+    if res.get("measured"):
+        m = res["measured"]
+        out += ["", f"## Measured plans on this CPU (`hydraulis measure`, {m['wall_seconds']:.0f} s)", "",
+                f"tiny on {m['cluster']['num_ranks']} replicas, {m['data']}, {m['tokens_per_step']:,} tokens per step, "
+                f"{m['steps']} steps, micro-batches ≤ {m['token_capacity']:,} tokens; every replica run on the CPU "
+                "(fastest of 2 runs per micro-batch).", "",
+                "| policy | est. step s | measured step s | measured imbalance | est./measured per replica "
+                "(median [min–max]) | median abs. error | balancer speedup (measured) |",
+                "|---|---|---|---|---|---|---|"]
+        for name, r in m["summary"].items():
+            up = "—" if name == "balancer" else f"{r['reference_speedup']:.2f}×"
+            out.append(f"| {name} | {r['est_step_seconds']:.4g} | {r['measured_step_seconds']:.4g} | "
+                       f"{r['measured_imbalance']:.3f} | {r['ratio_median']:.3f} [{r['ratio_min']:.3f}–"
+                       f"{r['ratio_max']:.3f}] | {100 * r['abs_error_median']:.1f}% | {up} |")
+        out += ["", f"median |estimate/measured − 1| over all replicas: {100 * m['median_abs_error']:.1f}%"]
     return "\n".join(out) + "\n"
 
 
@@ -230,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", default="a100-80g")
     p.add_argument("--num-ranks", type=int, default=64)
     p.add_argument("--zero-stage", type=int, default=1)
-    p.add_argument("--no-calibrate", action="store_true", help="skip the CPU calibration (about 5 s)")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the CPU calibration (about 15 s)")
+    p.add_argument("--no-measure", action="store_true", help="skip the measured plans on this CPU (about a minute)")
     p.add_argument("--out-dir", default=str(RESULTS))
     return p
 
@@ -248,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "efficiency_fit": efficiency_fit(),
         "throughput_7b": throughput_7b(),
         "latency": pricing_latency(lengths),
-        "calibration": None if args.no_calibrate else calibration(),
+        "calibration": None if args.no_calibrate else calibration(lengths),
+        "measured": None if args.no_measure else measured_plans(str(args.lengths)),
     }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

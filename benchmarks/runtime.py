@@ -254,7 +254,8 @@ def calibrate(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch.
         model = GPT(cfg).to(dtype)
     model.attention_kernel = kernel
 
-    def step(s: int) -> None:
+    def step(micro_batch: tuple[int, ...]) -> None:  # one sequence per micro-batch: (s,)
+        (s,) = micro_batch
         mb = pack([s], cfg.vocab_size, np.random.default_rng(s), s - 1)
         batch = prepare_micro_batch(check_micro_batch(mb, 0, cfg.vocab_size), SINGLE_DEVICE, device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -263,7 +264,7 @@ def calibrate(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch.
         model.zero_grad(set_to_none=True)
 
     run = measure(step, lengths, device=device, warmup=1, repeats=2, progress=False, clock=CLOCK[device.type][0])
-    return CostModel.fit(run.lengths, run.seconds, token_capacity=capacity, layout=Layout(1))
+    return CostModel.fit([s for (s,) in run.micro_batches], run.seconds, token_capacity=capacity, layout=Layout(1))
 
 
 def engine_run(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch.dtype, cost: CostModel,

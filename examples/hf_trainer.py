@@ -93,7 +93,7 @@ def build_trainer(args: argparse.Namespace) -> Any:
                      num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
                      ffn_hidden_size=config.intermediate_size, vocab_size=config.vocab_size, dtype_bytes=4)
     tp1 = CostModel.analytic(spec, "cpu").cost(Layout(1))
-    cost = CostModel.from_coefficients({Layout(1): (tp1.a, tp1.b, tp1.c, args.micro_batch_tokens)})
+    cost = CostModel.from_coefficients({Layout(1): (tp1.a, tp1.b, tp1.c, args.micro_batch_tokens, tp1.d)})
 
     class BalancedTrainer(Trainer):
         def get_train_dataloader(self) -> Any:

@@ -141,7 +141,7 @@ def main() -> None:
     spec = ModelSpec(name="tiny-decoder", num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
                      ffn_hidden_size=4 * args.hidden, vocab_size=args.vocab, gated_mlp=False, dtype_bytes=4)
     tp1 = CostModel.analytic(spec, "cpu").cost(Layout(1))
-    cost = CostModel.from_coefficients({Layout(1): (tp1.a, tp1.b, tp1.c, args.micro_batch_tokens)})
+    cost = CostModel.from_coefficients({Layout(1): (tp1.a, tp1.b, tp1.c, args.micro_batch_tokens, tp1.d)})
     cluster = ClusterSpec(num_ranks=world, ranks_per_node=world)
     balancer = Balancer(cluster, [Strategy.homogeneous(Layout(1), world)], cost)
     loader = BalancedDataLoader.wrap(old_loader, balancer=balancer, lengths=lengths, collate_fn=PackedCollator(),

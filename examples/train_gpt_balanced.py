@@ -161,7 +161,7 @@ def build_cost_model(args: argparse.Namespace, cfg: ModelConfig, device: torch.d
         cp_lin = layout.cp * e ** (2 * math.log2(layout.cp))  # ... but the K/V all-gather costs per token
         pp = layout.pp  # one stage per micro-batch: 1/pp of the blocks (the planner's equal stages)
         return LayoutCost(a=base.a / (tp_gain * cp_attn * pp), b=base.b / (tp_gain * cp_lin * pp), c=base.c,
-                          token_capacity=base.token_capacity * layout.tp * layout.cp)
+                          d=base.d / pp, token_capacity=base.token_capacity * layout.tp * layout.cp)
 
     return CostModel({Layout(1): base}, source="fit+scaled", resolver=derive)
 

@@ -75,10 +75,10 @@ def _short(n: int) -> str:
     return f"{n:,}"
 
 
-def doubling_shares(profile: "LengthProfile", a: float, b: float) -> BucketShares:
+def doubling_shares(profile: "LengthProfile", a: float, b: float, d: float = 0.0) -> BucketShares:
     """Group the profile's buckets by doubling of length, ``[2^k, 2^(k+1))``, and give each
-    group's share of sequences, tokens and time ``Σ a·s² + b·s`` (seconds per token² and per
-    token, any one unit). Empty groups are left out."""
+    group's share of sequences, tokens and time ``Σ a·s² + b·s + d`` (seconds per token², per
+    token and per sequence, any one unit). Empty groups are left out."""
     lo_edges = profile.edges[:-1]
     group = np.floor(np.log2(lo_edges)).astype(np.int64)
     keys = np.unique(group[profile.counts > 0])
@@ -88,7 +88,7 @@ def doubling_shares(profile: "LengthProfile", a: float, b: float) -> BucketShare
     counts = np.bincount(idx[valid], weights=profile.counts[valid], minlength=k)
     tokens = np.bincount(idx[valid], weights=profile.tokens[valid].astype(np.float64), minlength=k)
     square = np.bincount(idx[valid], weights=profile.square_tokens[valid], minlength=k)
-    time = a * square + b * tokens
+    time = a * square + b * tokens + d * counts
     lo = np.maximum(np.left_shift(1, keys), profile.min_length)
     hi = np.minimum(np.left_shift(1, keys + 1) - 1, profile.max_length)
 

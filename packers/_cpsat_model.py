@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from ortools.sat.python import cp_model
+
+try:
+    from ortools.sat.python import cp_model
+except ImportError as _missing:  # CP-SAT is optional at import: the greedy paths need only numpy and numba
+    cp_model = None
+    _ORTOOLS_ERROR: ImportError | None = _missing
+else:
+    _ORTOOLS_ERROR = None
 
 from packers._state import Instance
 from packers.validate import UNLIMITED_TOKENS
@@ -276,6 +283,11 @@ def run_model(
     data: CpsatData, *, budget: Budget, amount: float, seed: int, num_workers: int, presolve: bool = True
 ) -> ModelResult:
     """Build, solve, decode, with ``amount`` of ``budget``'s unit as the limit."""
+    if cp_model is None:
+        raise ImportError(
+            f"CP-SAT needs OR-tools, which is not installed ({_ORTOOLS_ERROR}); `pip install ortools`, "
+            "or plan without CP-SAT refinement (BalancerConfig(refine='none'), the default)"
+        )
     model = cp_model.CpModel()
     v = new_variables(model, data)
     add_constraints(model, data, v)

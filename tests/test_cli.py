@@ -56,7 +56,7 @@ def test_help_lists_every_command(data: Path) -> None:
     cmd = [exe, "--help"] if exe else [sys.executable, "-m", "hydraulis.cli", "--help"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for name in ("profile", "plan", "simulate", "calibrate", "demo"):
+    for name in ("profile", "plan", "simulate", "calibrate", "measure", "demo"):
         assert name in out.stdout
     sub = hydraulis("plan", "--help", cwd=data)
     assert sub.returncode == 0 and "--tokens-per-step" in sub.stdout and "--max-length" in sub.stdout
@@ -123,18 +123,48 @@ def test_simulate_from_a_profile_with_chosen_policies(data: Path, tmp_path: Path
 
 
 def test_calibrated_cost_model_feeds_plan(data: Path, tmp_path: Path) -> None:
-    cal = hydraulis("calibrate", "--model", "tiny", "--lengths", "64,128,256", "--repeats", "1", "--warmup", "0",
-                    "--threads", "1", "--token-capacity", "20000", "--out", str(tmp_path / "cost.json"), cwd=tmp_path)
+    cal = hydraulis("calibrate", "--model", "tiny", "--budget", "256", "--lengths", "sft_gpteacher",
+                    "--repeats", "1", "--warmup", "0", "--threads", "1", "--token-capacity", "20000",
+                    "--out", str(tmp_path / "cost.json"), cwd=tmp_path)
     assert cal.returncode == 0, cal.stderr
     assert "R² =" in cal.stdout and "wrote" in cal.stdout
+    assert "| 64×4 " in cal.stdout and "| drawn 1: " in cal.stdout  # every composition, measured vs fitted
     cost = json.loads((tmp_path / "cost.json").read_text())
-    assert cost["source"] == "calibrated" and cost["layouts"]["tp1"]["token_capacity"] == 20000
+    assert cost["version"] == 2 and cost["source"] == "calibrated"
+    assert cost["layouts"]["tp1"]["token_capacity"] == 20000 and "d" in cost["layouts"]["tp1"]
     plan = hydraulis("plan", "--lengths", str(data / "lengths.parquet"), "--cluster", "2xcpu", "--cost-model",
                      str(tmp_path / "cost.json"), "--tokens-per-step", "32K", "--out", str(tmp_path / "c.json"),
                      cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr
     assert "calibrated cost model from" in plan.stdout
     assert [s.name for s in load_candidates(tmp_path / "c.json").strategies] == ["tp1x2"]
+
+
+def test_calibrate_strict_fails_a_launch_bound_fit(tmp_path: Path) -> None:
+    """Micro-batches of at most 16 tokens of the tiny model: the CPU waits on launches, not on
+    work (c is 60-80 % of every time, by the process clock, which other jobs cannot inflate).
+    The fit is reported unreliable; --strict makes that exit status 3 (JSON still written)."""
+    cal = hydraulis("calibrate", "--model", "tiny", "--budget", "16", "--repeats", "3", "--threads", "1",
+                    "--clock", "process", "--strict", "--out", str(tmp_path / "cost.json"), cwd=tmp_path)
+    assert cal.returncode == 3, cal.stdout + cal.stderr
+    assert "warning: calibration unreliable: measured fit: launch-bound" in cal.stdout
+    assert json.loads((tmp_path / "cost.json").read_text())["meta"]["reliable"] is False
+
+
+def test_measure_runs_every_policy_replica_by_replica(data: Path, tmp_path: Path) -> None:
+    out = hydraulis("measure", "--model", "tiny", "--cluster", "2xcpu", "--lengths", str(data / "lengths.parquet"),
+                    "--tokens-per-step", "3K", "--token-capacity", "512", "--steps", "1", "--repeats", "1",
+                    "--policies", "balancer,padded,multipack", "--threads", "1", "--clock", "process",
+                    "--out", str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "measured step s" in out.stdout and "median |ratio − 1|" in out.stdout
+    got = json.loads((tmp_path / "measured.json").read_text())
+    assert set(got["summary"]) == {"balancer", "padded", "multipack"} and got["token_capacity"] == 512
+    for plan in got["plans"]:
+        assert len(plan["replicas"]) == 2
+        assert plan["measured_step_seconds"] == max(r["measured_seconds"] for r in plan["replicas"]) > 0
+    assert (tmp_path / "plans.jsonl").read_text().count("\n") == 3
+    assert json.loads((tmp_path / "cost_model.json").read_text())["layouts"]["tp1"]["token_capacity"] == 512
 
 
 BAD_INPUTS = {

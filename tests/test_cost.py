@@ -19,6 +19,38 @@ def test_layout_cost_validates_and_prices():
         LayoutCost(a=0.0, b=0.0, c=0.0, token_capacity=0)
 
 
+def test_per_sequence_term_prices_every_sequence():
+    cost = LayoutCost(a=1e-6, b=1e-3, c=0.01, d=0.5, token_capacity=4096)
+    assert cost.seconds([1000, 2000]).tolist() == pytest.approx([2.5, 6.5])
+    assert cost.micro_batch_seconds([1000, 2000]) == pytest.approx(2.5 + 6.5 + 0.01)
+    model = CostModel.from_coefficients({"tp1": (1e-6, 1e-3, 0.01, 4096, 0.5)})
+    assert model.cost(Layout()) == cost
+    # Σ over micro-batches of Σ (a·s² + b·s + d), plus v·c: two micro-batches, three sequences
+    got = model.replica_seconds([np.array([1000]), np.array([500, 500])], Layout())
+    assert got == pytest.approx(2.5 + 2 * (0.25e-6 * 1e6 + 0.5 + 0.5) + 0.02)
+    with pytest.raises(ValueError, match="d=-0.1 must be finite and >= 0"):
+        LayoutCost(a=0.0, b=0.0, c=0.0, d=-0.1, token_capacity=1)
+    with pytest.raises(ValueError, match=r"has 3 values .* give \(a, b, c, token_capacity\)"):
+        CostModel.from_coefficients({"tp1": (1.0, 2.0, 3.0)})
+    with pytest.raises(ValueError, match=r"unknown keys \['e'\]"):
+        LayoutCost.from_dict({"a": 0, "b": 0, "c": 0, "e": 1, "token_capacity": 1})
+
+
+def test_version_1_json_still_loads_with_no_per_sequence_term(tmp_path):
+    """A file written before the per-sequence term (version 1, no ``d``) loads with d = 0 and
+    is written back as version 2."""
+    old = {
+        "version": 1, "source": "fit", "meta": {"time_unit": "s"},
+        "layouts": {"tp1": {"a": 1e-9, "b": 1e-5, "c": 4e-3, "token_capacity": 8192}},
+    }
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    model = CostModel.load(tmp_path / "old.json")
+    assert model.cost(Layout()) == LayoutCost(a=1e-9, b=1e-5, c=4e-3, d=0.0, token_capacity=8192)
+    new = model.to_dict()
+    assert new["version"] == 2 and new["layouts"]["tp1"]["d"] == 0.0
+    assert CostModel.from_dict(new).cost(Layout()) == model.cost(Layout())
+
+
 def test_replica_seconds_formula():
     # Σ T + v·c + (pp−1)·max T, divided by speed
     assert replica_seconds([1.0, 3.0, 2.0], c=0.5, pp=4, speed=0.5) == pytest.approx((6 + 1.5 + 9) / 0.5)
@@ -97,7 +129,9 @@ def test_hydraulis_instance_errors(tmp_path):
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: CostModel.from_coefficients({"tp1": (1e-8, 1e-4, 1e-3, 4096), "tp2cp2": (2e-9, 3e-5, 1e-3, 65536)}),
+        lambda: CostModel.from_coefficients(
+            {"tp1": (1e-8, 1e-4, 1e-3, 4096, 2e-4), "tp2cp2": (2e-9, 3e-5, 1e-3, 65536)}
+        ),
         lambda: CostModel.from_hydraulis_instance(),
     ],
     ids=["coefficients", "hydraulis"],
@@ -118,8 +152,8 @@ def test_load_errors(tmp_path):
     (tmp_path / "x.json").write_text("{")
     with pytest.raises(ValueError, match="is not valid JSON"):
         CostModel.load(tmp_path / "x.json")
-    with pytest.raises(ValueError, match="version 2 is not supported"):
-        CostModel.from_dict({"version": 2})
+    with pytest.raises(ValueError, match="version 3 is not supported.*reads versions 1, 2"):
+        CostModel.from_dict({"version": 3})
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,20 @@ def test_full_recompute_adds_one_forward_of_the_layers():
     assert full.activation_bytes_per_token < plain.activation_bytes_per_token
 
 
+def test_per_sequence_overhead_is_per_layer_of_the_busiest_stage():
+    hw = UNIT.replace(sequence_overhead_seconds=0.25)
+    assert AnalyticModel(SMALL, UNIT).analyze(Layout()).d == 0.0
+    assert AnalyticModel(SMALL, hw).analyze(Layout()).d == pytest.approx(2 * 0.25)  # 2 layers
+    assert AnalyticModel(SMALL, hw).analyze(Layout(pp=2)).d == pytest.approx(0.25)  # 1 layer per stage
+    full = AnalyticModel(SMALL.replace(activation_recompute="full"), hw).analyze(Layout())
+    assert full.d == pytest.approx(2 * 0.25 * 4 / 3)  # the rerun forward pays it again, like c
+    cost = CostModel.analytic(SMALL, hw).cost(Layout())
+    assert cost.d == pytest.approx(0.5) and float(cost.seconds(3)) == pytest.approx(small_hand_count(3) + 0.5)
+    # the measured H200 preset carries it: 32 layers × 5.5e-5 s for llama-7b
+    h200 = CostModel.analytic("llama-7b", "h200").cost(Layout())
+    assert h200.d == pytest.approx(32 * 5.5e-5)
+
+
 def test_memory_by_hand():
     an = AnalyticModel(SMALL, UNIT, AnalyticOptions(reserve_bytes=0)).analyze(Layout())
     layer = 8 * 8 + 2 * 8 * 4 + 8 * 8 + 3 * 8 * 12 + 2 * 8  # Q, K+V, out, MLP, 2 norms = 496

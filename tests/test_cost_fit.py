@@ -84,7 +84,47 @@ def test_fit_of_micro_batches_of_several_sequences():
     res = fit_quadratic(batches, seconds)
     assert (res.a, res.b, res.c) == pytest.approx((A_TRUE, B_TRUE, C_TRUE), rel=1e-6)
     assert np.allclose(res.predict(batches), seconds)
-    assert design_matrix([[3, 4], [5]]).tolist() == [[25.0, 7.0], [25.0, 5.0]]
+    assert design_matrix([[3, 4], [5]]).tolist() == [[25.0, 7.0, 2.0], [25.0, 5.0, 1.0]]
+    assert res.fitted_d and res.d == pytest.approx(0.0, abs=1e-9)  # counts 1-5: d is identified (and 0 here)
+
+
+D_TRUE = 3.0e-4  # seconds per sequence
+
+
+def _packed(seed: int, noise: float = 0.0):
+    """Micro-batches of 1-64 sequences (as calibration times them) and their times with a per-sequence term."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(40):
+        k = int(rng.choice([1, 2, 4, 16, 64]))
+        batches.append(rng.integers(32, 16_384 // k + 1, size=k))
+    clean = np.array([A_TRUE * float((b.astype(float) ** 2).sum()) + B_TRUE * b.sum() + D_TRUE * b.size + C_TRUE
+                      for b in batches])
+    return batches, clean * (1 + noise * rng.standard_normal(clean.size))
+
+
+def test_fit_recovers_the_per_sequence_term_from_packed_micro_batches():
+    batches, seconds = _packed(0)
+    exact = fit_quadratic(batches, seconds)
+    assert exact.fitted_c and exact.fitted_d
+    assert (exact.a, exact.b, exact.c, exact.d) == pytest.approx((A_TRUE, B_TRUE, C_TRUE, D_TRUE), rel=1e-6)
+    assert np.allclose(exact.predict(batches), seconds)
+    noisy = fit_quadratic(*_packed(1, noise=0.02))
+    assert noisy.d == pytest.approx(D_TRUE, rel=0.25) and noisy.r2 > 0.99
+    fixed = fit_quadratic(batches, seconds, c=C_TRUE, d=D_TRUE)
+    assert not fixed.fitted_c and not fixed.fitted_d and fixed.a == pytest.approx(A_TRUE, rel=1e-6)
+    # Without d the single-sequence view under-prices many short sequences: the 1.7× of issue 16
+    without = fit_quadratic(batches, seconds, d=0.0)
+    assert not without.fitted_d and without.r2 < exact.r2
+
+
+def test_single_sequence_samples_cannot_tell_d_from_c():
+    lengths, seconds = _noisy(2, noise=0.0)
+    res = fit_quadratic(lengths, seconds)
+    assert not res.fitted_d and res.d == 0.0 and res.c == pytest.approx(C_TRUE, rel=1e-6)
+    # the same count of sequences everywhere (here 2): d stays 0 even with c fixed
+    pairs = [[int(s), int(s)] for s in lengths]
+    assert not fit_quadratic(pairs, 2 * seconds, c=0.0).fitted_d
 
 
 def test_negative_coefficients_are_clamped():
@@ -104,6 +144,9 @@ def test_negative_coefficients_are_clamped():
         ([100, 100, 200], [1.0, 1.0, 2.0], {}, "2 distinct micro-batch shapes cannot determine 3.*pass c="),
         ([100, 100], [1.0, 1.0], {"c": 0.0}, "1 distinct micro-batch shapes cannot determine 2"),
         ([100, 200], [1.0, 2.0], {"c": -1.0}, "c=-1.0 must be finite and >= 0"),
+        ([100, 200], [1.0, 2.0], {"d": float("inf")}, "d=inf must be finite and >= 0"),
+        # one length only: Σs², Σs and n are proportional, whatever the counts
+        ([[10], [10, 10], [10, 10, 10], [10] * 4], [1.0, 2.0, 3.0, 4.0], {}, "cannot separate 4 coefficients"),
         ([[100, 2.5]], [1.0], {"c": 0.0}, "must be whole tokens"),
     ],
 )

@@ -129,3 +129,31 @@ def test_deterministic_time_is_validated():
         P.cpsat_makespan(times, bin_type, deterministic_time=0.1, num_workers=2)
     with pytest.raises(ValueError, match="deterministic_time"):
         P.cpsat_makespan(times, bin_type, deterministic_time=-1.0)
+
+
+def test_planning_works_without_ortools_and_cpsat_says_how_to_get_it():
+    """OR-tools is optional at import: a machine without it (the GPU box of the measured
+    plans) plans with the greedy paths; only CP-SAT itself asks for the package."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "ortools" or name.startswith("ortools."):
+                    raise ImportError("No module named 'ortools'")
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        import balancer.selector, balancer.simulation
+        from packers import cpsat_makespan, lpt_makespan
+        assert lpt_makespan(np.ones((3, 1)), np.zeros(2, dtype=np.int64)).makespan > 0
+        try:
+            cpsat_makespan(np.ones((3, 1)), np.zeros(2, dtype=np.int64), time_limit=0.1)
+        except ImportError as e:
+            print("ImportError:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "CP-SAT needs OR-tools, which is not installed" in out.stdout and "pip install ortools" in out.stdout

@@ -16,10 +16,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(1, 200_000), min_size=1, max_size=300), st.floats(0, 1e-6), st.floats(0, 1e-3))
-def test_shares_match_a_direct_count_per_power_of_two(lengths: list[int], a: float, b: float) -> None:
+@given(st.lists(st.integers(1, 200_000), min_size=1, max_size=300), st.floats(0, 1e-6), st.floats(0, 1e-3),
+       st.sampled_from([0.0, 1e-3]))
+def test_shares_match_a_direct_count_per_power_of_two(lengths: list[int], a: float, b: float, d: float) -> None:
     s = np.asarray(lengths, dtype=np.int64)
-    shares = doubling_shares(LengthProfile.from_lengths(s), a, b)
+    shares = doubling_shares(LengthProfile.from_lengths(s), a, b, d)
     group = np.floor(np.log2(s)).astype(np.int64)
     keys = np.unique(group)
     assert shares.lo.size == keys.size
@@ -28,7 +29,7 @@ def test_shares_match_a_direct_count_per_power_of_two(lengths: list[int], a: flo
         assert shares.lo[j] == max(1 << int(k), int(s.min())) and shares.hi[j] == min((2 << int(k)) - 1, int(s.max()))
         assert shares.sequences[j] == pytest.approx(m.sum() / s.size)
         assert shares.tokens[j] == pytest.approx(s[m].sum() / s.sum())
-        t = a * s.astype(float) ** 2 + b * s
+        t = a * s.astype(float) ** 2 + b * s + d
         if t.sum() > 0:
             assert shares.time[j] == pytest.approx(t[m].sum() / t.sum(), rel=1e-9, abs=1e-12)
 

@@ -37,6 +37,8 @@ def test_real_file_quantiles_and_sampling():
     share = prof.time_share(a=1.0, b=0.0)
     top = prof.edges[1:] > prof.quantiles["p99"]
     assert share[top].sum() > 0.3
+    # a per-sequence cost spreads time like the sequence count
+    assert np.allclose(prof.time_share(a=0.0, b=0.0, d=1.0), prof.counts / prof.counts.sum())
 
 
 def test_bad_lengths_name_the_index():

@@ -94,11 +94,23 @@ def test_model_spec_rejects_bad_values(changes, message):
         (dict(intra_node_bandwidth=float("inf")), r"intra_node_bandwidth=inf"),
         (dict(ranks_per_node=0), r"ranks_per_node=0"),
         (dict(layer_overhead_seconds=-1e-3), r"layer_overhead_seconds=-0.001 must be a finite number >= 0"),
+        (dict(sequence_overhead_seconds=-1e-5), r"sequence_overhead_seconds=-1e-05 must be a finite number >= 0"),
+        (dict(source=3), r"source=3 must be a string"),
     ],
 )
 def test_hardware_spec_rejects_bad_values(changes, message):
     with pytest.raises(ValueError, match=message):
         hardware_preset("a100-80g").replace(**changes)
+
+
+def test_measured_presets_say_where_their_figures_come_from():
+    h200 = hardware_preset("h200")
+    assert "measured on one H200" in h200.source and h200.sequence_overhead_seconds > 0
+    assert h200.mfu == pytest.approx(527e12 / 989e12, abs=0.01)  # b = 1.07e-5 s/token on the 4-layer 7B shape
+    assert all(hardware_preset(n).sequence_overhead_seconds == 0.0 for n in ("a100-80g", "h100-80g", "cpu"))
+    assert HardwareSpec.from_dict(h200.to_dict()) == h200
+    old = {k: v for k, v in h200.to_dict().items() if k not in ("sequence_overhead_seconds", "source")}
+    assert HardwareSpec.from_dict(old).sequence_overhead_seconds == 0.0  # files written before the field
 
 
 def test_from_dict_rejects_unknown_keys():

@@ -318,3 +318,44 @@ def test_dual_approximation_sees_the_bubble_of_mixed_pipelines():
     assert bound > 1.01 * lp.value
     assert bound <= est * (1 + 1e-9)
     assert lower_bound(table, s, t, w=w, lp=lp) == bound  # deterministic
+
+
+# The same lumpy layouts with a per-sequence overhead d of the order of a short item's time
+LUMPY_D = CostModel.from_coefficients(
+    {lay: LayoutCost(a=c.a, b=c.b, c=c.c, d=d, token_capacity=c.token_capacity)
+     for (lay, c), d in zip(((lay, LUMPY.cost(lay)) for lay in LUMPY.layouts), (0.02, 0.035, 0.01, 0.015))}
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    which=st.integers(0, len(LUMPY_STRATS) - 1),
+    lengths=st.lists(st.integers(1, 600), min_size=1, max_size=5),
+    slow=st.sampled_from([1.0, 0.6]),
+)
+def test_bounds_stay_below_the_exact_optimum_with_a_per_sequence_term(which, lengths, slow):
+    """With d > 0 the item times carry d (checked against the formula written out), and every
+    bound — the planner's and the baselines' — stays below the exact two-stage optimum,
+    enumerated over every assignment and micro-batching, and below the greedy plan."""
+    from balancer.baselines import strategy_lower_bound
+    from strategies.layout import ClusterSpec
+
+    strat = LUMPY_STRATS[which]
+    speeds = [1.0] * (strat.num_ranks - 1) + [slow]
+    table = ReplicaTable.build(strat, LUMPY_D, speeds)
+    s = np.array(lengths, dtype=np.int64)
+    if s.max() > table.max_capacity:
+        return
+    costs = [LUMPY_D.cost(lay) for lay in table.layouts]
+    t = np.array([[k.a * x * x + k.b * x + k.d for k in costs] for x in s.astype(float)])
+    assert np.allclose(item_seconds(table, s), t, rtol=1e-12)
+    best = _exact_optimum(table, s, t)
+    w = stage1_times(table, s, t)
+    lp = stage1_lp(table, w)
+    assert lower_bound(table, s, t, w=w, lp=lp) <= best * (1 + 1e-9)
+    assert quick_lower_bound(table, s, t, lp) <= best * (1 + 1e-9)
+    cluster = ClusterSpec(num_ranks=strat.num_ranks, ranks_per_node=strat.num_ranks, speed=tuple(speeds))
+    assert strategy_lower_bound(s, strat, LUMPY_D, cluster) <= best * (1 + 1e-9)
+    d = dispatch(table, s, w, lp=lp)
+    est = pack_micro_batches(table, d.bin_of, s, t[np.arange(s.size), table.bin_type[d.bin_of]]).step_seconds
+    assert best <= est * (1 + 1e-9)

@@ -60,8 +60,10 @@ def score_plan(
 ) -> PlanScore:
     """Score ``plan`` (``lengths`` maps sample id → tokens, as in :func:`~strategies.plan.validate`).
 
-    With ``padded`` each micro-batch of ``v`` sequences costs ``v·t(s_max)`` instead of
-    ``Σ t(s_i)`` and adds ``v·s_max − Σ s_i`` pad tokens.
+    Each sequence costs ``t(s) = a·s² + b·s + d`` (:meth:`~balancer.cost.LayoutCost.seconds`,
+    per-sequence overhead included). With ``padded`` each micro-batch of ``v`` sequences
+    costs ``v·t(s_max)`` instead of ``Σ t(s_i)`` (every padded row still a sequence: ``d``
+    each) and adds ``v·s_max − Σ s_i`` pad tokens.
     """
     times = np.zeros(len(plan.replicas))
     tokens = pad = 0
@@ -92,7 +94,9 @@ def strategy_lower_bound(
 ) -> float:
     """A lower bound (seconds) on the step time of any plan of ``lengths`` on ``strategy``.
 
-    The larger of (1) the longest single sequence: a replica holding sequence ``i`` runs at
+    ``t_j(s) = a·s² + b·s + d`` of replica ``j``'s layout (the per-sequence ``d`` is paid by
+    every sequence wherever it runs, so it belongs to the work). The larger of (1) the
+    longest single sequence: a replica holding sequence ``i`` runs at
     least ``pp`` micro-batches and ``pp·t(s_i)`` of it, so ``min_j pp_j·(t_j(s_i) + c_j) /
     speed_j``; and (2) the work bound: rank-seconds ``Σ_i min_j |j|·t_j(s_i)/speed_j`` plus
     the cheapest possible micro-batch overheads, spread over all ranks.

@@ -12,6 +12,7 @@ COMMANDS: dict[str, str] = {
     "plan": "hydraulis.commands.plan",
     "simulate": "hydraulis.commands.simulate",
     "calibrate": "hydraulis.commands.calibrate",
+    "measure": "hydraulis.commands.measure",
     "demo": "hydraulis.commands.demo",
 }
 """Subcommand name → module, in the order ``--help`` lists them."""

@@ -178,9 +178,9 @@ def _profile_stage(name: str, lengths: "np.ndarray", job: "JobConfig", cost: "Co
     smallest = _fitting_layouts(cost)[0]  # the time share needs one layout's a, b
     c = cost.cost(smallest)
     cost_label = f"{job.model.name} on {job.hardware.name}, {smallest.name}"
-    prof = LengthProfile.from_lengths(lengths, source=name, time_share={"cost": cost_label, "a": c.a, "b": c.b})
+    prof = LengthProfile.from_lengths(lengths, source=name, time_share={"cost": cost_label, "a": c.a, "b": c.b, "d": c.d})
     prof.save(out / "profile.json")
-    shares = doubling_shares(prof, c.a, c.b)
+    shares = doubling_shares(prof, c.a, c.b, c.d)
     plot_length_histogram(prof, out / "length_histogram.png")
     plot_time_share(shares, out / "time_share.png", cost_label)
     q = prof.quantiles

@@ -147,7 +147,8 @@ def _time_forward_backward(cfg: TrainConfig, lengths: list[int], stage: StageSpe
     model = GPT(cfg.model_config())
     device = torch.device("cpu")
 
-    def step(s: int) -> None:
+    def step(mb: tuple[int, ...]) -> None:  # one sequence per micro-batch: (s,)
+        (s,) = mb
         ids = torch.randint(0, cfg.vocab_size, (1, s))
         labels = ids.clone()
         labels[0, 0] = -100

@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _time_cost(args: argparse.Namespace) -> tuple[float, float, str]:
-    """``(a, b, label)`` of the layout that prices the time share."""
+def _time_cost(args: argparse.Namespace) -> tuple[float, float, float, str]:
+    """``(a, b, d, label)`` of the layout that prices the time share."""
     from balancer.cost import CostModel, UnsupportedLayoutError
     from hydraulis.config import resolve_hardware, resolve_model
     from strategies.layout import Layout
@@ -54,7 +54,7 @@ def _time_cost(args: argparse.Namespace) -> tuple[float, float, str]:
     if args.layout:
         lay = Layout.parse(args.layout)
         c = cost.cost(lay)
-        return c.a, c.b, f"{name}, {lay.name}"
+        return c.a, c.b, c.d, f"{name}, {lay.name}"
     tried = [Layout(tp=t) for t in (1, 2, 4, 8)] + [Layout(tp=8, cp=c) for c in (2, 4, 8)]
     if cost.layouts:
         tried = cost.layouts + tried
@@ -63,7 +63,7 @@ def _time_cost(args: argparse.Namespace) -> tuple[float, float, str]:
             c = cost.cost(lay)
         except UnsupportedLayoutError:
             continue
-        return c.a, c.b, f"{name}, {lay.name}"
+        return c.a, c.b, c.d, f"{name}, {lay.name}"
     raise ValueError(f"{name} prices none of {', '.join(t.name for t in tried)}; pass --layout")
 
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ._common import format_table, output_dir
 
-    a, b, cost_label = _time_cost(args)  # validate the model before reading a large dataset
+    a, b, d, cost_label = _time_cost(args)  # validate the model before reading a large dataset
     out = output_dir(args.out)
     t0 = time.perf_counter()
     src = read_dataset_lengths(
@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - t0
     prof = LengthProfile.from_lengths(src.lengths, source=src.path, **src.describe(),
-                                      time_share={"cost": cost_label, "a": a, "b": b})
-    shares = doubling_shares(prof, a, b)
+                                      time_share={"cost": cost_label, "a": a, "b": b, "d": d})
+    shares = doubling_shares(prof, a, b, d)
     prof.save(out / "profile.json")
 
     how = {"tokens": "token-id lengths", "lengths": "integer lengths", "text": f"text tokenised with {src.tokenizer}"}
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         [lab, f"{100 * s:.1f}%", f"{100 * t:.1f}%", f"{100 * x:.1f}%"]
         for lab, s, t, x in zip(shares.labels(), shares.sequences, shares.tokens, shares.time)
     ]
-    print(f"where the time goes ({cost_label}: t(s) = a·s² + b·s):")
+    print(f"where the time goes ({cost_label}: t(s) = a·s² + b·s + d):")
     print(format_table(["length (tokens)", "sequences", "tokens", "est. time"], rows))
     p90 = prof.quantiles.get("p90", prof.max_length)
     seq, tok, tim = shares.above(1 << max(0, int(p90).bit_length()))
