@@ -9,6 +9,7 @@ See ``docs/dataloader.md``. Typical use::
 
 from .batch import SEQUENCE_KEYS, StepBatch
 from .collate import Collator, ContextParallelCollator, PackedCollator, PaddedCollator, block_causal_mask, cp_shard
+from .hf import HFPackingError, hf_packed_inputs
 from .lengths import (
     IGNORE_INDEX,
     check_lengths,
@@ -38,6 +39,7 @@ __all__ = [
     "BalancedDataLoader",
     "Collator",
     "ContextParallelCollator",
+    "HFPackingError",
     "MicroBatchSpec",
     "PackedCollator",
     "PaddedCollator",
@@ -52,6 +54,7 @@ __all__ = [
     "compute_lengths",
     "compute_loss_tokens",
     "cp_shard",
+    "hf_packed_inputs",
     "lengths_from_arrow",
     "lengths_from_callable",
     "lengths_from_dataset",

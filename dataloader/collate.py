@@ -348,20 +348,36 @@ class PaddedCollator(Collator):
 # ---------------------------------------------------------------------------------------
 # attention masks
 # ---------------------------------------------------------------------------------------
-def block_causal_mask(cu_seqlens: torch.Tensor | np.ndarray | Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive 4-D attention mask (1, 1, T, T) for a packed row: causal inside each segment.
+def block_causal_mask(
+    cu_seqlens: torch.Tensor | np.ndarray | Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    *,
+    sliding_window: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """4-D attention mask (1, 1, T, T) for a packed row: causal inside each segment.
 
-    0 where query ``q`` may attend key ``k`` (same segment, ``k <= q``), the dtype's most
-    negative value elsewhere. For attention implementations that do not derive the
-    segments from ``position_ids`` (eager/sdpa in transformers < 4.54, or custom models);
-    O(T²) memory, so meant for CPU checks and short rows — use varlen kernels with
-    ``cu_seqlens`` in training.
+    Query ``q`` may attend key ``k`` when both lie in the same ``cu_seqlens`` segment,
+    ``k <= q`` and, with ``sliding_window`` (tokens), ``q - k < sliding_window`` (the
+    Hugging Face convention: a window of ``w`` sees the token itself and ``w - 1`` before
+    it). ``dtype=torch.bool`` gives True where attention is allowed (sdpa); a float dtype
+    gives the additive form, 0 where allowed and the dtype's most negative value elsewhere
+    (eager). Built on ``device`` (default: the device of ``cu_seqlens``); O(T²) memory, the
+    same as the mask transformers materialises itself for sdpa/eager packed rows. For
+    Hugging Face models use :func:`dataloader.hf_packed_inputs`, which picks the form.
     """
-    cu = torch.as_tensor(np.asarray(cu_seqlens, dtype=np.int64))
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window={sliding_window} must be >= 1 token (or None for full causal attention)")
+    cu = torch.as_tensor(cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else np.asarray(cu_seqlens, dtype=np.int64))
+    cu = cu.to(device=device if device is not None else cu.device, dtype=torch.int64).reshape(-1)
     total = int(cu[-1]) if cu.numel() else 0
-    segment = torch.repeat_interleave(torch.arange(cu.numel() - 1), torch.diff(cu)) if total else torch.zeros(0, dtype=torch.long)
-    pos = torch.arange(total)
-    allowed = (segment[:, None] == segment[None, :]) & (pos[None, :] <= pos[:, None])
-    mask = torch.zeros(total, total, dtype=dtype)
+    pos = torch.arange(total, device=cu.device)
+    segment = torch.searchsorted(cu[1:], pos, right=True)  # segment index of every token
+    allowed = (segment[:, None] == segment[None, :]) & (pos[None, :] <= pos[:, None])  # (T, T) [query, key]
+    if sliding_window is not None:
+        allowed &= pos[:, None] - pos[None, :] < sliding_window
+    if dtype == torch.bool:
+        return allowed[None, None]
+    mask = torch.zeros(total, total, dtype=dtype, device=cu.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]

@@ -36,6 +36,8 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     ``logits`` (B, T, V), ``labels`` (B, T): position ``t``'s logits are scored against
     ``labels[t+1]``; ``ignore_index`` labels carry no loss. Returns a 0-d float32 tensor.
     """
+    if labels.numel() == 0:
+        return logits.sum() * 0.0  # an empty micro-batch (idle rank), also when the model ran a placeholder token
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (batch, tokens)")
     if labels.shape[-1] < 2:
