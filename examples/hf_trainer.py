@@ -10,10 +10,10 @@ the subclass changes (see docs/integrations/hf_trainer.md):
 * ``get_train_dataloader`` returns a :class:`BalancedDataLoader` over the train dataset:
   one item per optimizer step (so ``gradient_accumulation_steps=1``), holding this rank's
   packed micro-batches;
-* ``training_step`` runs those micro-batches — forward with ``position_ids`` and no
-  ``attention_mask`` (transformers ≥ 4.54 then keeps attention inside each packed
-  sequence), ``packed_loss`` (divided by the step's global loss-token count, times the
-  DDP world size), backward with DDP ``no_sync`` on all but the last.
+* ``training_step`` runs those micro-batches — forward with ``hf_packed_inputs(mb, model)``
+  (the inputs that keep attention inside each packed sequence for the model's attention
+  implementation), ``packed_loss`` (divided by the step's global loss-token count, times
+  the DDP world size), backward with DDP ``no_sync`` on all but the last.
 
 Everything else — optimizer, scheduler, clipping, logging, checkpoints — stays the Trainer's.
 """
@@ -32,7 +32,7 @@ from balancer.cost import CostModel
 from balancer.data import bundled_names, read_lengths
 from balancer.selector import Balancer
 from balancer.specs import ModelSpec
-from dataloader import BalancedDataLoader, PackedCollator, packed_loss
+from dataloader import BalancedDataLoader, PackedCollator, hf_packed_inputs, packed_loss
 from strategies import ClusterSpec, Layout, Strategy
 
 
@@ -113,7 +113,7 @@ def build_trainer(args: argparse.Namespace) -> Any:
             for k, mb in enumerate(mbs):
                 sync = k == len(mbs) - 1
                 with self.accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext():
-                    out = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False)
+                    out = model(**hf_packed_inputs(mb, model))  # attention stays inside each sequence
                     loss = packed_loss(out.logits, mb, grad_divisor=world)
                     self.accelerator.backward(loss)
                 total += loss.detach()

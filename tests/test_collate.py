@@ -157,6 +157,22 @@ def test_block_causal_mask() -> None:
     assert allowed == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
 
 
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=6), window=st.one_of(st.none(), st.integers(1, 6)))
+def test_block_causal_mask_matches_its_definition(lengths: list[int], window: int | None) -> None:
+    """Allowed iff same segment, key not after query, and (with a window) fewer than `window` tokens back."""
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    segment = np.repeat(np.arange(len(lengths)), lengths)
+    total = int(cu[-1])
+    want = np.array([[segment[q] == segment[k] and k <= q and (window is None or q - k < window)
+                      for k in range(total)] for q in range(total)], dtype=bool).reshape(total, total)
+    allowed = block_causal_mask(cu, torch.bool, sliding_window=window)[0, 0].numpy()
+    additive = block_causal_mask(torch.tensor(cu, dtype=torch.int32), torch.float64, sliding_window=window)[0, 0]
+    assert np.array_equal(allowed, want)
+    assert np.array_equal((additive == 0).numpy(), want)
+    assert bool((additive[~torch.from_numpy(want)] == torch.finfo(torch.float64).min).all())
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_tiny_llama_packed_loss_equals_unpacked(impl: str) -> None:
     """A packed micro-batch with position_ids gives the same summed loss as the sequences one by one.
