@@ -15,7 +15,7 @@ from strategies.plan import RankPlan, StepPlan
 
 from .spec import MicroBatchSpec
 
-__all__ = ["SEQUENCE_KEYS", "StepBatch", "cut_sample"]
+__all__ = ["SEQUENCE_KEYS", "StepBatch", "cut_sample", "fsdp2_accumulation"]
 
 SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask", "token_type_ids", "position_ids", "loss_mask")
 """Per-token sample fields cut together when a sample is truncated or split."""
@@ -53,10 +53,40 @@ class StepBatch:
         return self.specs[k].num_loss_tokens
 
     def sync_context(self, model: Any, k: int) -> contextlib.AbstractContextManager[Any]:
-        """``model.no_sync()`` for all but the last micro-batch (DDP/FSDP), else a null context."""
-        if not self.is_last_micro_batch(k) and hasattr(model, "no_sync"):
+        """Synchronise gradients once per step, after micro-batch ``k`` if it is the last.
+
+        DDP and FSDP1 (``no_sync``): ``model.no_sync()`` on all but the last micro-batch.
+        FSDP2 (``fully_shard``): see :func:`fsdp2_accumulation`. Anything else: a null context.
+        """
+        last = self.is_last_micro_batch(k)
+        if hasattr(model, "set_requires_gradient_sync") and hasattr(model, "set_reshard_after_backward"):
+            fsdp2_accumulation(model, last=last)
+            return contextlib.nullcontext()
+        if not last and hasattr(model, "no_sync"):
             return model.no_sync()
         return contextlib.nullcontext()
+
+
+def fsdp2_accumulation(model: Any, *, last: bool) -> None:
+    """Set an FSDP2 root module up for one micro-batch of a step (called by ``StepBatch.sync_context``).
+
+    Ranks run different numbers of micro-batches in a balanced step, so every rank must
+    issue the same collectives whatever its count. Before the last micro-batch the
+    parameters stay unsharded after forward and backward and the gradients accumulate
+    unsharded, without a reduce-scatter; the last micro-batch reshards after forward
+    (fully_shard's default: inner modules reshard, the root does not), re-gathers in
+    backward and reduce-scatters once. Every rank thus all-gathers each module in its first
+    forward, all-gathers again and reduce-scatters in its last backward — one sequence for
+    one micro-batch or ten — and ranks never wait for each other inside a step, as the
+    planner assumes. The price: parameters and gradients are held unsharded from the first
+    micro-batch to the last (like DDP; optimizer states stay sharded). An ``int``
+    ``reshard_after_forward`` given to ``fully_shard`` is reset to that default.
+    """
+    model.set_requires_gradient_sync(last)
+    model.set_reshard_after_backward(last)
+    model.set_reshard_after_forward(last)
+    if last:
+        model.set_reshard_after_forward(False, recurse=False)  # the root keeps its parameters for backward
 
 
 # ---------------------------------------------------------------------------------------

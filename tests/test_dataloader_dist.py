@@ -134,6 +134,38 @@ def test_every_rank_derives_the_same_plan(sync: str) -> None:
     assert sorted(seen) == list(range(90))
 
 
+def _root_stops_right_after_a_broadcast(rank: int, world: int) -> int:
+    import time
+
+    real_broadcast = dist.broadcast_object_list
+
+    def broadcast(objs: list[Any], *args: Any, **kwargs: Any) -> None:
+        if rank == 0 and objs[0][:2] == ("ok", 4):  # (outcome, step, batch fingerprint, plan JSON)
+            time.sleep(1.0)  # both training loops break (at step 3) while step 4's plan is on its way
+        real_broadcast(objs, *args, **kwargs)
+
+    dist.broadcast_object_list = broadcast  # this forked child's copy only
+    data = [{"input_ids": r} for r in rows(90, seed=4, high=120)]
+    loader = BalancedDataLoader(data, balancer=make_balancer(world, hetero=False),
+                                lengths=[len(d["input_ids"]) for d in data], tokens_per_step=500, plan_sync="broadcast")
+    for batch in loader:
+        if batch.step == 3:
+            break
+        dist.all_reduce(torch.ones(1))  # the training step's gradient sync
+    loader.close()  # must not hang
+    x = torch.ones(1)
+    dist.all_reduce(x)  # and the process group still works
+    return int(x.item())
+
+
+def test_root_stopping_right_after_broadcasting_a_plan_does_not_hang() -> None:
+    """Both ranks stop while rank 0's broadcast of the next plan is on its way: nobody may hang.
+
+    (Before the plan rounds ended in an outcome all-gather, rank 0 then drained its own
+    broadcasts and rank 1 waited forever.)"""
+    assert run_ranks(_root_stops_right_after_a_broadcast, 2) == [2, 2]
+
+
 def _disagree(rank: int, world: int) -> str:
     data = [{"input_ids": r} for r in rows(40, seed=2)]
     # Rank 1 plans with other costs: its plans differ, and verification must say so on every rank.
