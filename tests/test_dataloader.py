@@ -103,6 +103,28 @@ def test_step_batch_sync_control() -> None:
     with pytest.raises(IndexError):
         batch.is_last_micro_batch(n)
 
+    class FSDP2Like:  # the FSDPModule setters sync_context uses (the real one: tests/test_fsdp2.py)
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, bool, bool]] = []
+
+        def set_requires_gradient_sync(self, value: bool, *, recurse: bool = True) -> None:
+            self.calls.append(("sync", value, recurse))
+
+        def set_reshard_after_backward(self, value: bool, *, recurse: bool = True) -> None:
+            self.calls.append(("after_backward", value, recurse))
+
+        def set_reshard_after_forward(self, value: bool, recurse: bool = True) -> None:
+            self.calls.append(("after_forward", value, recurse))
+
+    fsdp = FSDP2Like()
+    for k in range(n):
+        with batch.sync_context(fsdp, k):
+            pass
+    hold = [("sync", False, True), ("after_backward", False, True), ("after_forward", False, True)]
+    last = [("sync", True, True), ("after_backward", True, True), ("after_forward", True, True),
+            ("after_forward", False, False)]  # fully_shard's default back: inner modules reshard, the root not
+    assert fsdp.calls == hold * (n - 1) + last
+
 
 def test_wrap_keeps_the_loaders_settings_and_collate() -> None:
     ds = hf_dataset(24)
