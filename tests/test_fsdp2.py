@@ -2,7 +2,7 @@
 
 The loop of ``examples/fsdp2_loop.py`` runs on both ranks. Ranks run different numbers
 of micro-batches per step; ``StepBatch.sync_context`` keeps their FSDP2 collectives
-identical (``dataloader.loader.fsdp2_accumulation``), and the losses equal the unbalanced
+identical (``dataloader.batch.fsdp2_accumulation``), and the losses equal the unbalanced
 single-process run on the same global batches, computed here independently.
 """
 
