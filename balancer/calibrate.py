@@ -337,6 +337,14 @@ def calibrate_layout(
         micro_batches, token_budget, length_pool, min(default_budget(device), capacity), seed
     )
     mbs = [mb for _, mb in labelled]
+    capacity_from = "given" if token_capacity is not None else f"memory model of {(hardware or local_hardware(device)).name}"
+    if token_capacity is None and hardware is None and device.type == "cpu":
+        # On a CPU memory bounds nothing useful (the host's RAM would allow micro-batches of
+        # millions of tokens, hours each): cap at the largest micro-batch measured here.
+        largest = max(sum(mb) for mb in mbs)
+        if largest < capacity:
+            capacity_from = f"the largest calibrated micro-batch (the CPU's RAM would allow {capacity:,} tokens)"
+            capacity = largest
 
     # time every micro-batch (and at depth 0 when a reduced copy stands for the model)
     with cpu_threads(num_threads):
@@ -368,6 +376,7 @@ def calibrate_layout(
         "time_unit": "s", **env,
         "model": spec.to_dict() if spec is not None else None,
         "custom_step_fn": custom,
+        "token_capacity_from": capacity_from,
         "attention": getattr(step_fn, "attention", "custom"),
         "labels": [lab for lab, _ in labelled],
         "micro_batches": [list(mb) for mb in mbs],

@@ -154,6 +154,21 @@ class CostModel:
     def token_capacity(self, layout: Layout) -> int:
         return self.cost(layout).token_capacity
 
+    def measured_tokens(self, layout: LayoutKey) -> int | None:
+        """The largest micro-batch (tokens) whose time was measured for ``layout``, or ``None``.
+
+        Fitted and calibrated models know it (``meta["fit"]``, or the calibrated lengths of
+        older files); beyond it their ``a·s² + b·s + c`` extrapolates. Analytic models and
+        given coefficients measured nothing: ``None``.
+        """
+        lay = as_layout(layout)
+        fit = self.meta.get("fit", {}).get(lay.name, {})
+        if fit.get("max_tokens"):
+            return int(fit["max_tokens"])
+        if self.source == "calibrated" and self.meta.get("lengths"):
+            return int(max(self.meta["lengths"]))
+        return None
+
     def replica_seconds(
         self, micro_batches: Iterable[np.ndarray | Sequence[int]], layout: Layout, speed: float = 1.0
     ) -> float:

@@ -50,6 +50,8 @@ class FitResult:
     """Per sequence in a micro-batch (fitted, given, or 0 when the samples cannot tell it from ``c``)."""
     fitted_d: bool = False
     """``True`` when ``d`` was fitted (the samples held micro-batches of different sequence counts)."""
+    max_tokens: int = 0
+    """The largest measured micro-batch (tokens): beyond it the coefficients extrapolate."""
 
     def predict(self, lengths: Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray:
         """Model time of each sample (same input forms as :func:`fit_quadratic`)."""
@@ -184,4 +186,5 @@ def fit_quadratic(
     return FitResult(
         a=a, b=b, c=c_fit, r2=r2, rmse=math.sqrt(ss_res / y.size), num_samples=int(y.size), fitted_c=c is None,
         d=d_fit, fitted_d=fit_d,
+        max_tokens=int(x[:, 1].max()),
     )

@@ -54,6 +54,7 @@ from .lengths import check_lengths
 from .pieces import OVERLONG_POLICIES, Pieces, build_pieces, check_loss_tokens, describe_cuts
 from .agreement import PlanBatch, rank_plan_for
 from .planning import PlanStream
+from .sizes import MicroBatchSizeCheck, step_size_warning
 from .spec import MicroBatchSpec
 from .state import STATE_VERSION, Position, SavedState, balancer_state, cap_change, lengths_fingerprint, read_sampler_state
 
@@ -135,6 +136,14 @@ class BalancedBatchSampler:
         self.stats = SamplerStats(num_samples=n)
         self._pieces = self._build_pieces(self.max_length, announce=True)
         self._fingerprint: str | None = None
+        too_big = step_size_warning(
+            tokens_per_step=config.tokens_per_step, sequences_per_step=config.sequences_per_step,
+            epoch_tokens=int(self._pieces.sample_tokens[self._pieces.kept].sum()),
+            epoch_sequences=int(self._pieces.kept.size),
+        )
+        if too_big:
+            warnings.warn(too_big, stacklevel=2)
+        self._sizes = MicroBatchSizeCheck(getattr(balancer, "cost_model", None))
         self.epoch = 0
         self._start_step = 0
         self._global_step = 0
@@ -300,6 +309,9 @@ class BalancedBatchSampler:
         finished = False
         try:
             for item in stream:
+                oversized = self._sizes.check(item.step, self.rank, item.rank_plan.layout, item.micro_batches)
+                if oversized:
+                    warnings.warn(oversized, stacklevel=2)
                 self._start_step = item.step_in_epoch + 1
                 self._global_step = item.step + 1
                 self._last_strategy = item.plan.strategy

@@ -75,6 +75,12 @@ def test_calibrate_tiny_on_the_local_device():
     fit = meta["fit"]["tp1"]
     assert fit["fitted_d"] and len(fit["predicted"]) == 15  # packed compositions identify d
     assert meta["reliable"] == (not meta["problems"])
+    fit_tokens = max(sum(mb) for mb in meta["micro_batches"])
+    assert model.measured_tokens(Layout()) == fit_tokens  # the largest micro-batch the fit has seen
+    if calibration_device().type == "cpu":
+        # the largest calibrated micro-batch, not what the host's RAM would allow (millions of tokens)
+        assert cost.token_capacity == fit_tokens
+        assert meta["token_capacity_from"].startswith("the largest calibrated micro-batch")
     again = CostModel.from_dict(json.loads(json.dumps(model.to_dict())))
     assert again.cost(Layout()) == cost and again.fit_r2("tp1") == model.fit_r2("tp1")
 

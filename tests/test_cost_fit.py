@@ -84,6 +84,7 @@ def test_fit_of_micro_batches_of_several_sequences():
     res = fit_quadratic(batches, seconds)
     assert (res.a, res.b, res.c) == pytest.approx((A_TRUE, B_TRUE, C_TRUE), rel=1e-6)
     assert np.allclose(res.predict(batches), seconds)
+    assert res.max_tokens == max(int(b.sum()) for b in batches)  # the largest micro-batch measured
     assert design_matrix([[3, 4], [5]]).tolist() == [[25.0, 7.0, 2.0], [25.0, 5.0, 1.0]]
     assert res.fitted_d and res.d == pytest.approx(0.0, abs=1e-9)  # counts 1-5: d is identified (and 0 here)
 
@@ -164,6 +165,9 @@ def test_cost_model_fit_reports_r2_and_round_trips():
     assert model.fit_r2("tp2") == model.meta["fit"]["tp2"]["r2"] > 0.99
     again = CostModel.from_dict(json.loads(json.dumps(model.to_dict())))
     assert again.cost(Layout(tp=2)) == cost and again.fit_r2(Layout(tp=2)) == model.fit_r2("tp2")
+    assert model.measured_tokens("tp2") == again.measured_tokens(Layout(tp=2)) == int(np.max(lengths))
+    assert model.measured_tokens("tp1") is None  # nothing measured there
+    assert CostModel.from_coefficients({"tp1": (1e-9, 1e-6, 0.0, 4096)}).measured_tokens("tp1") is None
     with pytest.raises(ValueError, match=r"no fit for layout tp1 \(fitted layouts: tp2\)"):
         model.fit_r2(Layout())
     with pytest.raises(ValueError, match="no coefficients for layout tp4"):

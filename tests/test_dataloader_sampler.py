@@ -164,6 +164,33 @@ def test_drop_last_is_counted() -> None:
     assert len(list(exact)) == 2 and exact.stats.dropped_last_samples == 0
 
 
+def test_a_step_of_more_than_half_an_epoch_is_named() -> None:
+    lengths = np.full(40, 50)  # 2,000 tokens per epoch
+    with pytest.warns(UserWarning, match=r"tokens_per_step=1,200 is 60% of the 2,000 tokens of an epoch"):
+        BalancedBatchSampler(lengths, make_balancer(1), SamplerConfig(tokens_per_step=1200))
+    with pytest.warns(UserWarning, match=r"sequences_per_step=25 is more than half of the 40 sequences"):
+        BalancedBatchSampler(lengths, make_balancer(1), SamplerConfig(sequences_per_step=25))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BalancedBatchSampler(lengths, make_balancer(1), SamplerConfig(tokens_per_step=1000))  # exactly half: fine
+
+
+def test_a_micro_batch_beyond_what_the_cost_model_measured_is_named() -> None:
+    """A capacity of 4,096 tokens but times measured up to 256: the first bigger micro-batch warns, once."""
+    measured = CostModel.fit([64, 128, 192, 256], [1.0, 2.1, 3.3, 4.6], token_capacity=4096)
+    assert measured.measured_tokens(Layout()) == 256
+    lengths = np.full(200, 100)
+    balancer = Balancer(ClusterSpec(num_ranks=1), [Strategy.homogeneous(Layout(), 1)], measured)
+    sampler = BalancedBatchSampler(lengths, balancer, SamplerConfig(tokens_per_step=2000))
+    with pytest.warns(UserWarning, match=r"holds [\d,]+ tokens, [\d.]+× the largest micro-batch the cost model measured for tp1 \(256 tokens\)") as caught:
+        steps = list(sampler)
+    assert len(steps) == 10 and sum("the cost model measured" in str(w.message) for w in caught) == 1
+    # given coefficients measured nothing: no such warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(BalancedBatchSampler(lengths, make_balancer(1, cap=4096), SamplerConfig(tokens_per_step=2000)))
+
+
 def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="row 1 has 0 tokens"):
         BalancedBatchSampler(np.array([3, 0]), make_balancer(1), config(sequences_per_step=1), world_size=1)

@@ -26,7 +26,8 @@ with R² below 0.98 or launch-bound timings is reported as unreliable (a warning
 exit status 3 with --strict, the JSON is written either way).
 
 The token capacity per micro-batch comes from the analytic memory model of the model on
---hardware (default: this device with its real memory), or --token-capacity.
+--hardware (default: this device with its real memory; on a CPU without --hardware, the
+largest calibrated micro-batch instead of what the RAM would allow), or --token-capacity.
 
 examples:
   hydraulis calibrate --model tiny --out cost_model.json
@@ -111,7 +112,8 @@ def report(cost: "CostModel") -> list[str]:
         lines.append(coefficients(meta["fit"][lay.name], f"scaled to {_layers(depth['model_layers'])} (stored)"))
     else:
         lines.append(coefficients(timed, "fit"))
-    lines.append(f"token capacity {c.token_capacity:,} per micro-batch (layout {lay.name})")
+    source = f"; {meta['token_capacity_from']}" if meta.get("token_capacity_from") else ""
+    lines.append(f"token capacity {c.token_capacity:,} per micro-batch (layout {lay.name}{source})")
     if c.a > 0 and c.b > 0:
         lines.append(f"attention (the s² term) equals the linear work at s = {c.b / c.a:,.0f} tokens")
     if c.d > 0 and c.b > 0:
