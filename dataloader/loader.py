@@ -43,6 +43,7 @@ from .lengths import IGNORE_INDEX, compute_lengths, compute_loss_tokens
 from .planning import PlanSyncError
 from .config import SamplerConfig
 from .sampler import BalancedBatchSampler, SamplerStep
+from .scan import scan_dataset
 from .spec import MicroBatchSpec
 from .stream import StreamingSteps
 
@@ -84,9 +85,11 @@ class BalancedDataLoader:
 
     or from an existing loader with :meth:`wrap`. ``lengths``: any source accepted by
     :func:`dataloader.lengths.compute_lengths` (default: the ``input_key`` column of a
-    Hugging Face dataset). ``loss_tokens``: per-sample loss tokens, a labels column name,
-    or ``None`` — then a Hugging Face dataset with a ``labels_key`` column is counted
-    (:func:`~dataloader.lengths.compute_loss_tokens`), otherwise ``length − 1``.
+    Hugging Face dataset; any other map-style dataset is read once, every sample, by
+    :func:`dataloader.scan.scan_dataset`). ``loss_tokens``: per-sample loss tokens, a
+    labels column name, or ``None`` — then a Hugging Face dataset with a ``labels_key``
+    column is counted (:func:`~dataloader.lengths.compute_loss_tokens`), a read dataset's
+    samples with ``labels_key`` likewise, otherwise ``length − 1``.
     ``collate_fn``: a hydraulis :class:`~dataloader.collate.Collator` (default
     :class:`~dataloader.collate.PackedCollator`) or any ``fn(samples)``; an idle replica's
     empty micro-batch is collated by hydraulis collators to ``T = 0`` and is ``None`` for
@@ -155,7 +158,8 @@ class BalancedDataLoader:
             if balancer is None:
                 raise ValueError("BalancedDataLoader needs balancer=... (a balancer.selector.Balancer) or sampler=...")
             sampler = self._build_sampler(
-                dataset, balancer, lengths, loss_tokens, labels_key, config or SamplerConfig(**options), rank, world_size, process_group
+                dataset, balancer, lengths, loss_tokens, input_key, labels_key, config or SamplerConfig(**options), rank,
+                world_size, process_group,
             )
         elif len(sampler.lengths) != len(dataset):
             raise ValueError(f"the sampler has lengths for {len(sampler.lengths)} samples but the dataset has {len(dataset)}")
@@ -189,14 +193,21 @@ class BalancedDataLoader:
         balancer: Any,
         lengths: Any,
         loss_tokens: Any,
+        input_key: str,
         labels_key: str,
         config: SamplerConfig,
         rank: int | None,
         world_size: int | None,
         group: Any,
     ) -> BalancedBatchSampler:
-        lens = compute_lengths(lengths, dataset=dataset)
         hf = hasattr(dataset, "_fingerprint") and hasattr(dataset, "column_names")
+        if lengths is None and not hf:
+            scanned = scan_dataset(dataset, input_key=input_key, labels_key=labels_key)
+            lens = scanned.lengths
+            if loss_tokens is None:
+                loss_tokens = scanned.loss_tokens
+        else:
+            lens = compute_lengths(lengths, dataset=dataset)
         if isinstance(loss_tokens, str):
             loss, labels_key = compute_loss_tokens(dataset, loss_tokens), loss_tokens
         elif loss_tokens is None and hf and labels_key in dataset.column_names:
