@@ -36,7 +36,10 @@ class CandidatePool:
 
     strategies: tuple[Strategy, ...]
     expected_seconds: tuple[float | None, ...]
-    """Mean estimated step seconds over the sampled batches it holds (None: held none)."""
+    """Mean estimated step seconds over the sampled batches it holds (None: held none).
+    ``meta["coverage"]``: the fraction of sampled batches each candidate holds;
+    ``meta["capacity"]``: its longest sequence (tokens) — below ``max_length``, the mean
+    skips the batches with longer sequences and is not comparable with the others."""
     max_length: int
     """Longest sequence (tokens) the pool was built to hold."""
     num_ranks: int
@@ -230,6 +233,7 @@ def generate_candidates(
     for c in chosen:
         row = scores[c][np.isfinite(scores[c])]
         expected.append(float(row.mean()) if row.size else None)
+    coverage = [float(np.isfinite(scores[c]).mean()) for c in chosen]
     return CandidatePool(
         strategies=tuple(strategies[c] for c in chosen),
         expected_seconds=tuple(expected),
@@ -244,5 +248,7 @@ def generate_candidates(
             "seed": cfg.seed,
             "batch_tokens": cfg.batch_tokens,
             "batch_size": cfg.batch_size,
+            "coverage": coverage,
+            "capacity": [int(caps[c]) for c in chosen],
         },
     )

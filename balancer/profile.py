@@ -196,12 +196,30 @@ class LengthProfile:
     @classmethod
     def load(cls, path: str | Path) -> "LengthProfile":
         p = Path(path)
-        if not p.is_file():
+        if p.is_dir():
+            inside = p / "profile.json"
+            if inside.is_file():  # the folder `hydraulis profile` wrote
+                return cls.load(inside)
+            raise ValueError(
+                f"{str(p)!r} is a folder without a profile.json; pass the profile JSON file (`hydraulis profile DATA "
+                "--out FOLDER` writes FOLDER/profile.json)"
+            )
+        if not p.exists():
             raise ValueError(f"profile file {str(p)!r} does not exist; create it with `hydraulis profile DATA`")
         try:
-            return cls.from_dict(json.loads(p.read_text()))
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"{str(p)!r} is not a hydraulis profile JSON but a binary file (a dataset?); profile it first with "
+                f"`hydraulis profile {p}` and pass the profile.json it writes, or give the data itself as --lengths {p}"
+            ) from None
+        try:
+            return cls.from_dict(json.loads(text))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{str(p)!r} is not a hydraulis profile JSON ({type(e).__name__}: {e})") from None
+            raise ValueError(
+                f"{str(p)!r} is not a hydraulis profile JSON ({type(e).__name__}: {e}); create one with "
+                f"`hydraulis profile DATA`, or give a data file as --lengths"
+            ) from None
 
 
 def _qname(p: float) -> str:

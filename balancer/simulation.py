@@ -288,6 +288,9 @@ class SimulationResult:
     """Baselines whose real system refused a batch (e.g. Megatron's ``DpBalancedScheduler``
     on a batch it cannot cut into R groups): name → the steps and the first reason. Those
     steps are left out of the policy's trace (``PolicyTrace.refused``) and totals."""
+    epoch_ends: tuple[int, ...] = ()
+    """Steps that close an epoch of the shared global batches: they hold only the epoch's remaining
+    sequences (a short step). A policy with its own epoch order flags its own in ``PolicyTrace.flushed``."""
 
     def speedup(self, reference: str = BALANCER) -> dict[str, float]:
         """Throughput of ``reference`` over every other policy's (``> 1`` = reference faster)."""
@@ -317,6 +320,7 @@ class SimulationResult:
             "cost_model": self.cost_model,
             "baseline_strategies": dict(self.baseline_strategies),
             "num_candidates": self.num_candidates,
+            "epoch_ends": list(self.epoch_ends),
             "policies": {name: tr.to_dict() for name, tr in self.traces.items()},
             "refused": dict(self.refused),
         }
@@ -506,6 +510,7 @@ def simulate(
         baseline_strategies=strategies,
         num_candidates=len(candidates) if (want_balancer and candidates) else 0,
         refused=refused,
+        epoch_ends=tuple(b.step for b in shared if b.last_in_epoch),
     )
 
 

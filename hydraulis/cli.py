@@ -15,6 +15,7 @@ to stderr and exits with 1; ``--debug`` (or ``HYDRAULIS_DEBUG=1``) shows the tra
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -59,6 +60,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of ``command`` (the top-level one for ``None``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]  # type: ignore[no-any-return]
+    return parser
+
+
+def _unknown_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """``unrecognized arguments: …``, with the nearest option of ``parser`` for each mistyped one."""
+    options = [s for s in parser._option_string_actions if s.startswith("--")]
+    hints = []
+    for extra in extras:
+        if extra.startswith("-"):
+            near = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1, cutoff=0.6)
+            if near:
+                hints.append(f"{extra.split('=', 1)[0]} → did you mean {near[0]}?")
+    text = f"unrecognized arguments: {' '.join(extras)}"
+    return text + (f" ({'; '.join(hints)})" if hints else f" (see `{parser.prog} --help`)")
+
+
+def _check_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """A mistyped subcommand: argparse's 'invalid choice', plus the nearest command."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and first not in COMMANDS:
+        near = difflib.get_close_matches(first, list(COMMANDS), n=1, cutoff=0.5)
+        hint = f"; did you mean `hydraulis {near[0]}`?" if near else ""
+        parser.error(f"unknown command {first!r}{hint} (commands: {', '.join(COMMANDS)})")
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     if isinstance(e, KeyError):
@@ -70,7 +101,12 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _check_command(parser, argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # report against the subcommand, with its usage and the nearest option
+        sub = _subparser(parser, args.command)
+        sub.error(_unknown_message(sub, extras))
     if args.command is None:
         parser.print_help()
         return 0

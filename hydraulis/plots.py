@@ -21,7 +21,14 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from balancer.profile import LengthProfile
     from balancer.simulation import SimulationResult
 
-__all__ = ["BucketShares", "doubling_shares", "plot_length_histogram", "plot_simulation", "plot_time_share"]
+__all__ = [
+    "BucketShares",
+    "doubling_shares",
+    "plot_length_histogram",
+    "plot_simulation",
+    "plot_time_share",
+    "same_as_earlier",
+]
 
 
 @dataclass(frozen=True)
@@ -159,21 +166,66 @@ def plot_time_share(shares: BucketShares, path: str | Path, cost_label: str, tit
     return out
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p")
+_DASHES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+
+
+def same_as_earlier(series: dict[str, np.ndarray]) -> dict[str, str]:
+    """``{name: "= earlier"}`` for every series equal to one listed before it, ``"≈ earlier"``
+    when within 0.1% at every step (lines a reader cannot tell apart on the plot)."""
+    out: dict[str, str] = {}
+    names = list(series)
+    for i, name in enumerate(names):
+        for other in names[:i]:
+            if other in out:
+                continue
+            if np.array_equal(series[name], series[other]):
+                out[name] = f"= {other}"
+                break
+            if np.allclose(series[name], series[other], rtol=1e-3, atol=0):
+                out[name] = f"≈ {other}"
+                break
+    return out
+
+
 def plot_simulation(result: "SimulationResult", path: str | Path, title: str | None = None, unit: str = "s") -> Path:
     """Two panels over steps: estimated step time per policy (in ``unit``, the cost model's
-    time unit), and imbalance per policy."""
+    time unit), and imbalance per policy.
+
+    Policies often coincide (several packers reach the same plan), so no line may hide
+    another: every policy has its own colour, dash pattern and marker, markers of coinciding
+    lines sit on different steps, and the legend names the coincidence ("bfd = multipack").
+    The legend stands right of the panels, outside the data; dotted verticals mark the
+    steps that end an epoch (short steps: the epoch's remaining sequences).
+    """
     plt = _pyplot()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), dpi=110, sharex=True)
-    for name, trace in result.traces.items():
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), dpi=110, sharex=True)
+    same = same_as_earlier({n: t.step_seconds for n, t in result.traces.items()})
+    colors = plt.get_cmap("tab10").colors
+    n = len(result.traces)
+    for i, (name, trace) in enumerate(result.traces.items()):
         steps = np.arange(trace.step_seconds.size)
         bold = name == "balancer"
-        style = {"linewidth": 2.6 if bold else 1.1, "zorder": 3 if bold else 2, "color": "black" if bold else None}
-        top.plot(steps, trace.step_seconds, marker="o" if bold else None, markersize=3, label=name, **style)
-        bottom.plot(steps, trace.imbalance, label=name, **style)
+        style = {
+            "color": "black" if bold else colors[i % len(colors)],
+            "linestyle": "-" if bold else _DASHES[i % len(_DASHES)],
+            "linewidth": 2.4 if bold else 1.2,
+            "marker": _MARKERS[i % len(_MARKERS)],
+            "markersize": 5 if bold else 4,
+            "markevery": (i % max(n, 1), max(n // 2, 1)) if steps.size > n else None,
+            "zorder": 3 if bold else 2,
+        }
+        label = name if name not in same else f"{name} {same[name]}"
+        top.plot(steps, trace.step_seconds, label=label, **style)
+        bottom.plot(steps, trace.imbalance, label=label, **style)
+    for k, step in enumerate(getattr(result, "epoch_ends", ())):
+        for ax in (top, bottom):
+            ax.axvline(step, color="0.5", linestyle=":", linewidth=1, zorder=1,
+                       label="epoch ends (short step)" if (k == 0 and ax is top) else None)
     top.set_ylabel(f"estimated step time ({unit})")
     top.set_title(title or f"Balancer vs baselines on {result.num_ranks} ranks (lower is better)")
     top.grid(True, alpha=0.3)
-    top.legend(fontsize=7, ncol=3)
+    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     bottom.set_ylabel("imbalance (slowest / mean replica)")
     bottom.set_xlabel("step")
     from matplotlib.ticker import MaxNLocator

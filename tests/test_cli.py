@@ -182,6 +182,10 @@ BAD_INPUTS = {
                         "--policies", "balancer,fifo"], "unknown policy 'fifo'"),
     "missing cost model": (["plan", "--lengths", "code_kafka", "--cluster", "8xH100", "--cost-model", "{d}/none.json"],
                            "cost model file"),
+    "profile is a folder": (["plan", "--profile", "{d}", "--cluster", "8xH100", "--model", "llama-7b"],
+                            "is a folder without a profile.json; pass the profile JSON file"),
+    "profile is a data file": (["plan", "--profile", "{d}/tokens.parquet", "--cluster", "8xH100", "--model", "llama-7b"],
+                               "profile it first with `hydraulis profile"),
 }
 
 
@@ -236,3 +240,43 @@ def test_demo_quick_runs_every_stage(tmp_path: Path) -> None:
     for a, b in zip(bal, base):  # same global batches, exact gradients → same losses
         assert a["tokens"] == b["tokens"]
         assert abs(a["loss"] - b["loss"]) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "hint"),
+    [
+        (["plan", "--lengths", "code_kafka", "--tokens-per-stepp", "1M"], "usage: hydraulis plan",
+         "--tokens-per-stepp → did you mean --tokens-per-step?"),
+        (["simulate", "--lengths", "code_kafka", "--clster", "8xH100"], "usage: hydraulis simulate",
+         "--clster → did you mean --cluster?"),
+        (["plna", "--lengths", "code_kafka"], "usage: hydraulis ", "did you mean `hydraulis plan`?"),
+    ],
+    ids=["plan-option", "simulate-option", "command"],
+)
+def test_typos_show_the_subcommand_usage_and_the_nearest_name(argv: list[str], usage: str, hint: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from hydraulis.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(usage) and hint in err
+
+
+def test_candidate_table_never_calls_a_candidate_that_cannot_hold_the_longest_best(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from balancer.pool import CandidatePool
+    from hydraulis.commands.plan import print_pool
+    from strategies import Layout, Strategy
+
+    pool = CandidatePool(
+        strategies=(Strategy.homogeneous(Layout(8), 8), Strategy.homogeneous(Layout(2), 8)),
+        expected_seconds=(15.0, 9.0),  # the second is faster on the batches it can hold
+        max_length=100_000, num_ranks=8,
+        meta={"capacity": [120_000, 40_000], "coverage": [1.0, 0.5], "num_sample_batches": 8, "num_generated": 2},
+    )
+    print_pool(pool, 1 << 20, "s")
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert cells[0][3] == "all" and cells[0][-1] == "1.00×"
+    assert cells[1][3] == "≤ 40,000 ✗" and cells[1][4] == "9.00 s (4 of 8 batches)" and cells[1][-1] == "cannot hold"

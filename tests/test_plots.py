@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.profile import LengthProfile
-from hydraulis.plots import doubling_shares, plot_length_histogram, plot_simulation, plot_time_share
+from hydraulis.plots import doubling_shares, plot_length_histogram, plot_simulation, plot_time_share, same_as_earlier
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -119,3 +119,23 @@ def test_simulation_plot_has_one_line_per_policy_on_both_panels(tmp_path: Path, 
         for line, trace in zip(ax.lines, traces.values()):
             assert line.get_ydata().tolist() == getattr(trace, key).tolist()
     assert top.lines[0].get_linewidth() > top.lines[1].get_linewidth()  # the balancer stands out
+
+
+def test_coinciding_series_are_named_so_no_line_hides_unexplained() -> None:
+    a = np.array([1.0, 2.0, 3.0])
+    got = same_as_earlier({"multipack": a, "bfd": a.copy(), "wlb": a * (1 + 1e-5), "padded": a * 2, "x": a * 2})
+    assert got == {"bfd": "= multipack", "wlb": "≈ multipack", "x": "= padded"}
+
+
+def test_simulation_plot_with_epoch_ends(tmp_path) -> None:
+    from balancer.cost import CostModel
+    from balancer.simulation import SimulationConfig, simulate
+    from strategies import ClusterSpec
+
+    lengths = np.random.default_rng(1).integers(100, 4000, size=300)
+    cost = CostModel.from_coefficients({"tp1": (1e-9, 1e-6, 1e-4, 4096)})
+    res = simulate(lengths, ClusterSpec(num_ranks=4), cost, SimulationConfig(
+        tokens_per_step=200_000, num_steps=8, max_length=4096, policies=("multipack", "bfd", "padded")))
+    assert res.epoch_ends  # ~620K tokens: an epoch every 4 steps
+    plot_simulation(res, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC

@@ -50,3 +50,14 @@ def test_bad_lengths_name_the_index():
         LengthProfile.from_lengths(np.array([5.0, np.nan]))
     with pytest.raises(ValueError, match=r"index 1 is 1e\+30, out of range"):  # was "-9223372036854775808 tokens"
         LengthProfile.from_lengths(np.array([5.0, 1e30]))
+
+
+def test_load_accepts_the_folder_hydraulis_profile_writes(tmp_path) -> None:
+    prof = LengthProfile.from_lengths(np.array([3, 5, 900]), source="x")
+    prof.save(tmp_path / "profile.json")
+    assert LengthProfile.load(tmp_path).num_sequences == 3
+    with pytest.raises(ValueError, match="is a folder without a profile.json"):
+        LengthProfile.load(tmp_path / "..")
+    (tmp_path / "data.bin").write_bytes(bytes([0xDE, 0xAD, 0xBE, 0xEF]))
+    with pytest.raises(ValueError, match="binary file .* profile it first with `hydraulis profile"):
+        LengthProfile.load(tmp_path / "data.bin")

@@ -100,6 +100,23 @@ def test_baselines_only_simulation(tmp_path) -> None:
         assert plan.step == step
 
 
+def test_epoch_ends_are_recorded_and_described() -> None:
+    from hydraulis.commands.simulate import describe_steps
+
+    # LENGTHS hold ~0.9M tokens: 300K-token steps make epochs of 3-4 steps, the last one short
+    cfg = SimulationConfig(tokens_per_step=300_000, num_steps=9, max_length=8192, seed=0, policies=("multipack",))
+    res = simulate(LENGTHS, CLUSTER, MODEL, cfg)
+    capped = np.minimum(LENGTHS, 8192)
+    batches = global_batches(capped, 300_000, seed=0)
+    want = tuple(b.step for b in (next(batches) for _ in range(9)) if b.last_in_epoch)
+    assert res.epoch_ends == want and len(want) >= 2 and res.to_dict()["epoch_ends"] == list(want)
+    tokens = res.traces["multipack"].tokens
+    lines = describe_steps(res, 300_000, "test lengths")
+    assert lines[0].startswith(f"simulated 9 steps of at most 300,000 tokens: {tokens.mean():,.0f} tokens per step")
+    assert f"{len(want)} of them end an epoch of test lengths (steps {', '.join(map(str, want))})" in lines[1]
+    assert f"remaining {tokens[list(want)].mean():,.0f} tokens on average" in lines[1]
+
+
 def test_balancer_against_baselines() -> None:
     cfg = SimulationConfig(tokens_per_step=40_000, num_steps=4, seed=1,
                            policies=(BALANCER, "multipack", "hydraulis_random_restart"))

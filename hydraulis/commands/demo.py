@@ -203,7 +203,7 @@ def _plan_stage(lengths_input: LengthInput, job: "JobConfig", cost: "CostModel",
     planned = generate(lengths_input, cost, job.cluster, opts)
     print_header(lengths_input, cost, job.cluster, job, f"analytic: {job.model.name} on {job.hardware.name}",
                  planned, args.tokens_per_step)
-    print_pool(planned.pool, args.tokens_per_step, cost.time_unit)
+    print_pool(planned.pool, args.tokens_per_step, cost.time_unit, cost)
     save_candidates(planned.pool, out / "candidates.json")
     return planned
 

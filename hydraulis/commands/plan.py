@@ -132,20 +132,40 @@ def print_header(
     print(format_table(["layout", "ranks", "token capacity", "t(4K tokens)", "t(32K tokens)"], rows))
 
 
-def print_pool(pool: "CandidatePool", tokens_per_step: int, unit: str) -> None:
+def print_pool(pool: "CandidatePool", tokens_per_step: int, unit: str, cost: "CostModel | None" = None) -> None:
+    """The candidate table. A candidate whose largest replica cannot hold the pool's longest
+    sequence is marked and never called best: its mean skips the batches it cannot hold."""
     from ._common import fmt_seconds, format_table
 
-    finite = [x for x in pool.expected_seconds if x is not None]
+    caps = pool.meta.get("capacity")
+    if caps is None and cost is not None:  # a pool file from before capacities were recorded
+        caps = [max(int(cost.token_capacity(r.layout)) for r in s.replicas) for s in pool.strategies]
+    coverage = pool.meta.get("coverage") or [None] * len(pool.strategies)
+    holds = [caps is None or int(cap) >= pool.max_length for cap in (caps or [None] * len(pool.strategies))]
+    finite = [x for x, ok in zip(pool.expected_seconds, holds) if x is not None and ok]
     best = min(finite) if finite else None
     rows = []
     for i, (strat, exp) in enumerate(zip(pool.strategies, pool.expected_seconds)):
         reps = " + ".join(f"{lay.name}×{n}" for lay, n in sorted(strat.counts().items(), key=lambda kv: -kv[0].size))
         tps = "—" if exp is None or unit != "s" else f"{tokens_per_step / exp:,.0f}"
-        rel = "—" if exp is None or best is None else f"{exp / best:.2f}×"
-        rows.append([i + 1, strat.name, reps, fmt_seconds(exp, unit), tps, rel])
+        longest = "all" if holds[i] else f"≤ {int(caps[i]):,} ✗"  # type: ignore[index]
+        if not holds[i]:
+            cov = coverage[i]
+            total = pool.meta.get("num_sample_batches")
+            held = f"{round(cov * total)} of {total} batches" if cov is not None and total else "some batches"
+            step = f"{fmt_seconds(exp, unit)} ({held})"
+            rel = "cannot hold"
+        else:
+            step = fmt_seconds(exp, unit)
+            rel = "—" if exp is None or best is None else f"{exp / best:.2f}×"
+        rows.append([i + 1, strat.name, reps, longest, step, tps, rel])
     print(f"\ncandidates ({len(pool.strategies)} kept of {pool.meta.get('num_generated', '?')} generated; "
           "expected step time = mean over sampled batches):")
-    print(format_table(["#", "strategy", "replicas", "expected step", "tokens/s", "vs best"], rows, "rllrrr"))
+    print(format_table(["#", "strategy", "replicas", "sequences held", "expected step", "tokens/s", "vs best"], rows,
+                       "rlllrrr"))
+    if not all(holds):
+        print(f"✗ cannot hold the longest sequence ({pool.max_length:,} tokens): the mean covers only the batches it "
+              "can hold, so it is not compared; the per-step selector runs it on steps without longer sequences")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     planned = generate(lengths_input, cost, cluster, PlanOptions.from_args(args))
     pool = planned.pool
     print_header(lengths_input, cost, cluster, job, label, planned, args.tokens_per_step)
-    print_pool(pool, args.tokens_per_step, cost.time_unit)
+    print_pool(pool, args.tokens_per_step, cost.time_unit, cost)
     pool.meta["job"] = {
         "data": lengths_input.label,
         "cluster": cluster.to_dict(),

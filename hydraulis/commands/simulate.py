@@ -85,6 +85,32 @@ def headline(result: "SimulationResult") -> list[str]:
     ]
 
 
+def describe_steps(result: "SimulationResult", tokens_per_step: int, data_label: str) -> list[str]:
+    """What was simulated, in real tokens: the budget is an upper bound, epoch ends are short."""
+    import numpy as np
+
+    trace = next(iter(result.traces.values()))
+    tokens = trace.tokens.astype(np.int64)
+    n = tokens.size
+    ends = [s for s in result.epoch_ends if s < n]
+    full = np.setdiff1d(np.arange(n), ends)
+    lines = [
+        f"simulated {n} steps of at most {tokens_per_step:,} tokens: {tokens.mean():,.0f} tokens per step on "
+        f"average ({tokens.min():,}–{tokens.max():,}); a step closes before the sequence that would overflow "
+        "the budget"
+    ]
+    if ends:
+        short = tokens[ends]
+        where = ", ".join(str(s) for s in ends[:8]) + (" …" if len(ends) > 8 else "")
+        lines.append(
+            f"{len(ends)} of them end an epoch of {data_label} (steps {where}) and hold only the epoch's remaining "
+            f"{short.mean():,.0f} tokens on average, so their step times dip; the other {full.size} average "
+            f"{tokens[full].mean():,.0f} tokens" if full.size else
+            f"every step ends an epoch of {data_label}: the data is smaller than one step's budget"
+        )
+    return lines
+
+
 def run_simulation(
     lengths_input: "LengthInput",
     cost: "CostModel",
@@ -139,12 +165,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         planned = generate(lengths_input, cost, cluster, opts)
     print_header(lengths_input, cost, cluster, job, label, planned, args.tokens_per_step)
-    print_pool(planned.pool, args.tokens_per_step, cost.time_unit)
+    print_pool(planned.pool, args.tokens_per_step, cost.time_unit, cost)
     result = run_simulation(
         lengths_input, cost, cluster, planned.pool, out, tokens_per_step=args.tokens_per_step, steps=args.steps,
         max_length=planned.max_length, seed=args.seed, policies=policies, plots=not args.no_plots,
     )
-    print(f"\nsimulated {args.steps} steps of {args.tokens_per_step:,} tokens (times in {cost.time_unit}):")
+    print()
+    for line in describe_steps(result, args.tokens_per_step, lengths_input.label):
+        print(line)
+    print(f"(times in {cost.time_unit})")
     print(result.summary_table())
     for line in headline(result):
         print(line)
