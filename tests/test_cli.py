@@ -230,6 +230,7 @@ def test_demo_quick_runs_every_stage(tmp_path: Path) -> None:
         assert stage in run.stdout
     assert "estimated speedup over the best baseline" in run.stdout
     assert "tokens/s" in run.stdout and "losses differ by at most" in run.stdout
+    assert "rank compute in CPU time" in run.stdout and "the fastest rank waits" in run.stdout
     out = tmp_path / "demo"
     names = {p.name for p in out.iterdir()}
     assert {"profile.json", "length_histogram.png", "time_share.png", "candidates.json", "simulation.json",

@@ -230,7 +230,7 @@ def _train(args: argparse.Namespace, settings: DemoSettings) -> dict[str, Any]:
     top = settings.train_max_length
     cfg = TrainConfig(data=args.data, max_length=top, tokens_per_step=settings.train_tokens_per_step,
                       steps=settings.train_steps, micro_batch_tokens=2 * top, compare=settings.compare, seed=args.seed,
-                      calibration_lengths=tuple(sorted({max(64, top * k // 8) for k in (1, 4, 8)})))
+                      calibration_lengths=tuple(sorted({max(64, top * k // 8) for k in (1, 4, 16)})))
     results = run_local(train_rank, args.ranks, (cfg,), timeout_s=600.0, collective_timeout_s=120.0)
     out = results[0]
     assert out is not None
@@ -244,10 +244,19 @@ def _median_after_first(values: list[float]) -> float:
     return float(np.median(v))
 
 
-def _idle_share(records: list[dict[str, Any]]) -> float:
-    """Mean over steps of the fastest rank's wait for the slowest in the compute phase:
-    ``1 − fastest / slowest`` (0 = perfectly balanced)."""
-    return sum(1.0 - r["compute_min"] / max(r["compute_max"], 1e-12) for r in records) / max(len(records), 1)
+def _waits(records: list[dict[str, Any]]) -> list[float]:
+    """Per step, the fastest rank's wait for the slowest in the compute phase: ``1 − fastest /
+    slowest`` of the ranks' CPU seconds (0 = perfectly balanced)."""
+    return [1.0 - r["compute_min"] / max(r["compute_max"], 1e-12) for r in records]
+
+
+def _spread(values: list[float], fmt: str, unit: str) -> str:
+    """``median unit (steps min–max unit)``: the median over steps and the spread around it."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    return (f"{format(float(np.median(v)), fmt)}{unit} (steps {format(float(v.min()), fmt)}–"
+            f"{format(float(v.max()), fmt)}{unit})")
 
 
 def _print_training(training: dict[str, Any], compare: str | None) -> None:
@@ -270,26 +279,34 @@ def _print_training(training: dict[str, Any], compare: str | None) -> None:
             b = base[i]
             row += [f"{b['compute_max']:.3f}", f"{b['compute_min']:.3f}", f"{b['step_seconds']:.3f}", f"{b['loss']:.4f}"]
         rows.append(row)
-    print("seconds per step (balancer; compute = forward + backward per rank, step = the whole optimizer step):")
+    print("seconds per step: est. = the plan's estimate; slowest/fastest rank = forward + backward in the rank's CPU "
+          "time (one thread per rank); step = wall time of the whole optimizer step")
     print(format_table(headers, rows))
 
 
 def _training_summary(training: dict[str, Any], compare: str | None) -> list[str]:
+    """The measured lines. Rank compute is CPU time (one thread per rank): shared cores cannot
+    invert it, so the waits and the slowest rank's compute reproduce on a loaded machine;
+    wall times do not, and are labelled so."""
     bal = training["runs"]["balancer"]
-    step = _median_after_first([r["step_seconds"] for r in bal])
-    tps = _median_after_first([r["tokens"] / r["step_seconds"] for r in bal])
     n = training["world_size"]
-    lines = [f"measured, {_processes(n)}: balancer median step {step:.3f} s, {tps:,.0f} tokens/s "
-             f"(first step excluded); the fastest rank waits {100 * _idle_share(bal):.1f}% of the compute phase"]
+    steady = bal[1:] if len(bal) > 1 else bal  # the first step pays one-off allocations
+    lines = [f"measured, {_processes(n)}, rank compute in CPU time: balancer — the fastest rank waits "
+             f"{_spread([100 * w for w in _waits(steady)], '.1f', '%')} of the compute phase; the slowest rank computes "
+             f"{_spread([r['compute_max'] for r in steady], '.3f', ' s')} per step (median; first step excluded)"]
     if compare and compare in training["runs"]:
         base = training["runs"][compare]
-        b_step = _median_after_first([r["step_seconds"] for r in base])
-        b_tps = _median_after_first([r["tokens"] / r["step_seconds"] for r in base])
+        b_steady = base[1:] if len(base) > 1 else base
+        ratio = sum(r["compute_max"] for r in b_steady) / max(sum(r["compute_max"] for r in steady), 1e-12)
         diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(bal, base))
-        lines.append(f"measured, {compare} on the same batches: median step {b_step:.3f} s, {b_tps:,.0f} tokens/s; "
-                     f"the fastest rank waits {100 * _idle_share(base):.1f}%")
-        if n > 1:
-            lines.append(f"  ({n} processes share this machine's cores, so a waiting rank's core serves the others "
-                         "and wall time moves little; on GPUs the slowest rank sets the step time, as estimated above)")
+        lines.append(f"measured, {compare} on the same batches: the fastest rank waits "
+                     f"{_spread([100 * w for w in _waits(b_steady)], '.1f', '%')}; the slowest rank computes "
+                     f"{_spread([r['compute_max'] for r in b_steady], '.3f', ' s')}, {ratio:.2f}× the balancer's "
+                     "(the step time of independent devices)")
+        step = _median_after_first([r["step_seconds"] for r in bal])
+        b_step = _median_after_first([r["step_seconds"] for r in base])
+        lines.append(f"  wall clock, which depends on this machine's load: median step {step:.3f} s (balancer), "
+                     f"{b_step:.3f} s ({compare})" + (
+                         f"; {n} processes share the cores, so a waiting rank's core serves the others" if n > 1 else ""))
         lines.append(f"same global batches, exact gradients: the two runs' losses differ by at most {diff:.1e}")
     return lines

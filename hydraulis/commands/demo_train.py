@@ -5,8 +5,9 @@ by ``demo`` when it launches them), so torch stays out of ``import balancer``.
 
 Per rank, :func:`train_rank`:
 
-1. times the reference GPT's forward + backward at a few lengths — all ranks at once, so
-   the timing sees the contention of training — and fits ``t(s) = a·s² + b·s + c`` for
+1. times the reference GPT's forward + backward at a few lengths up to the micro-batch
+   capacity, in process CPU time (one torch thread per rank, so neither the other rank nor
+   other processes on shared cores inflate it), and fits ``t(s) = a·s² + b·s + c`` for
    ``tp1`` on the ranks' mean (:meth:`CostModel.fit_layouts`); with two ranks or more it
    also times the busiest stage of a two-stage pipeline (the last: its blocks, the final
    norm and the LM head) and fits ``tp1pp2`` from it, the planner's model of a pipeline
@@ -18,7 +19,10 @@ Per rank, :func:`train_rank`:
 3. optionally builds a second engine (same initial weights) fed by a baseline policy
    through a second loader over the *same* global batches, and alternates the two runs
    step by step so both see the same machine load;
-4. trains: ``engine.step(plan, batch)`` then ``balancer.observe(rank_seconds, plan)``.
+4. trains: ``engine.step(plan, batch)`` then ``balancer.observe(rank_seconds, plan)``;
+   the engine times each rank's forward + backward in the training thread's CPU time
+   (``EngineConfig(clock=time.thread_time)``: the background planning thread and the
+   other rank on a shared core do not count), the demo the step's wall time.
 
 Rank 0 returns the per-step records. Both runs train on identical global batches and the
 runtime's gradients are exact, so their losses agree to rounding — the check that the
@@ -27,6 +31,7 @@ balancer changes the speed of a step, never its result.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -163,12 +168,16 @@ def _time_forward_backward(cfg: TrainConfig, lengths: list[int], stage: StageSpe
             y.backward() if stage.last else y.backward(torch.ones_like(y))
         model.zero_grad(set_to_none=True)
 
-    return measure(step, lengths, device=device, warmup=1, repeats=2, progress=False).seconds
+    # CPU time of this process (one torch thread per rank): what the other rank or another
+    # process does on a shared core cannot inflate it.
+    return measure(step, lengths, device=device, warmup=1, repeats=2, clock="process", progress=False).seconds
 
 
 def calibrate_cost_model(cfg: TrainConfig, world_size: int) -> CostModel:
     """``tp1`` (and ``tp1pp2``) coefficients from every rank's timings at once (their mean, so ranks agree)."""
-    lengths = sorted({min(s, cfg.max_length) for s in cfg.calibration_lengths})
+    # Lengths up to the micro-batch capacity: the fit is then measured for every micro-batch
+    # the planner may build (the loader warns about micro-batches beyond what was measured).
+    lengths = sorted({min(s, cfg.micro_batch_tokens) for s in cfg.calibration_lengths})
     layouts = {Layout(1): None}
     if world_size >= PIPELINE.size and cfg.num_layers >= PIPELINE.pp:
         layouts[PIPELINE] = StageSpec.of(cfg.num_layers, PIPELINE.pp, PIPELINE.pp - 1)  # the busiest: + LM head
@@ -185,11 +194,14 @@ def _engine(cfg: TrainConfig, candidates: list[Strategy], cost: CostModel) -> En
     return Engine(
         candidates, cfg.model_config(),
         lambda m: torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=0.0),
-        config=EngineConfig(token_capacity=cost.token_capacity), device=torch.device("cpu"),
+        # rank_seconds in CPU time of the training thread: ranks that share cores cannot
+        # swap their measured order (a light rank preempted by a heavy one looks light), and
+        # the loader's planning thread (rank 0 plans) does not count
+        config=EngineConfig(token_capacity=cost.token_capacity, clock=time.thread_time), device=torch.device("cpu"),
     )
 
 
-def _record(batch: Any, result: Any) -> dict[str, Any]:
+def _record(batch: Any, result: Any, wall_seconds: float) -> dict[str, Any]:
     secs = result.rank_seconds
     return {
         "step": int(batch.step),
@@ -197,7 +209,7 @@ def _record(batch: Any, result: Any) -> dict[str, Any]:
         "est_seconds": float(batch.plan.est_step_seconds),
         "compute_max": float(max(secs)),
         "compute_min": float(min(secs)),
-        "step_seconds": float(result.step_seconds),
+        "step_seconds": float(wall_seconds),  # wall time of engine.step (the engine's clock is CPU time)
         "tokens": int(batch.plan.global_tokens),
         "sequences": int(batch.plan.global_sequences),
         "loss": float(result.loss),
@@ -229,10 +241,12 @@ def train_rank(rank: int, world_size: int, cfg: TrainConfig) -> dict[str, Any] |
     for _ in range(cfg.steps):
         for name, (engine, _, observer) in runs.items():  # alternate: both runs see the same load
             batch = next(iters[name])
+            t0 = time.perf_counter()
             result = engine.step(batch.plan, batch)
+            wall = time.perf_counter() - t0
             if observer is not None:
                 observer.observe(result.rank_seconds, batch.plan)
-            records[name].append(_record(batch, result))
+            records[name].append(_record(batch, result, wall))
     for _, loader_, _ in runs.values():
         loader_.close()
     if rank != 0:
