@@ -214,8 +214,10 @@ def test_plain_map_dataset_with_lengths() -> None:
     loader = BalancedDataLoader(Rows(), balancer=make_balancer(1), lengths=[len(r) for r in rows], sequences_per_step=4)
     got = sorted(sid for b in loader for sid, _ in sequences(b))
     assert got == list(range(16))
-    with pytest.raises(ValueError, match="not a Hugging Face datasets.Dataset"):
-        BalancedDataLoader(Rows(), balancer=make_balancer(1), sequences_per_step=4)
+    # without lengths= a plain dataset is read once for them: the same lengths, the same plans
+    read = BalancedDataLoader(Rows(), balancer=make_balancer(1), sequences_per_step=4)
+    assert read.sampler.lengths.tolist() == [len(r) for r in rows]
+    assert sorted(sid for b in read for sid, _ in sequences(b)) == got
 
 
 @pytest.mark.parametrize("k", [0, 1, 3])
