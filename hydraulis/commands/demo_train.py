@@ -244,7 +244,9 @@ def train_rank(rank: int, world_size: int, cfg: TrainConfig) -> dict[str, Any] |
             t0 = time.perf_counter()
             result = engine.step(batch.plan, batch)
             wall = time.perf_counter() - t0
-            if observer is not None:
+            # CPU-time rank seconds leave out pipeline bubbles, which a pipeline replica's estimate
+            # holds: feed the straggler model only steps without pipeline replicas
+            if observer is not None and all(r.layout.pp == 1 for r in batch.plan.replicas):
                 observer.observe(result.rank_seconds, batch.plan)
             records[name].append(_record(batch, result, wall))
     for _, loader_, _ in runs.values():
