@@ -165,7 +165,7 @@ def test_padding_segment_from_the_collator_is_kept_apart() -> None:
 def test_an_empty_micro_batch_runs_a_placeholder_with_zero_loss_and_gradient() -> None:
     """An idle rank must still run forward/backward (DDP/FSDP collectives); HF models cannot run 0 tokens."""
     model = tiny_model("llama", "sdpa")
-    mb = PackedCollator()([])
+    mb = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in PackedCollator()([]).items()}
     kwargs = hf_packed_inputs(mb, model)
     assert kwargs["input_ids"].shape == (1, 1)
     model.zero_grad()
