@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, for a lent GPU (the device tool's `run`):
 #
-#   bash benchmarks/gpu_all.sh            # on one H200: about 5-7 minutes
+#   bash benchmarks/gpu_all.sh            # on one H200: about 6-9 minutes
 #   bash benchmarks/gpu_all.sh --smoke    # rehearsal on the CPU with tiny models
 #
 # 1. benchmarks/gpu_runtime.sh   (issue 11): attention kernels, MFU of a >= 1B model,
 #    calibrated estimate vs measured step, peak memory vs the memory model;
 # 2. benchmarks/gpu_costmodel.sh (issue 16): calibration on packed micro-batches of the
-#    llama-7b shape (4-layer copy scaled per layer), measured plans on code_kafka.
+#    llama-7b shape (4-layer copy scaled per layer), measured plans on code_kafka;
+# 3. benchmarks/gpu_hf.sh        (issue 15): hf_packed_inputs exact on CUDA (tests/test_hf.py).
 # python3 only, no pip from a registry. OR-tools is not needed (no CP-SAT on these paths);
 # if wheels were carried in .whl/, they go to /tmp/site, *after* the image's packages on
 # PYTHONPATH, so nothing the image has is shadowed. Results are written under
@@ -44,17 +45,28 @@ pack() {
     stamp "packed results into $DEST"
 }
 
-stamp "part 1/2: runtime (issue 11)"
+stamp "part 1/3: runtime (issue 11)"
 bash benchmarks/gpu_runtime.sh "${SMOKE[@]}" 2>&1 | tee "$LOGS/gpu_runtime.log"
 RUNTIME_STATUS=${PIPESTATUS[0]}
 stamp "runtime finished with status $RUNTIME_STATUS"
 pack
 
-stamp "part 2/2: cost model (issue 16)"
+stamp "part 2/3: cost model (issue 16)"
 bash benchmarks/gpu_costmodel.sh "${SMOKE[@]}" 2>&1 | tee "$LOGS/gpu_costmodel.log"
 COST_STATUS=${PIPESTATUS[0]}
 stamp "cost model finished with status $COST_STATUS"
 pack
 
-stamp "done: runtime $RUNTIME_STATUS, cost model $COST_STATUS"
-[ "$RUNTIME_STATUS" = 0 ] && [ "$COST_STATUS" = 0 ]
+stamp "part 3/3: Hugging Face packed inputs on CUDA (issue 15)"
+if [ ${#SMOKE[@]} -eq 0 ]; then
+    OUT="$LOGS" timeout 200 bash benchmarks/gpu_hf.sh > /dev/null 2>&1
+    HF_STATUS=$?
+    tail -5 "$LOGS/hf_gpu.log" 2> /dev/null
+else
+    HF_STATUS=skipped  # the same tests run on the CPU in the suite
+fi
+stamp "hf finished with status $HF_STATUS"
+pack
+
+stamp "done: runtime $RUNTIME_STATUS, cost model $COST_STATUS, hf $HF_STATUS"
+[ "$RUNTIME_STATUS" = 0 ] && [ "$COST_STATUS" = 0 ] && [ "$HF_STATUS" = 0 ]
