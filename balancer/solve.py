@@ -62,6 +62,13 @@ class BalancerConfig:
     """Smallest relative speed a rank can be assigned (guards against broken measurements)."""
     max_speed: float = 20.0
     """Largest relative speed a rank can be assigned."""
+    lookahead_steps: int = 0
+    """Bounded look-ahead (opt-in): the loader regroups every ``lookahead_steps`` consecutive
+    global batches so that their total estimated time is lowest (:mod:`balancer.lookahead`);
+    no sequence moves by more than ``lookahead_steps − 1`` steps. 0 or 1: off."""
+    lookahead_epsilon: float = 0.1
+    """Look-ahead token band: every regrouped step trains between ``(1 − ε)`` and ``(1 + ε)`` ×
+    the loader's ``tokens_per_step`` tokens."""
 
     def __post_init__(self) -> None:
         if self.refine not in _REFINE_CHOICES:
@@ -82,10 +89,15 @@ class BalancerConfig:
             isinstance(self.local_search_rounds, bool) or not isinstance(self.local_search_rounds, int) or self.local_search_rounds < 1
         ):
             raise ValueError(f"BalancerConfig: local_search_rounds={self.local_search_rounds!r} must be a positive integer or None")
-        for name in ("seed", "max_extra_micro_batches", "refine_max_variables"):
+        for name in ("seed", "max_extra_micro_batches", "refine_max_variables", "lookahead_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"BalancerConfig: {name}={v!r} must be an integer >= 0")
+        eps = self.lookahead_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= eps < 1.0):
+            raise ValueError(
+                f"BalancerConfig: lookahead_epsilon={eps!r} must be a number in [0, 1) (the token band, e.g. 0.1 for ±10%)"
+            )
         if isinstance(self.cpsat_workers, bool) or not isinstance(self.cpsat_workers, int) or self.cpsat_workers < 1:
             raise ValueError(f"BalancerConfig: cpsat_workers={self.cpsat_workers!r} must be an integer >= 1")
         if self.deterministic and self.cpsat_workers != 1:
