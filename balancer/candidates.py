@@ -65,6 +65,13 @@ class CandidateConfig:
     """Batches drawn to score candidates."""
     seed: int = 0
     """Seed of the batch sampling."""
+    lookahead_steps: int = 0
+    """Score the candidates also on windows of this many sampled batches regrouped the way
+    the look-ahead regroups them (:func:`balancer.lookahead.propose`), so the pool holds
+    strategies for the steps look-ahead forms (long sequences together; short ones
+    together). Use the value of ``BalancerConfig.lookahead_steps``; 0 or 1: off."""
+    lookahead_epsilon: float = 0.1
+    """Token band of those regrouped steps (``BalancerConfig.lookahead_epsilon``)."""
 
     def __post_init__(self) -> None:
         if (self.batch_tokens is None) == (self.batch_size is None):
@@ -80,8 +87,13 @@ class CandidateConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"CandidateConfig: {name}={v!r} must be a positive integer")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"CandidateConfig: seed={self.seed!r} must be an integer >= 0")
+        for name in ("seed", "lookahead_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"CandidateConfig: {name}={v!r} must be an integer >= 0")
+        eps = self.lookahead_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= eps < 1.0):
+            raise ValueError(f"CandidateConfig: lookahead_epsilon={eps!r} must be a number in [0, 1)")
 
 
 # -- layouts ----------------------------------------------------------------------------------------

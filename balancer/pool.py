@@ -23,6 +23,7 @@ from .candidates import CandidateConfig, enumerate_layouts, heterogeneous_mixes
 from .cost import CostModel
 from .stage1 import ReplicaTable
 from .histogram import LengthHistogram, check_lengths
+from .lookahead import propose, window_band
 from .solve import solve_strategy
 
 __all__ = ["CandidatePool", "generate_candidates", "load_candidates", "save_candidates"]
@@ -103,25 +104,80 @@ def load_candidates(path: str | Path, cluster: ClusterSpec | None = None) -> Can
     return pool
 
 
+def _draw_batch(
+    rng: np.random.Generator, source: np.ndarray | LengthHistogram, config: CandidateConfig, size: int, max_length: int
+) -> np.ndarray:
+    if isinstance(source, LengthHistogram):
+        s = source.sample(rng, size)
+    else:
+        s = rng.choice(source, size=size, replace=True)
+    if config.batch_tokens is not None:  # trim to the token budget, keeping at least one sequence
+        keep = max(1, int(np.searchsorted(np.cumsum(s), config.batch_tokens, side="right")))
+        s = s[:keep]
+    return np.minimum(s, max_length).astype(np.int64)
+
+
+def _batch_size(config: CandidateConfig, mean_length: float) -> int:
+    if config.batch_size is not None:
+        return config.batch_size
+    assert config.batch_tokens is not None
+    return max(1, math.ceil(config.batch_tokens / mean_length))
+
+
 def _sample_batches(
     source: np.ndarray | LengthHistogram, config: CandidateConfig, mean_length: float, max_length: int
 ) -> list[np.ndarray]:
     rng = np.random.default_rng(config.seed)
-    if config.batch_size is not None:
-        size = config.batch_size
-    else:
-        assert config.batch_tokens is not None
-        size = max(1, math.ceil(config.batch_tokens / mean_length))
-    out = []
-    for _ in range(config.num_sample_batches):
-        if isinstance(source, LengthHistogram):
-            s = source.sample(rng, size)
-        else:
-            s = rng.choice(source, size=size, replace=True)
-        if config.batch_tokens is not None:  # trim to the token budget, keeping at least one sequence
-            keep = max(1, int(np.searchsorted(np.cumsum(s), config.batch_tokens, side="right")))
-            s = s[:keep]
-        out.append(np.minimum(s, max_length).astype(np.int64))
+    size = _batch_size(config, mean_length)
+    return [_draw_batch(rng, source, config, size, max_length) for _ in range(config.num_sample_batches)]
+
+
+def _sample_regrouped(
+    source: np.ndarray | LengthHistogram, config: CandidateConfig, mean_length: float, max_length: int
+) -> list[tuple[str, int, np.ndarray]]:
+    """The steps look-ahead would form: windows of ``lookahead_steps`` sampled batches, each
+    regrouped by every proposal of :func:`balancer.lookahead.propose` (about
+    ``num_sample_batches`` batches per proposal), as ``(proposal, step in the proposal, lengths)``."""
+    k = config.lookahead_steps
+    if k < 2:
+        return []
+    rng = np.random.default_rng([config.seed, k])
+    size = _batch_size(config, mean_length)
+    out: list[tuple[str, int, np.ndarray]] = []
+    for _ in range(max(1, config.num_sample_batches // k)):
+        batches = [_draw_batch(rng, source, config, size, max_length) for _ in range(k)]
+        lengths = np.concatenate(batches)
+        tokens = np.array([b.sum() for b in batches], dtype=np.float64)
+        counts = np.array([b.size for b in batches], dtype=np.int64)
+        lo, hi, frozen, cap = window_band(tokens, counts, config.batch_tokens, config.lookahead_epsilon)
+        if frozen.any():
+            continue
+        for name, step_of in propose(lengths, k, lo, hi, cap):
+            out.extend((name, t, lengths[step_of == t]) for t in range(k))
+    return out
+
+
+def _regrouped_mixes(
+    regrouped: list[tuple[str, int, np.ndarray]],
+    num_ranks: int,
+    cost_model: CostModel,
+    layouts: Sequence[Layout],
+    config: CandidateConfig,
+) -> list[list[tuple[Layout, int]]]:
+    """Mixes for the compositions look-ahead forms: one histogram per (proposal, step) over
+    the sampled windows (``sorted`` proposals: the long-sequence steps, the short-only ones)."""
+    by_step: dict[tuple[str, int], list[np.ndarray]] = {}
+    for name, t, lengths in regrouped:
+        if name.startswith("sorted"):
+            by_step.setdefault((name, t), []).append(lengths)
+    out: list[list[tuple[Layout, int]]] = []
+    for key in sorted(by_step):
+        parts = by_step[key]
+        hist = LengthHistogram.from_lengths(np.concatenate(parts), config.num_buckets)
+        per_step = float(np.mean([p.size for p in parts]))
+        out += heterogeneous_mixes(
+            hist, num_ranks, cost_model, layouts, sequences_per_step=per_step, max_classes=config.max_classes
+        )
     return out
 
 
@@ -202,10 +258,15 @@ def generate_candidates(
     hist = hist.clipped(max_length)
     per_step = (cfg.batch_tokens / hist.mean_length) if cfg.batch_tokens is not None else float(cfg.batch_size or 1)
 
+    batches = _sample_batches(source, cfg, hist.mean_length, max_length)
+    regrouped = _sample_regrouped(source, cfg, hist.mean_length, max_length)
+    batches += [lengths for _, _, lengths in regrouped]
+
     mixes: list[list[tuple[Layout, int]]] = [[(lay, cluster.num_ranks // lay.size)] for lay in layouts]
     mixes += heterogeneous_mixes(
         hist, cluster.num_ranks, cost_model, layouts, sequences_per_step=per_step, max_classes=cfg.max_classes
     )
+    mixes += _regrouped_mixes(regrouped, cluster.num_ranks, cost_model, layouts, cfg)
     strategies: list[Strategy] = []
     seen: set[frozenset[tuple[Layout, int]]] = set()
     rejected: list[str] = []
@@ -225,7 +286,6 @@ def generate_candidates(
             continue
         strategies.append(strat)
 
-    batches = _sample_batches(source, cfg, hist.mean_length, max_length)
     scores = _score(strategies, cluster, cost_model, batches)
     caps = np.array([max(int(cost_model.token_capacity(r.layout)) for r in s.replicas) for s in strategies])
     chosen = _select(scores, caps >= max_length, cfg.num_candidates)
@@ -245,6 +305,8 @@ def generate_candidates(
             "layouts": [lay.name for lay in layouts],
             "sequences_per_step": per_step,
             "num_sample_batches": cfg.num_sample_batches,
+            "num_scored_batches": len(batches),
+            "lookahead_steps": cfg.lookahead_steps,
             "seed": cfg.seed,
             "batch_tokens": cfg.batch_tokens,
             "batch_size": cfg.batch_size,
