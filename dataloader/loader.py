@@ -40,6 +40,7 @@ from .batch import SEQUENCE_KEYS, StepBatch
 from .collate import PackedCollator
 from .fetch import INLINE_BYTES_PINNED, CollateSpec, FetchDataset, SpecFeed, unship
 from .lengths import IGNORE_INDEX, compute_lengths, compute_loss_tokens
+from .lookahead import lookahead_steps
 from .planning import PlanSyncError
 from .config import SamplerConfig
 from .sampler import BalancedBatchSampler, SamplerStep
@@ -134,6 +135,12 @@ class BalancedDataLoader:
                 raise ValueError("an iterable (streaming) dataset cannot use a BalancedBatchSampler (it needs lengths up front)")
             if balancer is None:
                 raise ValueError("BalancedDataLoader needs balancer=... (a balancer.selector.Balancer)")
+            if lookahead_steps(balancer):
+                raise ValueError(
+                    f"look-ahead (BalancerConfig.lookahead_steps={balancer.config.lookahead_steps}) regroups windows of "
+                    "global batches and needs a map-style dataset (lengths up front); a streaming dataset is planned "
+                    "step by step: build the balancer with lookahead_steps=0, or index the dataset"
+                )
             if num_workers:
                 warnings.warn(
                     f"num_workers={num_workers} is not used for a streaming dataset: the stream is read, planned and "

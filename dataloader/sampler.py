@@ -51,6 +51,7 @@ from .config import SamplerConfig, SamplerStats
 from .distributed import group_timeout_s, plan_group, rank_and_world, resolve_sync
 from .epochs import epoch_batches, gather_batch, micro_batch_specs
 from .lengths import check_lengths
+from .lookahead import LookaheadWindows, lookahead_steps
 from .pieces import OVERLONG_POLICIES, Pieces, build_pieces, check_loss_tokens, describe_cuts
 from .agreement import PlanBatch, rank_plan_for
 from .planning import PlanStream
@@ -144,6 +145,12 @@ class BalancedBatchSampler:
         if too_big:
             warnings.warn(too_big, stacklevel=2)
         self._sizes = MicroBatchSizeCheck(getattr(balancer, "cost_model", None))
+        self._lookahead = (
+            LookaheadWindows(balancer, sampled=self._sampled_step, num_steps=self.num_steps, tokens_per_step=config.tokens_per_step)
+            if lookahead_steps(balancer)
+            else None
+        )
+        """Regroups windows of ``BalancerConfig.lookahead_steps`` batches (:mod:`dataloader.lookahead`)."""
         self.epoch = 0
         self._start_step = 0
         self._global_step = 0
@@ -247,7 +254,15 @@ class BalancedBatchSampler:
         ids, lengths, loss = gather_batch(self._pieces, order[lo:hi], self.lengths.size)
         return PlanBatch(step=step, lengths=lengths, ids=ids, loss_tokens=loss, meta=(epoch, in_epoch))
 
+    def _sampled_step(self, epoch: int, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, lengths, loss_tokens)`` of step ``t`` of ``epoch`` as sampled."""
+        order, bounds = self._epoch_batches(epoch)
+        return gather_batch(self._pieces, order[int(bounds[t]) : int(bounds[t + 1])], self.lengths.size)
+
     def _batches(self, epoch: int, start: int, global_step: int) -> Iterator[PlanBatch]:
+        if self._lookahead is not None:
+            yield from self._lookahead.batches(epoch, start, global_step)
+            return
         order, bounds = self._epoch_batches(epoch)
         for t in range(start, bounds.size - 1):
             yield self._batch(order, int(bounds[t]), int(bounds[t + 1]), global_step + t - start, epoch, t)
@@ -332,7 +347,13 @@ class BalancedBatchSampler:
                 self._start_step = start
                 self._last_strategy = previous0
                 child = balancer_state(self.balancer, previous0)
-                self._pending = Pending(SavedState(Position(epoch, start, g0), self.world_size, child), self.max_length)
+                saved = SavedState(Position(epoch, start, g0), self.world_size, child)
+                if self._lookahead is None:
+                    self._pending = Pending(saved, self.max_length)
+                else:  # the rest of the window as it was (a resumed queue included)
+                    queue = self._lookahead.state_at(epoch, start)
+                    window = self._lookahead.check_state(queue, epoch, start)
+                    self._pending = Pending(saved, self.max_length, queue, window)
 
     def close(self, timeout: float | None = 120.0) -> None:
         """Stop background planning and wait up to ``timeout`` seconds until it has (``None``: do not wait).
@@ -370,6 +391,8 @@ class BalancedBatchSampler:
         child = balancer_state(self.balancer, previous)  # type: ignore[arg-type]
         if child is not None:
             state["balancer"] = child
+        if self._lookahead is not None:
+            state["lookahead"] = self._lookahead.state_at(int(epoch), int(step_in_epoch))
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -403,7 +426,20 @@ class BalancedBatchSampler:
                 f"cannot resume: sampler state has step_in_epoch={at.step_in_epoch} but epoch {at.epoch} has only {steps} "
                 "steps with these options; the state belongs to another run (or was edited)"
             )
-        self._pending = Pending(saved, cap)
+        saved_la = state.get("lookahead")
+        if self._lookahead is None:
+            if dict(saved_la or {}).get("queue"):
+                raise ValueError(
+                    f"cannot resume: the state was saved inside a look-ahead window (lookahead_steps="
+                    f"{saved_la.get('steps')}); build the balancer with BalancerConfig(lookahead_steps="
+                    f"{saved_la.get('steps')}) to train the rest of that window as regrouped"
+                )
+            self._pending = Pending(saved, cap)
+            return
+        # The queue is checked against the sampled window, so with this sampler's pieces; at
+        # another max_length it is checked once the pieces are rebuilt (next __iter__).
+        window = self._lookahead.check_state(saved_la, at.epoch, at.step_in_epoch) if cap == self.max_length else _UNCHECKED
+        self._pending = Pending(saved, cap, saved_la, window)
 
     def _resume_cap(self, saved: int) -> int:
         """The ``max_length`` that resumes the saved run's exact global batches (raises when none can)."""
@@ -428,6 +464,11 @@ class BalancedBatchSampler:
         self.epoch = saved.position.epoch
         self._start_step = saved.position.step_in_epoch
         self._global_step = saved.position.global_step
+        if self._lookahead is not None:
+            window = pending.lookahead_window
+            if window is _UNCHECKED:
+                window = self._lookahead.check_state(pending.lookahead, self.epoch, self._start_step)
+            self._lookahead.load(self.epoch, self._start_step, window)  # type: ignore[arg-type]
         loader = getattr(self.balancer, "load_state_dict", None)
         if saved.balancer is not None and loader is not None:
             if saved.world_size == self.world_size:
@@ -440,9 +481,17 @@ class BalancedBatchSampler:
                 )
 
 
+_UNCHECKED = object()
+"""Sentinel: a look-ahead queue not yet checked against the sampled window."""
+
+
 @dataclass(frozen=True, slots=True)
 class Pending:
     """A validated state waiting for the next ``__iter__``, with the ``max_length`` that resumes it exactly."""
 
     saved: SavedState
     max_length: int
+    lookahead: Any = None
+    """The state's look-ahead queue (``"lookahead"``), as saved."""
+    lookahead_window: Any = None
+    """That queue checked against the sampled window (``_UNCHECKED`` until the pieces are right)."""
