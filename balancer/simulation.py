@@ -48,6 +48,7 @@ from .validation import validate
 
 __all__ = [
     "BALANCER",
+    "BALANCER_LOOKAHEAD",
     "GlobalBatch",
     "PolicyTrace",
     "SimulationConfig",
@@ -60,6 +61,10 @@ __all__ = [
 
 BALANCER = "balancer"
 """Policy name of the :class:`~balancer.selector.Balancer` (all candidates) in results."""
+BALANCER_LOOKAHEAD = "balancer_lookahead"
+"""The Balancer with bounded look-ahead (``BalancerConfig.lookahead_steps``): each window of
+that many batches is regrouped by :class:`balancer.lookahead.WindowPlanner` first."""
+_BALANCERS = (BALANCER, BALANCER_LOOKAHEAD)
 
 
 @dataclass(kw_only=True)
@@ -76,7 +81,8 @@ class SimulationConfig:
     seed: int = 0
     """Seed of the sampler's shuffles and of every policy's randomness."""
     policies: tuple[str, ...] = (BALANCER, *BASELINES)
-    """Policies to run: ``"balancer"`` and/or names from :data:`balancer.baselines.BASELINES`."""
+    """Policies to run: ``"balancer"``, ``"balancer_lookahead"`` (needs ``lookahead_config``
+    in :func:`simulate`) and/or names from :data:`balancer.baselines.BASELINES`."""
     baseline_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Extra keywords per baseline name (e.g. ``{"padded": {"micro_batch_size": 2}}``)."""
     validate: bool = True
@@ -98,7 +104,7 @@ class SimulationConfig:
         self.policies = tuple(self.policies)
         if not self.policies:
             raise ValueError("SimulationConfig: policies is empty; name at least one (e.g. 'balancer')")
-        known = (BALANCER, *BASELINES)
+        known = (*_BALANCERS, *BASELINES)
         for p in self.policies:
             if p not in known:
                 raise ValueError(f"SimulationConfig: unknown policy {p!r}; choose from {', '.join(known)}")
@@ -291,6 +297,8 @@ class SimulationResult:
     epoch_ends: tuple[int, ...] = ()
     """Steps that close an epoch of the shared global batches: they hold only the epoch's remaining
     sequences (a short step). A policy with its own epoch order flags its own in ``PolicyTrace.flushed``."""
+    num_lookahead_candidates: int = 0
+    """Candidate strategies of ``balancer_lookahead`` (0 when it did not run)."""
 
     def speedup(self, reference: str = BALANCER) -> dict[str, float]:
         """Throughput of ``reference`` over every other policy's (``> 1`` = reference faster)."""
@@ -306,7 +314,7 @@ class SimulationResult:
         """The baseline with the highest throughput over every step (``None`` if only the
         Balancer ran). A baseline whose real system refused some batch ran on fewer steps
         than the others, so it is not compared (unless every baseline refused one)."""
-        names = [n for n in self.traces if n != BALANCER]
+        names = [n for n in self.traces if n not in _BALANCERS]
         complete = [n for n in names if not self.traces[n].refused.any()]
         if not names:
             return None
@@ -340,7 +348,8 @@ class SimulationResult:
         rows = []
         for name, tr in self.traces.items():
             s = tr.summary()
-            strat = self.baseline_strategies.get(name) or f"{s['strategies_used']} of {self.num_candidates}"
+            pool = self.num_lookahead_candidates if name == BALANCER_LOOKAHEAD else self.num_candidates
+            strat = self.baseline_strategies.get(name) or f"{s['strategies_used']} of {pool}"
             up = "—" if name == BALANCER else (f"{speed[name]:.2f}×" if name in speed else "")
             size = f"{s['step_tokens_min']:.2f}–{s['step_tokens_max']:.2f}" + (
                 f" ✗ {s['batch_size_violations']}" if s["batch_size_violations"] else " ✓"
@@ -350,6 +359,8 @@ class SimulationResult:
                 continue
             if s["refused_steps"]:
                 up += f" (on {tr.refused.size - s['refused_steps']} of {tr.refused.size} steps)"
+            if name == BALANCER_LOOKAHEAD and name in speed:  # its throughput over the Balancer's
+                up = f"{1.0 / speed[name]:.2f}× faster"
             rows.append(
                 f"| {name} | {strat} | {s['mean_step_seconds']:.4g} | {s['tokens_per_second']:,.0f} | "
                 f"{s['mean_imbalance']:.3f} | {s['median_estimate_over_bound']:.3f} | {s['padding_ratio']:.1%} | "
@@ -379,6 +390,8 @@ def simulate(
     candidates: Sequence[Strategy] | None = None,
     balancer_config: Any = None,
     baseline_strategy: Strategy | None = None,
+    lookahead_candidates: Sequence[Strategy] | None = None,
+    lookahead_config: Any = None,
 ) -> SimulationResult:
     """Run ``config.num_steps`` steps of every policy in ``config.policies``.
 
@@ -386,6 +399,10 @@ def simulate(
     Balancer's strategies (required when ``"balancer"`` runs). ``balancer_config``: a
     :class:`~balancer.selector.BalancerConfig`. ``baseline_strategy``: run every baseline
     on this strategy instead of its static layout for ``max_length``.
+    ``lookahead_config``: the :class:`~balancer.selector.BalancerConfig` of
+    ``"balancer_lookahead"`` (``lookahead_steps ≥ 2``); ``lookahead_candidates``: its pool
+    (default ``candidates``). Its plan latency includes its share of the window's
+    regrouping (the window's time spread evenly over its steps).
     """
     table = np.asarray(lengths, dtype=np.int64)
     if table.ndim != 1 or table.size == 0:
@@ -408,6 +425,20 @@ def simulate(
                 f"({probe.max_sequence_length} tokens); lower max_length or add larger candidates"
             )
         factories[BALANCER] = lambda: _make_balancer(cluster, candidates, cost_model, balancer_config)
+    la_cands: list[Strategy] = []
+    if BALANCER_LOOKAHEAD in config.policies:
+        k = int(getattr(lookahead_config, "lookahead_steps", 0) or 0)
+        if k < 2:
+            raise ValueError(
+                "simulate: the 'balancer_lookahead' policy needs lookahead_config=BalancerConfig(lookahead_steps=k) "
+                f"with k >= 2, got {lookahead_config!r}"
+            )
+        la_cands = list(lookahead_candidates or candidates or [])
+        if not la_cands:
+            raise ValueError("simulate: the 'balancer_lookahead' policy needs candidates (or lookahead_candidates)")
+        factories[BALANCER_LOOKAHEAD] = lambda: _make_balancer(cluster, la_cands, cost_model, lookahead_config)
+        if max_length is None:
+            max_length = factories[BALANCER_LOOKAHEAD]().max_sequence_length
     if max_length is None:
         raise ValueError("simulate: set SimulationConfig.max_length when the Balancer does not run")
     max_length = int(max_length)
@@ -416,7 +447,7 @@ def simulate(
     strategies: dict[str, str] = {}
     own: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {}
     for name in config.policies:
-        if name == BALANCER:
+        if name in _BALANCERS:
             continue
         kw = {
             "seed": config.seed, "max_length": max_length, "tokens_per_step": config.tokens_per_step,
@@ -438,6 +469,13 @@ def simulate(
         name: take(global_batches(capped, config.tokens_per_step, config.seed, own[name])) if name in own else shared
         for name in order
     }
+    window_seconds = np.zeros(config.num_steps)
+    if BALANCER_LOOKAHEAD in order:
+        if config.warmup:  # compile the window kernels outside the timing
+            lookahead_batches(shared[:2], capped, factories[BALANCER_LOOKAHEAD](), config.tokens_per_step)
+        streams[BALANCER_LOOKAHEAD], window_seconds = lookahead_batches(
+            shared, capped, factories[BALANCER_LOOKAHEAD](), config.tokens_per_step
+        )
     if config.warmup:
         for name in order:
             b0 = streams[name][0]
@@ -472,7 +510,7 @@ def simulate(
                         continue
                 else:
                     plan = planner.plan(seq, step=b.step, sample_ids=b.sample_ids)
-                elapsed = time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0 + (window_seconds[k] if name == BALANCER_LOOKAHEAD else 0.0)
                 _record(traces[name], b.step, plan, planner, capped, cost_model, cluster, elapsed, config.validate)
                 traces[name].flushed[b.step] = flush
                 trained[name].append(np.asarray(plan.sample_ids(), dtype=np.int64))
@@ -511,7 +549,41 @@ def simulate(
         num_candidates=len(candidates) if (want_balancer and candidates) else 0,
         refused=refused,
         epoch_ends=tuple(b.step for b in shared if b.last_in_epoch),
+        num_lookahead_candidates=len(la_cands) if BALANCER_LOOKAHEAD in order else 0,
     )
+
+
+def lookahead_batches(
+    steps: Sequence[GlobalBatch], lengths: np.ndarray, balancer: Any, tokens_per_step: int
+) -> tuple[list[GlobalBatch], np.ndarray]:
+    """``steps`` regrouped window by window as the loader does (windows of
+    ``balancer.config.lookahead_steps`` steps, aligned to each epoch's first step, never
+    crossing an epoch or the end of ``steps``), and the regrouping seconds charged to every
+    step (its window's wall time over its steps)."""
+    from .lookahead import WindowPlanner
+
+    planner = WindowPlanner.from_balancer(balancer)
+    k = int(balancer.config.lookahead_steps)
+    out: list[GlobalBatch] = []
+    seconds = np.zeros(len(steps))
+    first_of_epoch: dict[int, int] = {}
+    i = 0
+    while i < len(steps):
+        epoch = steps[i].epoch
+        first = first_of_epoch.setdefault(epoch, steps[i].step)
+        end = i + 1
+        while end < len(steps) and steps[end].epoch == epoch and (steps[end].step - first) % k:
+            end += 1
+        window = steps[i:end]
+        ids = np.concatenate([b.sample_ids for b in window])
+        step_of = np.repeat(np.arange(len(window)), [b.sample_ids.size for b in window])
+        t0 = time.perf_counter()
+        plan = planner.plan(lengths[ids], step_of, tokens_per_step=tokens_per_step, num_steps=len(window))
+        seconds[i:end] = (time.perf_counter() - t0) / len(window)
+        for b, pos in zip(window, plan.steps()):
+            out.append(GlobalBatch(step=b.step, epoch=b.epoch, sample_ids=ids[pos], last_in_epoch=b.last_in_epoch))
+        i = end
+    return out, seconds
 
 
 def _record(
