@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "static_layout": "baselines",
     "static_strategy": "baselines",
     "CandidateConfig": "candidates",
+    "cluster_lower_bound": "candidates",
     "enumerate_layouts": "candidates",
     "heterogeneous_mixes": "candidates",
     "COST_MODEL_VERSION": "cost",
@@ -57,6 +58,8 @@ _EXPORTS: dict[str, str] = {
     "save_candidates": "pool",
     "LengthProfile": "profile",
     "Balancer": "selector",
+    "WindowPlan": "lookahead",
+    "WindowPlanner": "lookahead",
     "BalancerConfig": "solve",
     "StrategySolution": "solve",
     "solve_strategy": "solve",
@@ -92,7 +95,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
         static_strategy,
     )
     from .bounds import lower_bound
-    from .candidates import CandidateConfig, enumerate_layouts, heterogeneous_mixes
+    from .candidates import CandidateConfig, cluster_lower_bound, enumerate_layouts, heterogeneous_mixes
     from .calibrate import CalibrationWarning, calibration_micro_batches
     from .cost import COST_MODEL_VERSION, CostModel
     from .decoder import build_decoder
@@ -100,6 +103,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
     from .stage1 import Dispatch, ReplicaTable, dispatch, item_seconds, refine_dispatch, stage1_times
     from .fit import FitResult, fit_quadratic
     from .histogram import LengthHistogram
+    from .lookahead import WindowPlan, WindowPlanner
     from .layout_cost import LayoutCost, UnsupportedLayoutError, replica_seconds
     from .microbatch import MicroBatches, pack_micro_batches, pack_replica
     from .pool import CandidatePool, generate_candidates, load_candidates, save_candidates

@@ -33,7 +33,7 @@ from strategies.layout import ClusterSpec, Layout
 from .cost import CostModel
 from .histogram import LengthHistogram
 
-__all__ = ["CandidateConfig", "enumerate_layouts", "heterogeneous_mixes"]
+__all__ = ["CandidateConfig", "cluster_lower_bound", "enumerate_layouts", "heterogeneous_mixes"]
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -152,6 +152,70 @@ def enumerate_layouts(
         if not dominated:
             keep.append(lay)
     return sorted(keep, key=lambda x: (x.size, x.tp, x.cp, x.pp))
+
+
+def cluster_lower_bound(
+    lengths: np.ndarray | Sequence[int],
+    cluster: ClusterSpec,
+    cost_model: CostModel,
+    layouts: Sequence[Layout] | None = None,
+) -> float:
+    """Seconds no plan of *any* strategy built from ``layouts`` can beat on this batch.
+
+    Default ``layouts``: :func:`enumerate_layouts` (``pp = 1``). For a plan with step time
+    ``M`` on a strategy of replicas ``j`` (``size_j`` ranks, layout ``k_j``, speed at most
+    ``v = max(cluster.speed)``):
+
+    * a sequence ``i`` sits on a layout that holds it alone within ``M``:
+      ``pp_k·(t_k(s_i) + c_k)/v ≤ M`` (bound 1 of :func:`balancer.bounds.lower_bound`);
+    * rank-seconds: ``G·M ≥ Σ_j size_j·T_j ≥ Σ_i size_k·w_k(s_i)/v`` with
+      ``w = t + c·s/capacity`` (bound 4's micro-batch term) — at least
+      ``Σ_i min over those layouts``.
+
+    The right side falls as ``M`` grows, so the smallest ``M`` meeting both is found by
+    bisection; the largest ``M`` proven impossible is returned. With ``N`` sequences and
+    more small replicas than ``N``, this is what a strategy of fewer, larger replicas can
+    reach: the test of the few-long-sequences regime compares plans against it.
+    """
+    s = np.asarray(lengths, dtype=np.float64)
+    if s.ndim != 1 or s.size == 0 or s.min() < 1:
+        raise ValueError("cluster_lower_bound: lengths must be a non-empty 1-D array of token counts >= 1")
+    lays = list(layouts) if layouts is not None else enumerate_layouts(cluster, cost_model)
+    if not lays:
+        raise ValueError("cluster_lower_bound: no layout given and none fits the cluster")
+    v = float(max(cluster.speed))
+    single = np.full((s.size, len(lays)), np.inf)
+    area = np.full((s.size, len(lays)), np.inf)
+    for k, lay in enumerate(lays):
+        cost = cost_model.cost(lay)
+        ok = s <= int(cost.token_capacity)
+        t = float(cost.a) * s * s + float(cost.b) * s
+        single[ok, k] = lay.pp * (t[ok] + float(cost.c)) / v
+        area[ok, k] = lay.size * (t[ok] + float(cost.c) * s[ok] / int(cost.token_capacity)) / v
+    if not np.isfinite(single.min(axis=1)).all():
+        i = int(np.flatnonzero(~np.isfinite(single.min(axis=1)))[0])
+        raise ValueError(f"cluster_lower_bound: sequence {i} ({int(s[i])} tokens) fits no layout")
+    ranks = float(cluster.num_ranks)
+
+    def feasible(m: float) -> bool:
+        need = np.where(single <= m, area, np.inf).min(axis=1)
+        return bool(np.isfinite(need).all() and ranks * m >= need.sum())
+
+    lo = float(single.min(axis=1).max()) * (1.0 - 1e-12)
+    if feasible(lo):
+        return lo
+    hi = max(lo, float(np.where(np.isfinite(area), area, 0).max(axis=1).sum()) / ranks + float(single[np.isfinite(single)].max()))
+    while not feasible(hi):
+        hi *= 2.0
+    for _ in range(100):
+        if hi - lo <= 1e-12 * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid
+    return lo
 
 
 # -- heterogeneous mixes (DP) -------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from .cost import CostModel
 from .solve import BalancerConfig, solve_strategy
 from .stage1 import ReplicaTable, stage1_arrays, stage1_lp
 
-__all__ = ["WindowPlan", "WindowPlanner", "propose", "relabel", "token_band", "window_band"]
+__all__ = ["WindowPlan", "WindowPlanner", "propose", "relabel", "token_band", "window_band", "window_proposals"]
 
 
 def token_band(reference: float, epsilon: float) -> tuple[float, float]:
@@ -219,6 +219,38 @@ def propose(
     return out
 
 
+def window_proposals(
+    lengths: np.ndarray, sampled: np.ndarray, k: int, tokens_per_step: int | None, epsilon: float
+) -> tuple[tuple[float, float], np.ndarray, list[tuple[str, np.ndarray]]]:
+    """``(band, frozen, [(name, step_of)])``: the regroupings of a window worth estimating.
+
+    First every step is regrouped (a sampled step below the band — a long sequence did not
+    fit — is brought into it); if no proposal fits the band that way (an epoch's short last
+    batch), the steps outside the band keep their sampled sequences (``frozen``) and the
+    others are regrouped. ``step_of`` is over the whole window, relabelled (:func:`relabel`).
+    """
+    counts = np.bincount(sampled, minlength=k)
+    tokens = np.bincount(sampled, weights=lengths, minlength=k)
+    lo, hi, out_of_band, count_cap = window_band(tokens, counts, tokens_per_step, epsilon)
+    tries = [np.zeros(k, dtype=bool)] + ([out_of_band] if out_of_band.any() else [])
+    for frozen in tries:
+        free = np.flatnonzero(~frozen)
+        if free.size < 2:
+            continue
+        pos = np.flatnonzero(~frozen[sampled])
+        sub_s, sub_sampled, cap = lengths[pos], np.searchsorted(free, sampled[pos]), count_cap[free]
+        got = propose(sub_s, free.size, lo, hi, cap)
+        if not got:
+            continue
+        out = []
+        for name, grouped in got:
+            new = sampled.copy()
+            new[pos] = free[relabel(sub_s, sub_sampled, grouped, cap)]
+            out.append((name, new))
+        return (lo, hi), frozen, out
+    return (lo, hi), out_of_band, []
+
+
 def relabel(lengths: np.ndarray, sampled: np.ndarray, step_of: np.ndarray, count_cap: np.ndarray) -> np.ndarray:
     """Renumber regrouped steps so each lands on the sampled step it shares the most tokens
     with (greedy, ties to lower numbers; among steps of one sequence count when counts are
@@ -318,34 +350,22 @@ class WindowPlanner:
         counts = np.bincount(sampled, minlength=k)
         if k and counts.min() == 0:
             raise ValueError(f"step {int(np.argmin(counts))} of the window has no sequence; every step needs one")
-        tokens = np.bincount(sampled, weights=s, minlength=k)
-        lo, hi, frozen, count_cap = window_band(tokens, counts, tokens_per_step, self.config.lookahead_epsilon)
+        band, frozen, proposals = window_proposals(s, sampled, k, tokens_per_step, self.config.lookahead_epsilon)
         sampled_est = np.array([self.estimate(s[sampled == t]) for t in range(k)])
-        keep = WindowPlan(sampled.copy(), sampled_est, sampled_est, "sampled", (lo, hi), frozen)
-        free = np.flatnonzero(~frozen)
-        if free.size < 2:
-            return keep
-        pos = np.flatnonzero(~frozen[sampled])
-        sub_s, sub_sampled, cap = s[pos], np.searchsorted(free, sampled[pos]), count_cap[free]
-        cache: dict[bytes, float] = {}
-        for t in free:
-            cache[_key(s[sampled == t])] = float(sampled_est[t])
-        best_name, best_step, best_total = "sampled", sub_sampled, float(sampled_est[free].sum())
-        for name, grouped in propose(sub_s, free.size, lo, hi, cap):
-            total = 0.0
-            for t in range(free.size):
-                total += self._cached_estimate(sub_s[grouped == t], cache)
-                if total >= best_total:
+        cache = {_key(s[sampled == t]): float(sampled_est[t]) for t in range(k)}
+        tokens = np.bincount(sampled, weights=s, minlength=k)
+        out_of_band = (tokens < band[0]) | (tokens > band[1])
+        best = WindowPlan(sampled.copy(), sampled_est, sampled_est, "sampled", band, out_of_band)
+        best_total = float(sampled_est.sum())
+        for name, new in proposals:
+            est = np.zeros(k)
+            for t in range(k):
+                est[t] = self._cached_estimate(s[new == t], cache)
+                if est.sum() >= best_total:
                     break
-            if total < best_total:
-                best_name, best_step, best_total = name, grouped, total
-        if best_name == "sampled":
-            return keep
-        new = sampled.copy()
-        new[pos] = free[relabel(sub_s, sub_sampled, best_step, cap)]
-        est = sampled_est.copy()
-        est[free] = [self._cached_estimate(s[new == t], cache) for t in free]
-        return WindowPlan(new, est, sampled_est, best_name, (lo, hi), frozen)
+            if est.sum() < best_total:
+                best, best_total = WindowPlan(new, est, sampled_est, name, band, frozen), float(est.sum())
+        return best
 
     def _cached_estimate(self, lengths: np.ndarray, cache: dict[bytes, float]) -> float:
         key = _key(lengths)

@@ -23,7 +23,7 @@ from .candidates import CandidateConfig, enumerate_layouts, heterogeneous_mixes
 from .cost import CostModel
 from .stage1 import ReplicaTable
 from .histogram import LengthHistogram, check_lengths
-from .lookahead import propose, window_band
+from .lookahead import window_proposals
 from .solve import solve_strategy
 
 __all__ = ["CandidatePool", "generate_candidates", "load_candidates", "save_candidates"]
@@ -117,6 +117,25 @@ def _draw_batch(
     return np.minimum(s, max_length).astype(np.int64)
 
 
+def _draw_full_batch(
+    rng: np.random.Generator, source: np.ndarray | LengthHistogram, config: CandidateConfig, size: int, max_length: int
+) -> np.ndarray:
+    """A batch cut as the loader's sampler cuts one: sequences while the next one fits the
+    token budget (at least one), or exactly ``batch_size`` sequences."""
+    if config.batch_tokens is None:
+        return _draw_batch(rng, source, config, size, max_length)
+    parts: list[np.ndarray] = []
+    total = 0
+    while total <= config.batch_tokens:
+        chunk = source.sample(rng, size) if isinstance(source, LengthHistogram) else rng.choice(source, size=size, replace=True)
+        chunk = np.minimum(chunk, max_length).astype(np.int64)
+        parts.append(chunk)
+        total += int(chunk.sum())
+    s = np.concatenate(parts)
+    keep = max(1, int(np.searchsorted(np.cumsum(s), config.batch_tokens, side="right")))
+    return s[:keep]
+
+
 def _batch_size(config: CandidateConfig, mean_length: float) -> int:
     if config.batch_size is not None:
         return config.batch_size
@@ -145,15 +164,14 @@ def _sample_regrouped(
     size = _batch_size(config, mean_length)
     out: list[tuple[str, int, np.ndarray]] = []
     for _ in range(max(1, config.num_sample_batches // k)):
-        batches = [_draw_batch(rng, source, config, size, max_length) for _ in range(k)]
+        batches = [_draw_full_batch(rng, source, config, size, max_length) for _ in range(k)]
         lengths = np.concatenate(batches)
-        tokens = np.array([b.sum() for b in batches], dtype=np.float64)
-        counts = np.array([b.size for b in batches], dtype=np.int64)
-        lo, hi, frozen, cap = window_band(tokens, counts, config.batch_tokens, config.lookahead_epsilon)
-        if frozen.any():
-            continue
-        for name, step_of in propose(lengths, k, lo, hi, cap):
-            out.extend((name, t, lengths[step_of == t]) for t in range(k))
+        sampled = np.repeat(np.arange(k), [b.size for b in batches])
+        _, frozen, proposals = window_proposals(lengths, sampled, k, config.batch_tokens, config.lookahead_epsilon)
+        for name, step_of in proposals:
+            # steps in the proposal's own order (sorted: longest first), frozen ones left out
+            order = sorted({int(t) for t in step_of if not frozen[t]}, key=lambda t: -int(lengths[step_of == t].max()))
+            out.extend((name, j, lengths[step_of == t]) for j, t in enumerate(order))
     return out
 
 

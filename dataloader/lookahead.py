@@ -176,6 +176,12 @@ class LookaheadWindows:
                 f"cannot resume: the look-ahead queue was saved at epoch {state['epoch']} step {state['start']}, "
                 f"the sampler resumes at epoch {epoch} step {t}; save both in one state_dict"
             )
+        if int(state["steps"]) != self.k and queue:
+            raise ValueError(
+                f"cannot resume: the run was saved inside a window of lookahead_steps={state['steps']}; build the "
+                f"balancer with BalancerConfig(lookahead_steps={state['steps']}) (this one has {self.k}), or resume "
+                "from a state saved at a window boundary"
+            )
         if not queue:
             if mid:
                 raise ValueError(
@@ -183,12 +189,6 @@ class LookaheadWindows:
                     "but the state's queue is empty"
                 )
             return None
-        if int(state["steps"]) != self.k and mid:
-            raise ValueError(
-                f"cannot resume: the run was saved inside a window of lookahead_steps={state['steps']}; build the "
-                f"balancer with BalancerConfig(lookahead_steps={state['steps']}) (this one has {self.k}), or resume "
-                "from a state saved at a window boundary"
-            )
         if int(state["end"]) != end or len(queue) != end - t:
             raise ValueError(
                 f"cannot resume: the look-ahead queue holds {len(queue)} steps ending at step {state['end']}, but the "

@@ -9,6 +9,7 @@ import pytest
 from balancer import (
     CandidateConfig,
     CandidatePool,
+    cluster_lower_bound,
     LengthHistogram,
     enumerate_layouts,
     generate_candidates,
@@ -18,7 +19,7 @@ from balancer import (
 )
 from balancer.cost import CostModel, LayoutCost
 from balancer.selector import Balancer
-from strategies import ClusterSpec, Layout
+from strategies import ClusterSpec, Layout, Strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,3 +166,62 @@ def test_accepts_a_balancer_length_profile():
     assert hist.mean_length == pytest.approx(lengths.mean())
     pool = generate_candidates(prof, ClusterSpec(num_ranks=8), _model(), batch_size=32, num_candidates=2, num_sample_batches=2)
     assert max(_model().token_capacity(r.layout) for r in pool.strategies[0].replicas) >= lengths.max()
+
+
+# -- the few-long-sequences regime -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_gpus, num_seqs, length", [(64, 4, 8192), (64, 2, 32768), (256, 8, 16384), (1024, 16, 32768)])
+def test_few_long_sequences_get_fewer_larger_replicas(num_gpus, num_seqs, length):
+    """A long-document corpus: every step holds ``N`` sequences of ``length`` tokens (capped),
+    far fewer than the small replicas the cluster could form. The chosen plan is within 5%
+    of the bound over every strategy the layouts allow (inter-node cp priced by the
+    analytic model)."""
+    cluster = ClusterSpec(num_ranks=num_gpus, ranks_per_node=8)
+    cost = CostModel.analytic("llama-7b", "a100-80g", zero_stage=1, num_ranks=num_gpus)
+    corpus = np.random.default_rng(0).integers(length, 8 * length, size=200)
+    pool = generate_candidates(corpus, cluster, cost, batch_tokens=num_seqs * length, max_length=length)
+    batch = np.full(num_seqs, length, dtype=np.int64)
+    plan = Balancer(cluster, pool.strategies, cost).plan(batch)
+    bound = cluster_lower_bound(batch, cluster, cost)
+    assert plan.est_step_seconds <= 1.05 * bound
+    smallest = min(enumerate_layouts(cluster, cost), key=lambda lay: lay.size)
+    assert num_gpus // smallest.size >= 8 * num_seqs  # R ≫ N small replicas were possible
+    assert len(plan.replicas) <= 2 * num_seqs  # the plan uses few, large ones
+
+
+def test_cluster_lower_bound_is_below_every_strategys_plan():
+    cluster = ClusterSpec(num_ranks=16, ranks_per_node=8)
+    model = _model()
+    rng = np.random.default_rng(5)
+    layouts = enumerate_layouts(cluster, model)
+    strategies = [Strategy.homogeneous(lay, 16) for lay in layouts]
+    strategies += list(generate_candidates(_long_tail(), cluster, model, batch_tokens=100_000, num_sample_batches=2).strategies)
+    for _ in range(6):
+        batch = np.concatenate([rng.integers(8_000, 20_000, size=int(rng.integers(1, 4))), rng.integers(50, 3000, size=int(rng.integers(0, 60)))])
+        bound = cluster_lower_bound(batch, cluster, model)
+        for strat in strategies:
+            if max(model.token_capacity(r.layout) for r in strat.replicas) < batch.max():
+                continue
+            plan = Balancer(cluster, [strat], model).plan(batch)
+            assert bound <= plan.est_step_seconds * (1 + 1e-9), strat.name
+    with pytest.raises(ValueError, match="fits no layout"):
+        cluster_lower_bound(np.array([10**7]), cluster, model)
+
+
+# -- look-ahead pools -------------------------------------------------------------------------------
+
+
+def test_lookahead_pool_scores_regrouped_windows():
+    cluster = ClusterSpec(num_ranks=16, ranks_per_node=8)
+    lengths = _long_tail()
+    kw = dict(batch_tokens=60_000, num_sample_batches=8, num_candidates=6)
+    plain = generate_candidates(lengths, cluster, _model(), **kw)
+    assert generate_candidates(lengths, cluster, _model(), lookahead_steps=0, **kw).to_dict() == plain.to_dict()
+    ahead = generate_candidates(lengths, cluster, _model(), lookahead_steps=4, **kw)
+    assert ahead.to_dict() == generate_candidates(lengths, cluster, _model(), lookahead_steps=4, **kw).to_dict()
+    assert ahead.meta["lookahead_steps"] == 4
+    assert ahead.meta["num_scored_batches"] > plain.meta["num_scored_batches"] == 8
+    assert ahead.meta["num_generated"] > plain.meta["num_generated"]  # mixes for the regrouped compositions
+    with pytest.raises(ValueError, match="lookahead_epsilon"):
+        CandidateConfig(batch_size=4, lookahead_epsilon=1.0)
