@@ -9,28 +9,33 @@ sequences between them:
 
 * every sequence of the window is trained exactly once, in one of the window's ``k``
   steps, so none is delayed (or advanced) by more than ``k − 1`` steps;
-* every regrouped step holds between ``(1 − ε)`` and ``(1 + ε)`` × the token reference
-  (``tokens_per_step``; without one, the window's mean tokens per step widened to the
-  sampled batches' own range, and every step keeps its sampled number of sequences, so
-  a fixed batch size stays fixed). A sampled batch already outside the band (an epoch's
-  short last batch, a single sequence above the band) keeps its step unchanged;
+* every regrouped step holds between ``(1 − ε)`` and ``(1 + ε)`` × ``tokens_per_step``
+  tokens. Without a token budget (a fixed number of sequences per step) every step
+  keeps its sampled number of sequences and the band is ``(1 ± ε)`` × the window's mean
+  tokens per step, widened to the sampled steps' own range. A step is therefore either
+  inside the band or exactly its sampled batch: when no regrouping of the whole window
+  fits the band (an epoch's short last batch), the steps outside it keep their sampled
+  sequences (``frozen``) and the rest is regrouped;
 * the objective is the window's total estimated time ``Σ_t T(S_t)``, ``T`` being the
-  per-step planner's own estimate (the fastest candidate, both stages, no switch
-  penalty). The sampled grouping is always one of the options, so the chosen grouping
-  is never estimated slower than the sampled one.
+  per-step planner's own estimate (the fastest candidate after both stages, candidates
+  skipped by their quick bound as the selector skips them; no switch penalty). The
+  sampled grouping is always one of the options, so the chosen grouping is never
+  estimated slower than the sampled one.
 
-Search. Proposals are built by a greedy fill kernel (numba): *smooth* deals the
-sequences longest first to the step furthest below its token target (every step gets
-the window's average mix); *group(q, g)* first spreads the ``q`` longest sequences over
-only ``g < k`` steps (long sequences share a step whose strategy has large replicas,
-and the other steps have none), then fills the rest the same way. ``q`` runs over the
-counts of sequences above each candidate layout's capacity and over ``k·2^j``. A
-surrogate — the smallest of the candidates' quick lower bounds
-(:func:`balancer.bounds.quick_lower_bound`) on lengths merged into 3%-wide geometric
-classes — ranks the proposals; the best one is improved by moving short sequences from
-steps whose time is set by their work to steps whose time is set by a single long
-sequence (they have idle capacity); then the best proposal and the sampled grouping are
-evaluated exactly and the lower total wins (ties keep the sampled grouping).
+Search (:func:`propose`, pool-independent, numba fill kernels). *smooth* deals the
+sequences longest first, each to the step furthest below the mean tokens: every step
+gets the window's average mix (a step whose time a long sequence set shares it with
+fewer of them). *sorted(f)*: the long sequences (above twice the window's median),
+longest first, fill step 0 up to ``f`` × the mean tokens, then step 1, …, and the rest
+is dealt as in *smooth* (``f`` = 1 and 0.5): long sequences share steps whose
+strategy has large replicas, and the other steps hold only short sequences, for which
+small replicas are the efficient ones. Each proposal's steps are renumbered so each
+lands on the sampled step it shares most tokens with (:func:`relabel`), then every
+proposal is estimated exactly, step by step (a proposal is dropped as soon as its
+running total reaches the best), and the lowest total wins; ties keep the sampled
+grouping. The pool should hold strategies for those compositions:
+``generate_candidates(..., lookahead_steps=k)`` scores its candidates on regrouped
+windows too.
 
 Determinism: stable sorts, no clock, no randomness; the planner uses the cluster's
 *configured* speeds (never the straggler estimates), so every rank — including ranks
@@ -96,11 +101,12 @@ class WindowPlan:
     sampled_seconds: np.ndarray
     """float64[k], the same estimate of the sampled steps, seconds."""
     proposal: str
-    """Which proposal won: ``sampled``, ``smooth``, ``group(q, g)``, with ``+shift`` when refined."""
+    """Which proposal won: ``sampled``, ``smooth``, ``sorted(1)`` or ``sorted(0.5)``."""
     band: tuple[float, float]
-    """Token band ``(lo, hi)`` every regrouped step respects (frozen steps excepted)."""
+    """Token band ``(lo, hi)`` every step not ``frozen`` respects."""
     frozen: np.ndarray
-    """bool[k], steps kept as sampled because their sampled tokens were outside the band."""
+    """bool[k], steps kept exactly as sampled although outside the band (an epoch's short
+    last batch; with ``proposal == "sampled"``: every sampled step outside the band)."""
 
     @property
     def num_steps(self) -> int:
