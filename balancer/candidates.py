@@ -65,6 +65,10 @@ class CandidateConfig:
     """Batches drawn to score candidates."""
     seed: int = 0
     """Seed of the batch sampling."""
+    regime_mixes: bool = True
+    """Also build mixes for steps holding more (or fewer) long sequences than the average
+    one: the profile with its long buckets scaled ×2 and ×4, and the steps of sampled
+    windows regrouped the way look-ahead regroups them (:mod:`balancer.pool`)."""
     lookahead_steps: int = 0
     """Score the candidates also on windows of this many sampled batches regrouped the way
     the look-ahead regroups them (:func:`balancer.lookahead.propose`), so the pool holds

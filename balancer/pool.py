@@ -151,15 +151,20 @@ def _sample_batches(
     return [_draw_batch(rng, source, config, size, max_length) for _ in range(config.num_sample_batches)]
 
 
+_REGIME_WINDOW = 4
+"""Window (batches) of the regrouped samples whose mixes join every pool, look-ahead or not."""
+
+
 def _sample_regrouped(
     source: np.ndarray | LengthHistogram, config: CandidateConfig, mean_length: float, max_length: int
 ) -> list[tuple[str, int, np.ndarray]]:
-    """The steps look-ahead would form: windows of ``lookahead_steps`` sampled batches, each
-    regrouped by every proposal of :func:`balancer.lookahead.propose` (about
-    ``num_sample_batches`` batches per proposal), as ``(proposal, step in the proposal, lengths)``."""
-    k = config.lookahead_steps
-    if k < 2:
-        return []
+    """The steps look-ahead would form: windows of ``lookahead_steps`` (else
+    :data:`_REGIME_WINDOW`) sampled batches, each regrouped by every proposal of
+    :func:`balancer.lookahead.propose` (about ``num_sample_batches`` batches per proposal),
+    as ``(proposal, step in the proposal, lengths)``. Their step histograms give mixes for
+    steps richer or poorer in long sequences than the average; they are scored only when
+    look-ahead is on."""
+    k = config.lookahead_steps if config.lookahead_steps >= 2 else _REGIME_WINDOW
     rng = np.random.default_rng([config.seed, k])
     size = _batch_size(config, mean_length)
     out: list[tuple[str, int, np.ndarray]] = []
@@ -182,8 +187,9 @@ def _regrouped_mixes(
     layouts: Sequence[Layout],
     config: CandidateConfig,
 ) -> list[list[tuple[Layout, int]]]:
-    """Mixes for the compositions look-ahead forms: one histogram per (proposal, step) over
-    the sampled windows (``sorted`` proposals: the long-sequence steps, the short-only ones)."""
+    """Mixes for the compositions look-ahead forms, and that a step sampling several long
+    sequences (or none) has: one histogram per (proposal, step) over the sampled windows
+    (``sorted`` proposals: the long-sequence steps, the short-only ones)."""
     by_step: dict[tuple[str, int], list[np.ndarray]] = {}
     for name, t, lengths in regrouped:
         if name.startswith("sorted"):
@@ -197,6 +203,41 @@ def _regrouped_mixes(
             hist, num_ranks, cost_model, layouts, sequences_per_step=per_step, max_classes=config.max_classes
         )
     return out
+
+
+def _tail_mixes(
+    hist: LengthHistogram, num_ranks: int, cost_model: CostModel, layouts: Sequence[Layout], config: CandidateConfig
+) -> list[list[tuple[Layout, int]]]:
+    """Mixes for steps richer in long sequences than the average one (a step that sampled
+    several): the histogram with the long buckets' counts (above twice the median length)
+    scaled by 2 and 4, at the same tokens per step."""
+    cum = np.cumsum(hist.counts)
+    median_bucket = int(np.searchsorted(cum, cum[-1] / 2.0))
+    median = float(hist.bucket_max[median_bucket]) if hist.counts[median_bucket] else float(hist.edges[median_bucket + 1])
+    long = hist.bucket_max > 2.0 * median
+    out: list[list[tuple[Layout, int]]] = []
+    if not long.any():
+        return out
+    for f in _TAIL_SCALES:
+        scale = np.where(long, f, 1.0)
+        scaled = LengthHistogram(
+            edges=hist.edges,
+            counts=np.rint(hist.counts * scale * 1000).astype(np.int64),
+            sum_tokens=hist.sum_tokens * scale * 1000,
+            sum_sq_tokens=hist.sum_sq_tokens * scale * 1000,
+            bucket_max=hist.bucket_max,
+        )
+        if config.batch_tokens is not None:
+            per_step = config.batch_tokens / scaled.mean_length
+        else:
+            per_step = float(config.batch_size or 1)
+        out += heterogeneous_mixes(
+            scaled, num_ranks, cost_model, layouts, sequences_per_step=per_step, max_classes=config.max_classes
+        )
+    return out
+
+
+_TAIL_SCALES = (2.0, 4.0)
 
 
 def _score(
@@ -277,14 +318,18 @@ def generate_candidates(
     per_step = (cfg.batch_tokens / hist.mean_length) if cfg.batch_tokens is not None else float(cfg.batch_size or 1)
 
     batches = _sample_batches(source, cfg, hist.mean_length, max_length)
-    regrouped = _sample_regrouped(source, cfg, hist.mean_length, max_length)
-    batches += [lengths for _, _, lengths in regrouped]
+    regrouped = _sample_regrouped(source, cfg, hist.mean_length, max_length) if cfg.regime_mixes or cfg.lookahead_steps >= 2 else []
+    if cfg.lookahead_steps >= 2:  # score on the steps look-ahead forms too
+        batches += [lengths for _, _, lengths in regrouped]
 
     mixes: list[list[tuple[Layout, int]]] = [[(lay, cluster.num_ranks // lay.size)] for lay in layouts]
     mixes += heterogeneous_mixes(
         hist, cluster.num_ranks, cost_model, layouts, sequences_per_step=per_step, max_classes=cfg.max_classes
     )
-    mixes += _regrouped_mixes(regrouped, cluster.num_ranks, cost_model, layouts, cfg)
+    if cfg.regime_mixes or cfg.lookahead_steps >= 2:
+        mixes += _regrouped_mixes(regrouped, cluster.num_ranks, cost_model, layouts, cfg)
+    if cfg.regime_mixes:
+        mixes += _tail_mixes(hist, cluster.num_ranks, cost_model, layouts, cfg)
     strategies: list[Strategy] = []
     seen: set[frozenset[tuple[Layout, int]]] = set()
     rejected: list[str] = []

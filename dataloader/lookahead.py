@@ -157,12 +157,11 @@ class LookaheadWindows:
         the field and the fix."""
         start, end = self.bounds(epoch, t)
         mid = start < t < end
+        as_sampled = _Window(first=t, end=end, steps=tuple(self._sampled(epoch, u) for u in range(t, end))) if mid else None
         if state is None:
-            if mid:
-                # Saved without look-ahead: the window's first steps trained as sampled, so the
-                # rest of it must too (regrouping it now would lose or repeat sequences).
-                return _Window(first=t, end=end, steps=tuple(self._sampled(epoch, u) for u in range(t, end)))
-            return None
+            # Saved without look-ahead: the window's first steps trained as sampled, so the rest
+            # of it must too (regrouping it now would lose or repeat sequences).
+            return as_sampled
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"cannot resume look-ahead state version {state.get('version')!r} (expected {_STATE_VERSION})")
         missing = {"steps", "epoch", "start", "end", "queue"} - set(state)
@@ -183,12 +182,14 @@ class LookaheadWindows:
                 "from a state saved at a window boundary"
             )
         if not queue:
-            if mid:
+            if mid and int(state["steps"]) == self.k:
                 raise ValueError(
                     f"cannot resume: step {t} of epoch {epoch} is inside a look-ahead window ({start}..{end - 1}) "
                     "but the state's queue is empty"
                 )
-            return None
+            # At a boundary of the saved run's windows: every window before ``t`` was complete,
+            # so the rest of this one has trained nothing yet and runs as sampled.
+            return as_sampled
         if int(state["end"]) != end or len(queue) != end - t:
             raise ValueError(
                 f"cannot resume: the look-ahead queue holds {len(queue)} steps ending at step {state['end']}, but the "

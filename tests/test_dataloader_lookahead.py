@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 import torch.utils.data as tud
+from test_dataloader_dist import run_ranks
 
 from balancer.cost import CostModel
 from balancer.selector import Balancer, BalancerConfig
 from dataloader import BalancedDataLoader, StepBatch
 from strategies.layout import ClusterSpec, Layout, Strategy
-from test_dataloader_dist import run_ranks
 
 CAP = 64
 BUDGET = 700
@@ -41,7 +41,13 @@ def dataset(n: int = 160, seed: int = 0) -> datasets.Dataset:
 
 
 def ids_of(batch: StepBatch) -> list[int]:
+    """This rank's sample ids of the step."""
     return [s for spec in batch.specs for s in spec.sample_ids]
+
+
+def every(batch: StepBatch) -> list[int]:
+    """The step's sample ids on every replica (from the plan)."""
+    return sorted(batch.plan.sample_ids())
 
 
 def run_world(ds: datasets.Dataset, world: int, **kw: Any) -> list[tuple[int, int, list[int]]]:
@@ -201,7 +207,7 @@ def test_a_state_without_lookahead_finishes_its_window_as_sampled() -> None:
     rest does too; the next windows are regrouped; every sample exactly once."""
     ds = dataset(seed=7)
     plain = BalancedDataLoader(ds, balancer=make_balancer(4, 0), rank=0, world_size=4, tokens_per_step=BUDGET, seed=7)
-    sampled = [ids_of(b) for b in BalancedDataLoader(ds, balancer=make_balancer(4, 0), rank=0, world_size=4, tokens_per_step=BUDGET, seed=7)]
+    sampled = [every(b) for b in BalancedDataLoader(ds, balancer=make_balancer(4, 0), rank=0, world_size=4, tokens_per_step=BUDGET, seed=7)]
     it = iter(plain)
     for _ in range(K + 1):
         next(it)
@@ -210,8 +216,27 @@ def test_a_state_without_lookahead_finishes_its_window_as_sampled() -> None:
     assert "lookahead" not in state["sampler"]
     resumed = BalancedDataLoader(ds, balancer=make_balancer(4), rank=0, world_size=4, tokens_per_step=BUDGET, seed=7)
     resumed.load_state_dict(state)
-    rest = [ids_of(b) for b in resumed]
+    rest = [every(b) for b in resumed]
     assert rest[: K - 1] == sampled[K + 1 : 2 * K]
+    assert sorted(s for ids in sampled[: K + 1] + rest for s in ids) == list(range(len(ds)))
+
+
+def test_another_window_size_resumes_at_a_boundary_of_the_saved_windows() -> None:
+    """Saved with k = 3 at step 3 (a boundary), resumed with k = 4: step 3 lies inside the
+    new window 0..3, whose first steps trained in the old windows, so it runs as sampled."""
+    ds = dataset(seed=5)
+    sampled = [every(b) for b in _rank0(ds, balancer=make_balancer(4, 0))]
+    first = _rank0(ds)
+    it = iter(first)
+    trained = [every(next(it)) for _ in range(K)]
+    state = first.state_dict()
+    first.close()
+    assert state["sampler"]["lookahead"]["queue"] == []
+    resumed = _rank0(ds, balancer=make_balancer(4, 4))
+    resumed.load_state_dict(state)
+    rest = [every(b) for b in resumed]
+    assert rest[0] == sampled[K]
+    assert sorted(s for ids in trained + rest for s in ids) == sorted(s for ids in sampled for s in ids)
 
 
 def test_streaming_refuses_lookahead() -> None:
