@@ -5,6 +5,12 @@ Both balancer stages run on sampled batches for every candidate of
 the best candidate that holds the longest sequence, then repeatedly add the candidate that
 lowers the mean over batches of the per-batch best estimate the most; remaining slots go
 to the best stand-alone scores. Pools are saved as JSON (:func:`save_candidates`).
+
+Besides the mixes for the average step (:func:`balancer.candidates.heterogeneous_mixes`
+on the profile), ``regime_mixes`` adds mixes for steps unlike it — the profile with its
+long buckets scaled ×2 and ×4, and the steps of sampled windows regrouped the way
+look-ahead regroups them — and ``lookahead_steps`` also scores every candidate on those
+regrouped steps.
 """
 
 from __future__ import annotations
