@@ -312,8 +312,12 @@ class WindowPlanner:
         """The per-step planner's estimate of one step (seconds): the fastest candidate after
         both stages, candidates skipped by their quick bound exactly as the selector does."""
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        return self._solve(lengths, self._bounds(lengths))
+
+    def _bounds(self, lengths: np.ndarray) -> list[tuple[float, int]]:
+        """``(quick lower bound, candidate)`` of every candidate that holds the step, sorted."""
         if lengths.size == 0:
-            return 0.0
+            return [(0.0, -1)]
         distinct, counts = np.unique(lengths, return_counts=True)
         prepared = []
         for k, table in enumerate(self.tables):
@@ -326,7 +330,11 @@ class WindowPlanner:
             raise ValueError(
                 f"a sequence of {int(distinct[-1])} tokens is above every candidate's capacity ({self.max_capacity})"
             )
-        prepared.sort()
+        return sorted(prepared)
+
+    def _solve(self, lengths: np.ndarray, prepared: list[tuple[float, int]]) -> float:
+        if prepared[0][1] < 0:
+            return 0.0
         best = math.inf
         for bound, k in prepared:
             if bound > best:
@@ -364,21 +372,22 @@ class WindowPlanner:
         best = WindowPlan(sampled.copy(), sampled_est, sampled_est, "sampled", band, out_of_band)
         best_total = float(sampled_est.sum())
         for name, new in proposals:
+            steps = [np.ascontiguousarray(s[new == t]) for t in range(k)]
+            keys = [_key(x) for x in steps]
+            bounds = [None if key in cache else self._bounds(x) for key, x in zip(keys, steps)]
+            floor = sum(cache[key] if b is None else b[0][0] for key, b in zip(keys, bounds))
+            if floor >= best_total:  # the quick bounds already rule it out: skip both stages
+                continue
             est = np.zeros(k)
             for t in range(k):
-                est[t] = self._cached_estimate(s[new == t], cache)
+                if bounds[t] is not None:
+                    cache[keys[t]] = self._solve(steps[t], bounds[t])  # type: ignore[arg-type]
+                est[t] = cache[keys[t]]
                 if est.sum() >= best_total:
                     break
             if est.sum() < best_total:
                 best, best_total = WindowPlan(new, est, sampled_est, name, band, frozen), float(est.sum())
         return best
-
-    def _cached_estimate(self, lengths: np.ndarray, cache: dict[bytes, float]) -> float:
-        key = _key(lengths)
-        got = cache.get(key)
-        if got is None:
-            got = cache[key] = self.estimate(lengths)
-        return got
 
 
 def _key(lengths: np.ndarray) -> bytes:
