@@ -10,7 +10,8 @@ sequences between them:
 * every sequence of the window is trained exactly once, in one of the window's ``k``
   steps, so none is delayed (or advanced) by more than ``k − 1`` steps;
 * every regrouped step holds between ``(1 − ε)`` and ``(1 + ε)`` × ``tokens_per_step``
-  tokens. Without a token budget (a fixed number of sequences per step) every step
+  tokens, and never more than ``tokens_per_step`` plus the window's longest sequence (the
+  fixed-batch-size rule the baselines are held to; the tighter of the two applies). Without a token budget (a fixed number of sequences per step) every step
   keeps its sampled number of sequences and the band is ``(1 ± ε)`` × the window's mean
   tokens per step, widened to the sampled steps' own range. A step is therefore either
   inside the band or exactly its sampled batch: when no regrouping of the whole window
@@ -70,19 +71,23 @@ def token_band(reference: float, epsilon: float) -> tuple[float, float]:
 
 
 def window_band(
-    tokens: np.ndarray, counts: np.ndarray, tokens_per_step: int | None, epsilon: float
+    tokens: np.ndarray, counts: np.ndarray, tokens_per_step: int | None, epsilon: float, longest: int | None = None
 ) -> tuple[float, float, np.ndarray, np.ndarray]:
     """``(lo, hi, frozen, count_cap)`` of a window whose sampled steps hold ``tokens`` tokens and
     ``counts`` sequences.
 
-    With a token budget the band is ``(1 ± ε)·tokens_per_step``, a step whose sampled tokens
-    lie outside it stays as sampled (``frozen``) and counts are free. Without one (a fixed
+    With a token budget the band is ``(1 − ε)·tokens_per_step`` to ``(1 + ε)·tokens_per_step``,
+    capped at ``tokens_per_step + longest`` (one sequence over the budget: the fixed
+    batch size every baseline is held to), ``frozen`` marks the steps whose sampled tokens
+    lie outside it, and counts are free. Without one (a fixed
     number of sequences per step) every step keeps its sampled count (``count_cap``, exact)
     and the band is ``(1 ± ε)`` × the mean sampled tokens, widened to the sampled range.
     """
     k = int(tokens.size)
     if tokens_per_step is not None:
         lo, hi = token_band(float(tokens_per_step), epsilon)
+        if longest is not None:
+            hi = min(hi, float(tokens_per_step + longest))
         frozen = (tokens < lo) | (tokens > hi)
         return lo, hi, frozen, np.full(k, int(counts.sum()) + 1, dtype=np.int64)
     lo, hi = token_band(float(tokens.mean()) if k else 0.0, epsilon)
@@ -237,7 +242,8 @@ def window_proposals(
     """
     counts = np.bincount(sampled, minlength=k)
     tokens = np.bincount(sampled, weights=lengths, minlength=k)
-    lo, hi, out_of_band, count_cap = window_band(tokens, counts, tokens_per_step, epsilon)
+    longest = int(lengths.max()) if lengths.size else 0
+    lo, hi, out_of_band, count_cap = window_band(tokens, counts, tokens_per_step, epsilon, longest)
     tries = [np.zeros(k, dtype=bool)] + ([out_of_band] if out_of_band.any() else [])
     for frozen in tries:
         free = np.flatnonzero(~frozen)

@@ -38,6 +38,7 @@ import numpy as np
 from balancer.lookahead import WindowPlanner
 
 from .planning import PlanBatch
+from .state import state_int
 
 __all__ = ["LookaheadWindows", "lookahead_steps"]
 
@@ -167,22 +168,25 @@ class LookaheadWindows:
         missing = {"steps", "epoch", "start", "end", "queue"} - set(state)
         if missing:
             raise ValueError(f"cannot resume: look-ahead state lacks {sorted(missing)}")
+        saved_k, saved_epoch, saved_start, saved_end = (
+            state_int(state, key, "look-ahead") for key in ("steps", "epoch", "start", "end")
+        )
         queue = state["queue"]
         if not isinstance(queue, list):
             raise ValueError(f"cannot resume: look-ahead queue must be a list of id lists, got {type(queue).__name__}")
-        if (int(state["epoch"]), int(state["start"])) != (epoch, t):
+        if (saved_epoch, saved_start) != (epoch, t):
             raise ValueError(
                 f"cannot resume: the look-ahead queue was saved at epoch {state['epoch']} step {state['start']}, "
                 f"the sampler resumes at epoch {epoch} step {t}; save both in one state_dict"
             )
-        if int(state["steps"]) != self.k and queue:
+        if saved_k != self.k and queue:
             raise ValueError(
                 f"cannot resume: the run was saved inside a window of lookahead_steps={state['steps']}; build the "
                 f"balancer with BalancerConfig(lookahead_steps={state['steps']}) (this one has {self.k}), or resume "
                 "from a state saved at a window boundary"
             )
         if not queue:
-            if mid and int(state["steps"]) == self.k:
+            if mid and saved_k == self.k:
                 raise ValueError(
                     f"cannot resume: step {t} of epoch {epoch} is inside a look-ahead window ({start}..{end - 1}) "
                     "but the state's queue is empty"
@@ -190,7 +194,7 @@ class LookaheadWindows:
             # At a boundary of the saved run's windows: every window before ``t`` was complete,
             # so the rest of this one has trained nothing yet and runs as sampled.
             return as_sampled
-        if int(state["end"]) != end or len(queue) != end - t:
+        if saved_end != end or len(queue) != end - t:
             raise ValueError(
                 f"cannot resume: the look-ahead queue holds {len(queue)} steps ending at step {state['end']}, but the "
                 f"window of step {t} runs to step {end} ({end - t} steps); the epoch's batches changed"
@@ -207,6 +211,8 @@ class LookaheadWindows:
                 raise ValueError(f"cannot resume: look-ahead queue step {t + u} must be a non-empty list of sequence ids")
             pos = []
             for pid in step_ids:
+                if isinstance(pid, (bool, np.bool_)) or not isinstance(pid, (int, np.integer)):
+                    raise ValueError(f"cannot resume: look-ahead queue step {t + u} holds {pid!r}; sequence ids are integers")
                 j = where.get(int(pid))
                 if j is None:
                     raise ValueError(

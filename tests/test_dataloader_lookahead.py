@@ -54,7 +54,7 @@ def run_world(ds: datasets.Dataset, world: int, **kw: Any) -> list[tuple[int, in
     """``(step, tokens, sample ids of every replica)`` per step, all ranks iterated together."""
     bal_k = kw.pop("k", K)
     loaders = [
-        BalancedDataLoader(ds, balancer=make_balancer(world, bal_k), rank=r, world_size=world, **kw) for r in range(world)
+        BalancedDataLoader(ds, balancer=make_balancer(world, bal_k), rank=r, world_size=world, plan_sync="none", **kw) for r in range(world)
     ]
     out = []
     for steps in zip(*loaders):
@@ -91,8 +91,8 @@ def test_every_sample_once_within_its_window_and_the_band() -> None:
 
 def test_regrouping_lowers_the_estimated_time() -> None:
     ds = dataset(seed=1)
-    loader = BalancedDataLoader(ds, balancer=make_balancer(4), rank=0, world_size=4, tokens_per_step=BUDGET, seed=1)
-    plain = BalancedDataLoader(ds, balancer=make_balancer(4, 0), rank=0, world_size=4, tokens_per_step=BUDGET, seed=1)
+    loader = BalancedDataLoader(ds, balancer=make_balancer(4), rank=0, world_size=4, plan_sync="none", tokens_per_step=BUDGET, seed=1)
+    plain = BalancedDataLoader(ds, balancer=make_balancer(4, 0), rank=0, world_size=4, plan_sync="none", tokens_per_step=BUDGET, seed=1)
     with_la = sum(b.plan.est_step_seconds for b in loader)
     without = sum(b.plan.est_step_seconds for b in plain)
     assert with_la < without
@@ -109,7 +109,7 @@ def test_fixed_sequence_counts_stay_fixed() -> None:
 
 def test_every_epoch_once_and_different_orders() -> None:
     ds = dataset(90, seed=4)
-    loader = BalancedDataLoader(ds, balancer=make_balancer(1 * 4), rank=0, world_size=4, tokens_per_step=BUDGET, seed=4)
+    loader = BalancedDataLoader(ds, balancer=make_balancer(1 * 4), rank=0, world_size=4, plan_sync="none", tokens_per_step=BUDGET, seed=4)
     epochs = []
     for _ in range(2):
         steps = list(loader)
@@ -120,7 +120,7 @@ def test_every_epoch_once_and_different_orders() -> None:
 # -- resume -------------------------------------------------------------------------------------------
 def _rank0(ds: datasets.Dataset, **kw: Any) -> BalancedDataLoader:
     bal = kw.pop("balancer", None) or make_balancer(4)
-    return BalancedDataLoader(ds, balancer=bal, rank=0, world_size=4, tokens_per_step=BUDGET, seed=5, plan_ahead=3, **kw)
+    return BalancedDataLoader(ds, balancer=bal, rank=0, world_size=4, plan_sync="none", tokens_per_step=BUDGET, seed=5, plan_ahead=3, **kw)
 
 
 @pytest.mark.parametrize("stop", ["0", "1", "mid", "last"])
@@ -147,7 +147,7 @@ def test_resume_with_another_pool_trains_the_saved_queue() -> None:
     differently, but every sample still trains exactly once."""
     ds = dataset(seed=6)
     world = 4
-    loaders = [BalancedDataLoader(ds, balancer=make_balancer(world), rank=r, world_size=world, tokens_per_step=BUDGET) for r in range(world)]
+    loaders = [BalancedDataLoader(ds, balancer=make_balancer(world), rank=r, world_size=world, plan_sync="none", tokens_per_step=BUDGET) for r in range(world)]
     its = [iter(x) for x in loaders]
     seen: list[int] = []
     for _ in range(K + 1):  # stop inside the second window
@@ -157,7 +157,7 @@ def test_resume_with_another_pool_trains_the_saved_queue() -> None:
     queued = states[0]["sampler"]["lookahead"]["queue"]
     assert queued
     other = [make_balancer(world, hetero=False) for _ in range(world)]
-    resumed = [BalancedDataLoader(ds, balancer=other[r], rank=r, world_size=world, tokens_per_step=BUDGET) for r in range(world)]
+    resumed = [BalancedDataLoader(ds, balancer=other[r], rank=r, world_size=world, plan_sync="none", tokens_per_step=BUDGET) for r in range(world)]
     for r, x in enumerate(resumed):
         x.load_state_dict(states[r])
     rest = list(zip(*resumed))
@@ -206,15 +206,15 @@ def test_a_state_without_lookahead_finishes_its_window_as_sampled() -> None:
     """Turning look-ahead on mid-window: the window's first steps trained as sampled, so its
     rest does too; the next windows are regrouped; every sample exactly once."""
     ds = dataset(seed=7)
-    plain = BalancedDataLoader(ds, balancer=make_balancer(4, 0), rank=0, world_size=4, tokens_per_step=BUDGET, seed=7)
-    sampled = [every(b) for b in BalancedDataLoader(ds, balancer=make_balancer(4, 0), rank=0, world_size=4, tokens_per_step=BUDGET, seed=7)]
+    plain = BalancedDataLoader(ds, balancer=make_balancer(4, 0), rank=0, world_size=4, plan_sync="none", tokens_per_step=BUDGET, seed=7)
+    sampled = [every(b) for b in BalancedDataLoader(ds, balancer=make_balancer(4, 0), rank=0, world_size=4, plan_sync="none", tokens_per_step=BUDGET, seed=7)]
     it = iter(plain)
     for _ in range(K + 1):
         next(it)
     state = plain.state_dict()
     plain.close()
     assert "lookahead" not in state["sampler"]
-    resumed = BalancedDataLoader(ds, balancer=make_balancer(4), rank=0, world_size=4, tokens_per_step=BUDGET, seed=7)
+    resumed = BalancedDataLoader(ds, balancer=make_balancer(4), rank=0, world_size=4, plan_sync="none", tokens_per_step=BUDGET, seed=7)
     resumed.load_state_dict(state)
     rest = [every(b) for b in resumed]
     assert rest[: K - 1] == sampled[K + 1 : 2 * K]
@@ -245,7 +245,7 @@ def test_streaming_refuses_lookahead() -> None:
             yield {"input_ids": [1, 2, 3]}
 
     with pytest.raises(ValueError, match="needs a map-style dataset"):
-        BalancedDataLoader(Stream(), balancer=make_balancer(4), world_size=4, rank=0, tokens_per_step=BUDGET)
+        BalancedDataLoader(Stream(), balancer=make_balancer(4), world_size=4, plan_sync="none", rank=0, tokens_per_step=BUDGET)
 
 
 # -- two real processes ---------------------------------------------------------------------------------
