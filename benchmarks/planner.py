@@ -53,9 +53,10 @@ Look-ahead: every run also simulates ``balancer_lookahead`` — the Balancer wit
 ``BalancerConfig(lookahead_steps=K)`` (``--lookahead-steps``, default 4; 0 turns it off)
 on its own pool (``generate_candidates(..., lookahead_steps=K)``): each window of ``K``
 global batches is regrouped (:mod:`balancer.lookahead`) before planning, every step within
-±10% of the token budget. Targets: ≥ 1.0× the best baseline in every row, and ≥ 1.15× on
-the long-tail sets (Wikipedia, code, SFT) at 64 and 1,024 GPUs
-(:data:`LOOKAHEAD_GOAL_SETS`). Its plan latency includes its share of the regrouping.
+±10% of the token budget and at most one sequence above it. Targets: ≥ 1.0× the best
+baseline in every row, and ≥ 1.15× on the long-tail sets (Wikipedia, code, SFT) at 64
+and 1,024 GPUs (:data:`LOOKAHEAD_GOAL_SETS`). Its plan latency includes its share of the
+regrouping.
 
 Latency depends on the machine: ``uptime`` load is recorded next to every number.
 """
