@@ -77,11 +77,11 @@ def window_band(
     ``counts`` sequences.
 
     With a token budget the band is ``(1 − ε)·tokens_per_step`` to ``(1 + ε)·tokens_per_step``,
-    capped at ``tokens_per_step + longest`` (one sequence over the budget: the fixed
-    batch size every baseline is held to), ``frozen`` marks the steps whose sampled tokens
-    lie outside it, and counts are free. Without one (a fixed
-    number of sequences per step) every step keeps its sampled count (``count_cap``, exact)
-    and the band is ``(1 ± ε)`` × the mean sampled tokens, widened to the sampled range.
+    capped at ``tokens_per_step + longest`` (one sequence over the budget: the fixed batch
+    size every baseline is held to); ``frozen`` marks the steps whose sampled tokens lie
+    outside it, and counts are free. Without one (a fixed number of sequences per step)
+    every step keeps its sampled count (``count_cap``, exact) and the band is ``(1 ± ε)`` ×
+    the mean sampled tokens, widened to the sampled range.
     """
     k = int(tokens.size)
     if tokens_per_step is not None:
