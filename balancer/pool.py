@@ -259,8 +259,11 @@ def _score(
     return out
 
 
-def _select(scores: np.ndarray, holds_longest: np.ndarray, k: int) -> list[int]:
-    """Greedy pool: best full-coverage candidate first, then the largest drop of the per-batch best."""
+def _select(scores: np.ndarray, holds_longest: np.ndarray, k: int, filler: np.ndarray | None = None) -> list[int]:
+    """Greedy pool: best full-coverage candidate first, then the largest drop of the per-batch best;
+    free slots go to the best stand-alone means among ``filler`` (default: every candidate).
+    Every candidate costs the selector time when its bound does not prune it, so a regime
+    mix that lowers no batch's best estimate is not kept as a filler."""
     finite_mean = np.array([row[np.isfinite(row)].mean() if np.isfinite(row).any() else np.inf for row in scores])
     first_pool = np.flatnonzero(holds_longest & np.isfinite(scores).all(axis=1))
     if first_pool.size == 0:
@@ -277,7 +280,10 @@ def _select(scores: np.ndarray, holds_longest: np.ndarray, k: int) -> list[int]:
             break
         chosen.append(c)
         current = np.minimum(current, scores[c])
-    rest = [int(c) for c in np.argsort(finite_mean, kind="stable") if int(c) not in chosen and np.isfinite(finite_mean[c])]
+    ok = np.ones(scores.shape[0], dtype=bool) if filler is None else filler
+    rest = [
+        int(c) for c in np.argsort(finite_mean, kind="stable") if int(c) not in chosen and np.isfinite(finite_mean[c]) and ok[c]
+    ]
     chosen.extend(rest[: k - len(chosen)])
     return chosen
 
@@ -332,14 +338,16 @@ def generate_candidates(
     mixes += heterogeneous_mixes(
         hist, cluster.num_ranks, cost_model, layouts, sequences_per_step=per_step, max_classes=cfg.max_classes
     )
+    num_average = len(mixes)  # the mixes after this serve other regimes: they enter only by lowering the scores
     if cfg.regime_mixes or cfg.lookahead_steps >= 2:
         mixes += _regrouped_mixes(regrouped, cluster.num_ranks, cost_model, layouts, cfg)
     if cfg.regime_mixes:
         mixes += _tail_mixes(hist, cluster.num_ranks, cost_model, layouts, cfg)
     strategies: list[Strategy] = []
+    average: list[bool] = []
     seen: set[frozenset[tuple[Layout, int]]] = set()
     rejected: list[str] = []
-    for mix in mixes:
+    for m, mix in enumerate(mixes):
         merged: dict[Layout, int] = {}
         for lay, n in mix:
             merged[lay] = merged.get(lay, 0) + n
@@ -354,10 +362,11 @@ def generate_candidates(
             rejected.append(f"{strat.name}: {e}")
             continue
         strategies.append(strat)
+        average.append(m < num_average)
 
     scores = _score(strategies, cluster, cost_model, batches)
     caps = np.array([max(int(cost_model.token_capacity(r.layout)) for r in s.replicas) for s in strategies])
-    chosen = _select(scores, caps >= max_length, cfg.num_candidates)
+    chosen = _select(scores, caps >= max_length, cfg.num_candidates, np.asarray(average, dtype=bool))
     expected = []
     for c in chosen:
         row = scores[c][np.isfinite(scores[c])]
