@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-__all__ = ["Layout", "Replica", "Strategy", "ClusterSpec", "GIB"]
+__all__ = ["Layout", "Replica", "Strategy", "ClusterSpec", "GIB", "whole_number"]
 
 GIB = 1024**3
 
@@ -32,6 +32,16 @@ _LAYOUT_RE = re.compile(r"^tp(\d+)(?:cp(\d+))?(?:pp(\d+))?$")
 def _check_positive_int(name: str, value: Any, owner: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}: {name}={value!r} must be a positive integer (e.g. {name}=1)")
+
+
+def whole_number(what: str, value: Any) -> int:
+    """``value`` as an int if it is a whole number (``4`` or ``4.0``), else a ``ValueError`` naming ``what``.
+
+    JSON readers use it so that ``2.7`` or ``"2"`` is refused instead of truncated.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -81,7 +91,9 @@ class Layout:
         unknown = set(d) - {"tp", "cp", "pp"}
         if unknown:
             raise ValueError(f"Layout: unknown keys {sorted(unknown)}; expected tp, cp, pp")
-        return cls(tp=int(d.get("tp", 1)), cp=int(d.get("cp", 1)), pp=int(d.get("pp", 1)))
+        if not isinstance(d, dict):
+            raise ValueError(f"Layout: expected an object with tp, cp, pp, got {type(d).__name__} {d!r}")
+        return cls(**{k: whole_number(f"Layout {k}", d.get(k, 1)) for k in ("tp", "cp", "pp")})
 
     def __str__(self) -> str:
         return self.name
@@ -150,7 +162,11 @@ class Replica:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Replica":
-        return cls(layout=Layout.from_dict(d["layout"]), ranks=tuple(d["ranks"]))
+        if not isinstance(d, dict) or "layout" not in d or "ranks" not in d:
+            raise ValueError(f"Replica: expected an object with layout and ranks, got {d!r}")
+        if not isinstance(d["ranks"], (list, tuple)):
+            raise ValueError(f"Replica: ranks must be a list of integers, got {d['ranks']!r}")
+        return cls(layout=Layout.from_dict(d["layout"]), ranks=tuple(whole_number("Replica rank", r) for r in d["ranks"]))
 
 
 def _auto_name(replicas: Sequence[Replica]) -> str:

@@ -133,6 +133,8 @@ def test_errors_name_the_problem() -> None:
     policy = make_baseline("bfd", CLUSTER, None, MODEL, max_length=1000)
     with pytest.raises(ValueError, match="sample 12 has 1001 tokens, above max_length 1000"):
         policy.plan([5, 1001], sample_ids=[11, 12])
+    with pytest.raises(ValueError, match="sample 12: loss_tokens=7 must be between 0 and its length minus one"):
+        policy.plan([5, 7], sample_ids=[11, 12], loss_tokens=[4, 7])  # the first token carries no loss
     with pytest.raises(ValueError, match="max_length=5000 must lie in 1..4096"):
         make_baseline("bfd", CLUSTER, Strategy.homogeneous(Layout(4), 8), MODEL, max_length=5000)
 

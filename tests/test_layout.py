@@ -87,3 +87,22 @@ def test_cluster_validation():
         ClusterSpec(num_ranks=2, speed=(1.0, 0.0))
     with pytest.raises(ValueError, match="unknown keys"):
         ClusterSpec.from_dict({"num_ranks": 2, "gpus": 3})
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"tp": 2.7}, "Layout tp must be a whole number, got 2.7"),
+        ({"cp": "2"}, "Layout cp must be a whole number, got '2'"),
+        ({"pp": True}, "Layout pp must be a whole number, got True"),
+    ],
+)
+def test_layout_json_is_read_strictly(bad, message):
+    with pytest.raises(ValueError, match=message):
+        Layout.from_dict(bad)
+    assert Layout.from_dict({"tp": 2.0, "cp": 1}) == Layout(2)
+
+
+def test_replica_json_refuses_fractional_ranks():
+    with pytest.raises(ValueError, match="Replica rank must be a whole number, got 1.5"):
+        Replica.from_dict({"layout": {"tp": 2}, "ranks": [0, 1.5]})

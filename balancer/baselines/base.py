@@ -226,6 +226,13 @@ class BaselinePolicy(ABC):
         if s.size and s.min() < 1:
             i = int(np.argmin(s))
             raise ValueError(f"sample {int(ids[i])} has length {int(s[i])}; lengths must be >= 1 token")
+        bad = np.flatnonzero((loss < 0) | (loss > s - 1))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"sample {int(ids[i])}: loss_tokens={int(loss[i])} must be between 0 and its length minus one "
+                f"({int(s[i]) - 1}): the first token of a sequence carries no loss"
+            )
         if s.size and s.max() > self.max_length:
             i = int(np.argmax(s))
             raise ValueError(
