@@ -1,4 +1,4 @@
-"""What a simulation records: per-step traces of every policy, the result and its tables.
+"""What a simulation is asked (:class:`SimulationConfig`) and records: per-step traces, the result, its tables.
 
 :func:`balancer.simulation.simulate` fills a :class:`PolicyTrace` per policy (arrays
 indexed by step) and returns a :class:`SimulationResult`, which compares them
@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from strategies.plan import StepPlan
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .simulation import SimulationConfig
+from .baselines import BASELINES
 
 __all__ = [
     "BALANCER",
+    "SimulationConfig",
     "BALANCER_LOOKAHEAD",
     "PolicyTrace",
     "SimulationResult",
@@ -35,6 +35,57 @@ BALANCER_LOOKAHEAD = "balancer_lookahead"
 """The Balancer with bounded look-ahead (``BalancerConfig.lookahead_steps``): each window of
 that many batches is regrouped by :class:`balancer.lookahead.WindowPlanner` first."""
 _BALANCERS = (BALANCER, BALANCER_LOOKAHEAD)
+
+
+@dataclass(kw_only=True)
+class SimulationConfig:
+    """What to simulate. Tokens are counts, times seconds."""
+
+    tokens_per_step: int
+    """Token budget of one global batch (e.g. 524288)."""
+    num_steps: int = 20
+    """Optimizer steps to simulate."""
+    max_length: int | None = None
+    """Cap applied to every sequence, tokens; ``None`` = the Balancer's longest
+    supported sequence (``Balancer.max_sequence_length``); required without the Balancer."""
+    seed: int = 0
+    """Seed of the sampler's shuffles and of every policy's randomness."""
+    policies: tuple[str, ...] = (BALANCER, *BASELINES)
+    """Policies to run: ``"balancer"``, ``"balancer_lookahead"`` (needs ``lookahead_config``
+    in :func:`simulate`) and/or names from :data:`balancer.baselines.BASELINES`."""
+    baseline_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Extra keywords per baseline name (e.g. ``{"padded": {"micro_batch_size": 2}}``)."""
+    validate: bool = True
+    """Run :func:`strategies.plan.validate` (with the cost model) on every plan."""
+    warmup: bool = True
+    """Plan the first batch once with throw-away planners before timing (JIT compilation)."""
+    dump_plans: str | None = None
+    """Write every plan as a JSON line ``{"policy", "step", "plan"}`` to this path."""
+    progress: bool = False
+    """Show a tqdm progress bar over steps."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_step", "num_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"SimulationConfig: {name}={v!r} must be an integer >= 1")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or int(self.max_length) < 1):
+            raise ValueError(f"SimulationConfig: max_length={self.max_length!r} must be >= 1 token or None")
+        self.policies = tuple(self.policies)
+        if not self.policies:
+            raise ValueError("SimulationConfig: policies is empty; name at least one (e.g. 'balancer')")
+        known = (BALANCER, BALANCER_LOOKAHEAD, *BASELINES)
+        for p in self.policies:
+            if p not in known:
+                raise ValueError(f"SimulationConfig: unknown policy {p!r}; choose from {', '.join(known)}")
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError(f"SimulationConfig: policies {self.policies} name one policy twice")
+        for name in self.baseline_options:
+            if name not in BASELINES:
+                raise ValueError(f"SimulationConfig: baseline_options names unknown baseline {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass

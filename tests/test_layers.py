@@ -51,3 +51,18 @@ def test_package_faces_give_functions_not_submodules():
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_no_import_circles_between_modules():
+    """No module imports (directly or through others) a module that imports it back."""
+    grimp = pytest.importorskip("grimp")  # comes with import-linter
+    graph = grimp.build_graph("packers", "strategies", "balancer", "dataloader", "hydraulis")
+    circles = sorted(
+        {
+            tuple(sorted((module, imported)))
+            for module in graph.modules
+            for imported in graph.find_modules_directly_imported_by(module)
+            if graph.find_shortest_chain(importer=imported, imported=module)
+        }
+    )
+    assert circles == []
