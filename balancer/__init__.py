@@ -95,16 +95,15 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
         static_strategy,
     )
     from .bounds import lower_bound
-    from .candidates import CandidateConfig, cluster_lower_bound, enumerate_layouts, heterogeneous_mixes
     from .calibrate import CalibrationWarning, calibration_micro_batches
+    from .candidates import CandidateConfig, cluster_lower_bound, enumerate_layouts, heterogeneous_mixes
     from .cost import COST_MODEL_VERSION, CostModel
     from .decoder import build_decoder
-    from .measure import MeasuredPlan, ReplicaMeasurement, execute_plan
-    from .stage1 import Dispatch, ReplicaTable, dispatch, item_seconds, refine_dispatch, stage1_times
     from .fit import FitResult, fit_quadratic
     from .histogram import LengthHistogram
-    from .lookahead import WindowPlan, WindowPlanner
     from .layout_cost import LayoutCost, UnsupportedLayoutError, replica_seconds
+    from .lookahead import WindowPlan, WindowPlanner
+    from .measure import MeasuredPlan, ReplicaMeasurement, execute_plan
     from .microbatch import MicroBatches, pack_micro_batches, pack_replica
     from .pool import CandidatePool, generate_candidates, load_candidates, save_candidates
     from .profile import LengthProfile
@@ -112,6 +111,7 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
     from .simulation import SimulationConfig, SimulationResult, simulate
     from .solve import BalancerConfig, StrategySolution, solve_strategy
     from .specs import HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec, hardware_preset, model_preset
+    from .stage1 import Dispatch, ReplicaTable, dispatch, item_seconds, refine_dispatch, stage1_times
     from .validation import validate
 
 

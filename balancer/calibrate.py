@@ -41,7 +41,9 @@ import numpy as np
 from strategies.layout import Layout
 
 from .analytic import AnalyticModel
+from .decoder import DecoderStep, build_decoder, decoder_step_fn
 from .device import (
+    CLOCKS,
     calibration_device,
     check_clock,
     cpu_threads,
@@ -50,9 +52,7 @@ from .device import (
     environment,
     local_hardware,
     synchronizer,
-    CLOCKS,
 )
-from .decoder import DecoderStep, build_decoder, decoder_step_fn
 from .fit import FitResult, fit_quadratic
 from .layout_cost import LayoutCost
 from .specs import HardwareSpec, ModelSpec

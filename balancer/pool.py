@@ -27,10 +27,10 @@ from strategies.layout import ClusterSpec, Layout, Strategy
 
 from .candidates import CandidateConfig, enumerate_layouts, heterogeneous_mixes
 from .cost import CostModel
-from .stage1 import ReplicaTable
 from .histogram import LengthHistogram, check_lengths
 from .lookahead import window_proposals
 from .solve import solve_strategy
+from .stage1 import ReplicaTable
 
 __all__ = ["CandidatePool", "generate_candidates", "load_candidates", "save_candidates"]
 

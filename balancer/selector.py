@@ -41,6 +41,8 @@ from strategies.plan import ReplicaPlan, StepPlan
 
 from .bounds import lower_bound, quick_lower_bound
 from .cost import CostModel
+from .prefetch import plan_ahead
+from .solve import BalancerConfig, StrategySolution, solve_strategy, stage2
 from .stage1 import (
     ReplicaTable,
     Stage1LP,
@@ -48,8 +50,7 @@ from .stage1 import (
     stage1_arrays,
     stage1_lp,
 )
-from .prefetch import plan_ahead
-from .solve import BalancerConfig, StrategySolution, solve_strategy, stage2
+from .validation import check_loss_token_range
 
 __all__ = ["BalancerConfig", "Balancer", "StrategySolution", "solve_strategy"]
 
@@ -261,13 +262,7 @@ class Balancer:
             loss = lengths - 1
         else:
             loss = _int_array(loss_in, "loss_tokens", n)
-            bad = np.flatnonzero((loss < 0) | (loss > lengths - 1))
-            if bad.size:
-                i = int(bad[0])
-                raise ValueError(
-                    f"loss_tokens[{i}] = {int(loss[i])} must be between 0 and the sequence length minus one, "
-                    f"{int(lengths[i]) - 1} (the first token of a sequence carries no loss: nothing precedes it)"
-                )
+            check_loss_token_range(loss, lengths, sample_ids)
         return lengths, sample_ids, loss
 
     def _raise_too_long(self, lengths: np.ndarray, sample_ids: np.ndarray) -> None:

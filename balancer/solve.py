@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stage1 import Dispatch, ReplicaTable, dispatch, stage1_arrays
 from .microbatch import MicroBatches, pack_micro_batches
+from .stage1 import Dispatch, ReplicaTable, dispatch, stage1_arrays
 
 __all__ = ["BalancerConfig", "StrategySolution", "solve_strategy", "stage2"]
 

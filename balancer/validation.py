@@ -18,7 +18,7 @@ from strategies.plan import PlanError, StepPlan, check_plan, length_of
 
 from .cost import CostModel
 
-__all__ = ["validate"]
+__all__ = ["check_loss_token_range", "validate"]
 
 
 def validate(
@@ -66,4 +66,21 @@ def validate(
     if plan.lower_bound_seconds > plan.est_step_seconds * (1 + rtol) + 1e-12:
         raise PlanError(
             f"lower_bound_seconds={plan.lower_bound_seconds!r} exceeds est_step_seconds={plan.est_step_seconds!r}"
+        )
+
+
+def check_loss_token_range(loss_tokens: np.ndarray, lengths: np.ndarray, sample_ids: np.ndarray | None = None) -> None:
+    """Raise ``ValueError`` naming the first sequence whose loss-token count is outside ``0 .. length − 1``.
+
+    The first token of a sequence carries no loss (nothing precedes it), so a sequence of
+    ``s`` tokens has at most ``s − 1``. Arrays are ``int64[n]``; ``sample_ids`` name the
+    sequences in the message (default: their positions).
+    """
+    bad = np.flatnonzero((loss_tokens < 0) | (loss_tokens > lengths - 1))
+    if bad.size:
+        i = int(bad[0])
+        who = f"sample {int(sample_ids[i])}" if sample_ids is not None else f"sequence {i}"
+        raise ValueError(
+            f"{who}: loss_tokens={int(loss_tokens[i])} must be between 0 and its length minus one "
+            f"({int(lengths[i]) - 1}): the first token of a sequence carries no loss"
         )

@@ -9,6 +9,7 @@ See ``docs/dataloader.md``. Typical use::
 
 from .batch import SEQUENCE_KEYS, StepBatch
 from .collate import Collator, ContextParallelCollator, PackedCollator, PaddedCollator, block_causal_mask, cp_shard
+from .config import SamplerConfig, SamplerStats
 from .hf import HFPackingError, hf_packed_inputs
 from .lengths import (
     IGNORE_INDEX,
@@ -23,7 +24,6 @@ from .lengths import (
 from .loader import BalancedDataLoader
 from .loss import normalize, packed_loss, target_loss_sum, token_loss_sum
 from .planning import PlanSyncError
-from .config import SamplerConfig, SamplerStats
 from .sampler import BalancedBatchSampler, SamplerStep
 from .sources import DATA_SUFFIXES, LengthSource, read_dataset_lengths
 from .spec import MicroBatchSpec

@@ -21,8 +21,8 @@ last token, so its label is always ``-100``: a sequence of ``s`` tokens has at m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

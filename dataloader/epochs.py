@@ -13,8 +13,8 @@ from numba import njit
 
 from strategies.plan import RankPlan
 
-from .pieces import Pieces
 from .agreement import PlanBatch
+from .pieces import Pieces
 from .spec import MicroBatchSpec
 
 __all__ = ["epoch_batches", "gather_batch", "micro_batch_specs", "token_budget_bounds"]

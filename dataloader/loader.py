@@ -38,11 +38,11 @@ import torch.utils.data as tud
 
 from .batch import SEQUENCE_KEYS, StepBatch
 from .collate import PackedCollator
+from .config import SamplerConfig
 from .fetch import INLINE_BYTES_PINNED, CollateSpec, FetchDataset, SpecFeed, unship
 from .lengths import IGNORE_INDEX, compute_lengths, compute_loss_tokens
 from .lookahead import lookahead_steps
 from .planning import PlanSyncError
-from .config import SamplerConfig
 from .sampler import BalancedBatchSampler, SamplerStep
 from .scan import scan_dataset
 from .spec import MicroBatchSpec

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from balancer.validation import check_loss_token_range
+
 __all__ = ["OVERLONG_POLICIES", "Pieces", "build_pieces", "check_loss_tokens", "describe_cuts"]
 
 OVERLONG_POLICIES = ("error", "truncate", "split", "drop")
@@ -28,13 +30,7 @@ def check_loss_tokens(loss_tokens: np.ndarray | Sequence[int], lengths: np.ndarr
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"loss_tokens must hold integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
-    bad = np.flatnonzero((arr < 0) | (arr > lengths - 1))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(
-            f"sample {i}: loss_tokens={int(arr[i])} but a {int(lengths[i])}-token sample has between 0 and "
-            f"{int(lengths[i]) - 1} (the first token carries no loss)"
-        )
+    check_loss_token_range(arr, lengths, np.arange(arr.size))
     return arr
 
 

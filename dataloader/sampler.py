@@ -47,17 +47,25 @@ import numpy as np
 
 from strategies.plan import RankPlan, StepPlan
 
+from .agreement import PlanBatch, rank_plan_for
 from .config import SamplerConfig, SamplerStats
 from .distributed import group_timeout_s, plan_group, rank_and_world, resolve_sync
 from .epochs import epoch_batches, gather_batch, micro_batch_specs
 from .lengths import check_lengths
 from .lookahead import LookaheadWindows, lookahead_steps
 from .pieces import OVERLONG_POLICIES, Pieces, build_pieces, check_loss_tokens, describe_cuts
-from .agreement import PlanBatch, rank_plan_for
 from .planning import PlanStream
 from .sizes import MicroBatchSizeCheck, step_size_warning
 from .spec import MicroBatchSpec
-from .state import STATE_VERSION, Position, SavedState, balancer_state, cap_change, lengths_fingerprint, read_sampler_state
+from .state import (
+    STATE_VERSION,
+    Position,
+    SavedState,
+    balancer_state,
+    cap_change,
+    lengths_fingerprint,
+    read_sampler_state,
+)
 
 __all__ = ["OVERLONG_POLICIES", "BalancedBatchSampler", "SamplerConfig", "SamplerStats", "SamplerStep", "balancer_state"]
 

@@ -39,12 +39,12 @@ import torch
 
 from strategies.plan import StepPlan
 
+from .agreement import PlanBatch, rank_plan_for
 from .batch import StepBatch, cut_sample
 from .collate import Collator
 from .config import SamplerConfig, SamplerStats
 from .distributed import group_timeout_s, plan_group, rank_and_world, resolve_sync
 from .lengths import IGNORE_INDEX
-from .agreement import PlanBatch, rank_plan_for
 from .planning import PlanStream, PlanSyncError
 from .spec import MicroBatchSpec
 from .state import STATE_VERSION, LengthsHash, Position, SavedState, balancer_state, read_stream_state

@@ -372,7 +372,7 @@ def test_bad_inputs_raise_one_clear_error():
         bal.plan([])
     with pytest.raises(ValueError, match="loss_tokens"):
         bal.plan([5, 6], loss_tokens=[5, 7])
-    with pytest.raises(ValueError, match=r"loss_tokens\[0\] = 5 must be between 0 and the sequence length minus one, 4"):
+    with pytest.raises(ValueError, match=r"sample \d+: loss_tokens=5 must be between 0 and its length minus one \(4\)"):
         bal.plan([5, 6], loss_tokens=[5, 6])  # the first token of a sequence carries no loss
     with pytest.raises(ValueError, match=r"lengths\[1\] = 1e\+30 is out of range"):
         bal.plan(np.array([5.0, 1e30]))  # a whole number, but not one int64 holds

@@ -16,6 +16,7 @@ from strategies.layout import ClusterSpec, Strategy
 from strategies.plan import ReplicaPlan, StepPlan
 
 from ..cost import CostModel, replica_seconds
+from ..validation import check_loss_token_range
 from .scoring import PlanScore, score_plan, strategy_lower_bound
 from .static import _priced
 
@@ -226,13 +227,7 @@ class BaselinePolicy(ABC):
         if s.size and s.min() < 1:
             i = int(np.argmin(s))
             raise ValueError(f"sample {int(ids[i])} has length {int(s[i])}; lengths must be >= 1 token")
-        bad = np.flatnonzero((loss < 0) | (loss > s - 1))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(
-                f"sample {int(ids[i])}: loss_tokens={int(loss[i])} must be between 0 and its length minus one "
-                f"({int(s[i]) - 1}): the first token of a sequence carries no loss"
-            )
+        check_loss_token_range(loss, s, ids)
         if s.size and s.max() > self.max_length:
             i = int(np.argmax(s))
             raise ValueError(
