@@ -64,8 +64,9 @@ def test_every_baseline_plans_validly(name: str, data) -> None:
     try:
         plan = policy.plan(lengths, step=step, sample_ids=ids, flush=True)
     except ValueError as err:  # Megatron refuses a batch it cannot cut into a multiple of R groups
+        # Only Megatron refuses, with its own assert's words; when it does is Megatron's rule,
+        # checked against the real scheduler's refusals in test_baselines_fixtures.py.
         assert name == "megatron_dp_balanced" and "Not enough samples to move" in str(err)
-        assert n < 2 * len(policy.strategy.replicas) or int(lengths.sum()) <= 2 * policy.capacity
         return
     _check(name, plan, table, ids)
     assert policy.pending == 0
