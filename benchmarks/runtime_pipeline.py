@@ -57,10 +57,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# the script's folder comes first on sys.path, and benchmarks/packers.py would shadow the packers package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-if str(ROOT) not in sys.path:  # run as a script from a source checkout
-    sys.path.insert(0, str(ROOT))
+# Run as a script from a source checkout: the repo root first, and not this folder, whose
+# packers.py would shadow the packers package (also when PYTHONPATH already names the root).
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, HERE)]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
