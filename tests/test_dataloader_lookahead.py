@@ -113,8 +113,12 @@ def test_every_epoch_once_and_different_orders() -> None:
     epochs = []
     for _ in range(2):
         steps = list(loader)
-        epochs.append([b.step for b in steps])
-    assert epochs[1][0] == epochs[0][-1] + 1
+        epochs.append(([b.step for b in steps], [every(b) for b in steps]))
+    (steps0, ids0), (steps1, ids1) = epochs
+    assert steps1[0] == steps0[-1] + 1  # step numbers continue across the epoch boundary
+    for ids in (ids0, ids1):  # every sample exactly once per epoch, windows never cross it
+        assert sorted(s for step in ids for s in step) == list(range(len(ds)))
+    assert ids0 != ids1  # each epoch its own shuffle, regrouped on its own
 
 
 # -- resume -------------------------------------------------------------------------------------------

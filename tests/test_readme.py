@@ -94,3 +94,19 @@ def test_readme_use_it_snippet_runs_and_is_exact_on_one_and_two_processes(tmp_pa
         assert not np.array_equal(value, initial[name].numpy()) or "rotary" in name or name.endswith("inv_freq")
         np.testing.assert_allclose(two[0]["params"][name], value, rtol=0, atol=1e-6, err_msg=name)
         np.testing.assert_array_equal(two[1]["params"][name], two[0]["params"][name], err_msg=name)
+
+
+def test_readme_demo_transcript_is_the_demos_summary() -> None:
+    """The README's demo transcript is a real summary (its block once went empty unnoticed):
+    every line the demo's summary prints, and the estimate the quick start quotes."""
+    text = README.read_text()
+    section = text.split("`hydraulis demo` runs the whole pipeline", 1)[1]
+    block = re.search(r"```\n(.*?)```", section, re.S)
+    assert block, "README.md's demo paragraph has no transcript block"
+    lines = block.group(1).strip().splitlines()
+    starts = ("══ summary", "estimate, ", "measured, 2 CPU processes", "measured, multipack", "  wall clock",
+              "same global batches")
+    assert [line.startswith(s) for line, s in zip(lines, starts)] == [True] * len(starts) and len(lines) == len(starts)
+    quick = (README.parent / "docs" / "quickstart.md").read_text()
+    estimate = re.search(r"balancer ([\d,]+) tokens/s — ([\d.]+)× the best baseline", lines[1])
+    assert estimate and f"balancer: {estimate.group(1)} tokens/s" in quick and f"{estimate.group(2)}× (over" in quick

@@ -178,3 +178,38 @@ def test_lookahead_policy_regroups_windows_within_the_band() -> None:
     assert "faster |" in res.summary_table()
     with pytest.raises(ValueError, match="lookahead_config=BalancerConfig"):
         simulate(LENGTHS, CLUSTER, MODEL, cfg, candidates=CANDIDATES)
+
+
+def test_fixed_batch_size_check_flags_steps_outside_the_range() -> None:
+    """The check ``simulate`` reports per policy can fail: a step under half the budget or
+    over the budget plus one longest sequence counts, an epoch's last (flushed) step and a
+    refused step do not, and the table marks the policy."""
+    from balancer.simulation_result import PolicyTrace
+
+    budget, longest = 1000, 300
+    tr = PolicyTrace.empty("x", 6, budget=budget, longest=longest)
+    tr.tokens[:] = [500, 1300, 499, 1301, 100, 10]
+    tr.flushed[4] = True  # the epoch's last step may be short
+    tr.refused[5] = True  # a refused step trained nothing
+    check = tr.batch_size()
+    assert check["batch_size_violations"] == 2  # 499 and 1301
+    assert check["step_tokens_min"] == pytest.approx(0.499) and check["step_tokens_max"] == pytest.approx(1.301)
+    tr.tokens[[2, 3]] = [700, 1000]
+    assert tr.batch_size()["batch_size_violations"] == 0
+
+
+def test_every_policy_keeps_the_batch_size_across_epochs() -> None:
+    """All baselines and both Balancer rows over several epochs (the short last batch of
+    each is exempt): none trains under half the budget or over budget + max_length."""
+    capped_total = int(np.minimum(LENGTHS, 8192).sum())
+    budget = capped_total // 3 + 1  # ~3 steps an epoch, the last one short
+    cfg = SimulationConfig(tokens_per_step=budget, num_steps=10, max_length=8192, seed=4,
+                           policies=(BALANCER, BALANCER_LOOKAHEAD, *BASELINES),
+                           baseline_options={"padded": {"micro_batch_size": 1}})
+    res = simulate(LENGTHS, CLUSTER, MODEL, cfg, candidates=CANDIDATES, lookahead_config=BalancerConfig(lookahead_steps=2))
+    assert len(res.epoch_ends) >= 2
+    for name, tr in res.traces.items():
+        assert tr.summary()["batch_size_violations"] == 0, name
+        ends = tr.flushed | tr.refused  # Megatron may refuse an epoch's short last batch
+        assert set(np.flatnonzero(tr.flushed)) <= set(res.epoch_ends) <= set(np.flatnonzero(ends)), name
+        assert "✓" in next(line for line in res.summary_table().splitlines() if line.startswith(f"| {name} |"))
