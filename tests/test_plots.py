@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.profile import LengthProfile
-from hydraulis.plots import doubling_shares, plot_length_histogram, plot_simulation, plot_time_share, same_as_earlier
+from hydraulis.plots import _DASHES, doubling_shares, plot_length_histogram, plot_simulation, plot_time_share, same_as_earlier
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -139,3 +139,36 @@ def test_simulation_plot_with_epoch_ends(tmp_path) -> None:
     assert res.epoch_ends  # ~620K tokens: an epoch every 4 steps
     plot_simulation(res, tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_every_policy_line_has_its_own_style_and_the_legend_sits_outside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's ten policies (balancer, look-ahead, eight baselines), four of them identical:
+    every line differs from every other in colour, marker and (but the balancer) dash
+    pattern, coinciding lines put their markers on different steps, and the legend's box
+    lies right of the data panel."""
+    from matplotlib.colors import to_rgba
+
+    figures = _captured(monkeypatch)
+    names = ["balancer", "balancer_lookahead", "padded", "length_grouped", "multipack", "bfd",
+             "megatron_dp_balanced", "megatron_hybrid_cp", "wlb_llm", "hydraulis_random_restart"]
+    same = np.linspace(1.0, 2.0, 20)
+    traces = {
+        name: types.SimpleNamespace(step_seconds=same if name in ("multipack", "bfd", "megatron_dp_balanced", "wlb_llm")
+                                    else same + 1 + k, imbalance=np.ones(20))
+        for k, name in enumerate(names)
+    }
+    plot_simulation(types.SimpleNamespace(traces=traces, num_ranks=16), tmp_path / "s.png")
+    (fig,) = figures
+    top = fig.axes[0]
+    lines = top.lines[: len(names)]
+    assert len({to_rgba(line.get_color()) for line in lines}) == len(names)
+    assert len({line.get_marker() for line in lines}) == len(names)
+    dashes = [str(line.get_linestyle()) + str(getattr(line, "_unscaled_dash_pattern", "")) for line in lines[1:]]
+    assert len(set(dashes)) >= min(len(_DASHES), len(names) - 1)
+    coinciding = [line for line in lines if line.get_label().split()[0] in ("multipack", "bfd", "megatron_dp_balanced", "wlb_llm")]
+    marked = [tuple(np.arange(20)[line.get_markevery()[0]:: line.get_markevery()[1]]) for line in coinciding]
+    assert len(set(m[0] for m in marked)) == len(coinciding)  # markers start on different steps
+    assert [line.get_label() for line in coinciding][1:] == ["bfd = multipack", "megatron_dp_balanced = multipack", "wlb_llm = multipack"]
+    fig.canvas.draw()
+    legend = top.get_legend().get_window_extent()
+    assert legend.x0 >= top.get_window_extent().x1  # right of the panel: covers no data
