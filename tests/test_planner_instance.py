@@ -149,3 +149,20 @@ def test_heterogeneity_ceiling_prices_each_sequence_on_its_cheapest_layout() -> 
     assert got["ceiling"] == pytest.approx((tp8.a * s * s + tp8.b * s) * 8 / (tp1.a * s * s + tp1.b * s))
     longest = planner.heterogeneity_ceiling(scn, np.full(50, 40_000))  # capped at 32K: tp8 only
     assert longest["ceiling"] == pytest.approx(1.0)
+
+
+def test_missed_lookahead_rows_are_listed_with_the_reasons_the_results_show():
+    """On the committed results: exactly the ✗ look-ahead rows, each with its reason (the
+    ceiling below the target, a best baseline training steps below the ±ε band)."""
+    runs = json.loads((ROOT / "benchmarks" / "results" / "planner.json").read_text())["runs"]
+    missed = [r for r in runs if not r["targets"].get("lookahead_speedup_goal", [0, 0, True])[2]]
+    text = planner.missed_rows(runs, epsilon=0.1)
+    items = [line for line in text.splitlines() if line.startswith("* ")]
+    assert [line.split(":")[0] for line in items] == [f"* {r['scenario']} on {r['lengths']}" for r in missed]
+    for r, line in zip(missed, items):
+        ceiling = r["heterogeneity_ceiling"]["ceiling"]
+        assert ("heterogeneity ceiling" in line) == (ceiling < r["targets"]["lookahead_speedup_goal"][1])
+        assert ("within ±0.1" in line) == (r["simulation"]["policies"][r["best_baseline"]]["summary"]["step_tokens_min"] < 0.9)
+        assert "Why: " in line and "neither" not in line
+    met = [dict(r, targets={**r["targets"], "lookahead_speedup_goal": [1.2, 1.15, True]}) for r in runs]
+    assert planner.missed_rows(met) == "Every look-ahead row meets its target.\n"
