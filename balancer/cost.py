@@ -31,7 +31,8 @@ import numpy as np
 from strategies.layout import Layout
 
 from . import calibrate as cal
-from .analytic import AnalyticModel, AnalyticOptions
+from .analytic import AnalyticModel
+from .analytic_options import AnalyticOptions
 from .data import INSTANCES_FILE
 from .fit import fit_quadratic
 from .layout_cost import (
@@ -260,7 +261,7 @@ class CostModel:
         """Analytic coefficients and memory capacity for any layout (see :mod:`balancer.analytic`).
 
         ``model`` and ``hardware`` are specs or preset names (``"llama-7b"``, ``"h100-80g"``).
-        Options are an :class:`~balancer.analytic.AnalyticOptions` or its fields as keywords:
+        Options are an :class:`~balancer.analytic_options.AnalyticOptions` or its fields as keywords:
         ``zero_stage``, ``num_ranks``, ``reserve_bytes``, ``grad_bytes``, ``optimizer_bytes``,
         ``tp_efficiency``, ``cp_efficiency``, ``efficiency_decay`` (legacy single-term form),
         ``min_efficiency``. Layouts are priced on first use and cached;
