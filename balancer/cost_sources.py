@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -35,14 +35,16 @@ from .specs import HardwareSpec, ModelSpec, hardware_preset, model_preset
 
 __all__ = ["CostModelSources"]
 
+_Model = TypeVar("_Model", bound="CostModelSources")
+
 
 class CostModelSources:
     """The constructors of :class:`balancer.cost.CostModel`, one per source of numbers."""
 
     @classmethod
     def from_coefficients(
-        cls, table: Mapping[Layout | str, LayoutCost | Mapping[str, Any] | Sequence[float]], **meta: Any
-    ) -> "CostModel":
+        cls: type[_Model], table: Mapping[Layout | str, LayoutCost | Mapping[str, Any] | Sequence[float]], **meta: Any
+    ) -> _Model:
         """Explicit coefficients per layout.
 
         Values may be :class:`LayoutCost`, dicts with ``a, b, c, token_capacity`` (and
@@ -69,7 +71,7 @@ class CostModelSources:
         return cls(out, source="coefficients", meta=meta)
 
     @classmethod
-    def from_hydraulis_instance(cls, path: str | Path | None = None, *, unit: str = "ms") -> "CostModel":
+    def from_hydraulis_instance(cls: type[_Model], path: str | Path | None = None, *, unit: str = "ms") -> _Model:
         """Coefficients from a Hydraulis instance file (default: the bundled
         :data:`balancer.data.INSTANCES_FILE`, the published 13B numbers).
 
@@ -112,12 +114,12 @@ class CostModelSources:
 
     @classmethod
     def analytic(
-        cls,
+        cls: type[_Model],
         model: "ModelSpec | str",
         hardware: "HardwareSpec | str",
         options: "AnalyticOptions | None" = None,
         **option_values: Any,
-    ) -> "CostModel":
+    ) -> _Model:
         """Analytic coefficients and memory capacity for any layout (see :mod:`balancer.analytic`).
 
         ``model`` and ``hardware`` are specs or preset names (``"llama-7b"``, ``"h100-80g"``).
@@ -138,7 +140,7 @@ class CostModelSources:
 
     @classmethod
     def fit(
-        cls,
+        cls: type[_Model],
         lengths: Sequence[int] | Sequence[Sequence[int]] | np.ndarray,
         seconds: Sequence[float] | np.ndarray,
         *,
@@ -147,7 +149,7 @@ class CostModelSources:
         c: float | None = None,
         d: float | None = None,
         time_unit: str = "s",
-    ) -> "CostModel":
+    ) -> _Model:
         """Non-negative least-squares fit of one layout's ``a, b`` (and ``c``, ``d`` when ``None``).
 
         ``lengths``: one length per sample (a micro-batch of one sequence) or one list of
@@ -164,14 +166,14 @@ class CostModelSources:
 
     @classmethod
     def fit_layouts(
-        cls,
+        cls: type[_Model],
         samples: Mapping[LayoutKey, tuple[Any, Any]],
         *,
         token_capacity: int | Mapping[LayoutKey, int],
         c: float | None | Mapping[LayoutKey, float | None] = None,
         d: float | None = None,
         time_unit: str = "s",
-    ) -> "CostModel":
+    ) -> _Model:
         """:meth:`fit` for several layouts at once: ``{layout: (lengths, seconds)}``.
 
         ``token_capacity`` and ``c`` are one value for all layouts or a dict per layout;
@@ -204,7 +206,7 @@ class CostModelSources:
 
     @classmethod
     def calibrate(
-        cls,
+        cls: type[_Model],
         model: "ModelSpec | str | None" = "tiny",
         *,
         micro_batches: Sequence[int | Sequence[int]] | None = None,
@@ -224,7 +226,7 @@ class CostModelSources:
         attention: str = "auto",
         progress: bool | None = None,
         log: Callable[[str], None] | None = None,
-    ) -> "CostModel":
+    ) -> _Model:
         """Time forward + backward of packed micro-batches on the local device, then fit
         ``a, b, c, d`` (:mod:`balancer.calibrate`).
 
