@@ -92,6 +92,77 @@ def _int_array(values: Any, what: str, n: int | None) -> np.ndarray:
 _INT64_LIMIT = 2**63
 
 
+def check_batch(lengths_in: Any, sample_ids_in: Any, loss_in: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(lengths, sample_ids, loss_tokens)`` of one step as int64 arrays, checked (raises naming the entry)."""
+    lengths = _int_array(lengths_in, "lengths", None)
+    n = lengths.size
+    if n == 0:
+        raise ValueError("lengths is empty: a step needs at least one sequence")
+    bad = np.flatnonzero(lengths <= 0)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"lengths[{i}] = {int(lengths[i])}; every sequence must have at least 1 token")
+    if sample_ids_in is None:
+        sample_ids = np.arange(n, dtype=np.int64)
+    else:
+        sample_ids = _int_array(sample_ids_in, "sample_ids", n)
+        neg = np.flatnonzero(sample_ids < 0)
+        if neg.size:
+            raise ValueError(f"sample_ids[{int(neg[0])}] = {int(sample_ids[neg[0]])}; sample ids are dataset indices >= 0")
+        uniq, counts = np.unique(sample_ids, return_counts=True)
+        if uniq.size != n:
+            dup = int(uniq[np.argmax(counts > 1)])
+            raise ValueError(f"sample id {dup} appears more than once in the batch; each sample must appear once")
+    if loss_in is None:
+        loss = lengths - 1
+    else:
+        loss = _int_array(loss_in, "loss_tokens", n)
+        check_loss_token_range(loss, lengths, sample_ids)
+    return lengths, sample_ids, loss
+
+
+def assemble_plan(
+    sol: StrategySolution,
+    lengths: np.ndarray,
+    sample_ids: np.ndarray,
+    loss: np.ndarray,
+    bound: float,
+    step: int,
+    solver: str,
+    elapsed: float,
+) -> StepPlan:
+    """The :class:`StepPlan` of solution ``sol`` (sample ids in micro-batch order, estimates per replica)."""
+    table, micro = sol.table, sol.micro
+    order, bounds_arr = micro.flat_order()
+    ids = sample_ids[order].tolist()
+    bounds = bounds_arr.tolist()
+    mb_start = micro.mb_start.tolist()
+    count = np.bincount(micro.bin_of, minlength=table.num_replicas).tolist()
+    # est_seconds: balancer.cost.replica_seconds, vectorised over replicas in pack_micro_batches.
+    est = micro.est_seconds.tolist()
+    replicas: list[ReplicaPlan] = []
+    for j, rep in enumerate(table.strategy.replicas):
+        if count[j] == 0:
+            replicas.append(ReplicaPlan(rep.ranks, rep.layout, ((),), 0.0))
+            continue
+        mbs = tuple(tuple(ids[bounds[k] : bounds[k + 1]]) for k in range(mb_start[j], mb_start[j + 1]))
+        replicas.append(ReplicaPlan(rep.ranks, rep.layout, mbs, est[j]))
+    est_step = max(r.est_seconds for r in replicas)
+    assert bound <= est_step * (1 + 1e-9) + 1e-12, f"lower bound {bound} above estimate {est_step}"
+    return StepPlan(
+        step=step,
+        strategy=table.strategy.name,
+        replicas=tuple(replicas),
+        est_step_seconds=est_step,
+        lower_bound_seconds=min(bound, est_step),
+        global_sequences=int(lengths.size),
+        global_tokens=int(lengths.sum()),
+        global_loss_tokens=int(loss.sum()),
+        solver=solver,
+        plan_seconds=elapsed,
+    )
+
+
 class Balancer:
     """Per-step planner over a fixed pool of candidate strategies (see module docstring)."""
 
@@ -188,7 +259,7 @@ class Balancer:
         loss_tokens_in: Any,
     ) -> StepPlan:
         t0 = time.perf_counter()
-        lengths, sample_ids, loss = self._check_batch(lengths_in, sample_ids_in, loss_tokens_in)
+        lengths, sample_ids, loss = check_batch(lengths_in, sample_ids_in, loss_tokens_in)
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step={step!r} must be an integer >= 0")
         step = int(step)
@@ -230,40 +301,13 @@ class Balancer:
             assert best is not None
             bound = lower_bound(best.table, lengths, best.item_seconds, w=best.stage1_times, lp=best_lp)
             best, solver = self._refine(best, lengths, bound, step)
-            plan = self._assemble(best, lengths, sample_ids, loss, bound, step, solver, time.perf_counter() - t0)
+            plan = assemble_plan(best, lengths, sample_ids, loss, bound, step, solver, time.perf_counter() - t0)
             self._previous = plan.strategy
             self._recent[step] = (plan.strategy, best.table.speed.copy())
             self._recent.move_to_end(step)
             while len(self._recent) > _RECENT_PLANS:
                 self._recent.popitem(last=False)
         return plan
-
-    def _check_batch(self, lengths_in: Any, sample_ids_in: Any, loss_in: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lengths = _int_array(lengths_in, "lengths", None)
-        n = lengths.size
-        if n == 0:
-            raise ValueError("lengths is empty: a step needs at least one sequence")
-        bad = np.flatnonzero(lengths <= 0)
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"lengths[{i}] = {int(lengths[i])}; every sequence must have at least 1 token")
-        if sample_ids_in is None:
-            sample_ids = np.arange(n, dtype=np.int64)
-        else:
-            sample_ids = _int_array(sample_ids_in, "sample_ids", n)
-            neg = np.flatnonzero(sample_ids < 0)
-            if neg.size:
-                raise ValueError(f"sample_ids[{int(neg[0])}] = {int(sample_ids[neg[0]])}; sample ids are dataset indices >= 0")
-            uniq, counts = np.unique(sample_ids, return_counts=True)
-            if uniq.size != n:
-                dup = int(uniq[np.argmax(counts > 1)])
-                raise ValueError(f"sample id {dup} appears more than once in the batch; each sample must appear once")
-        if loss_in is None:
-            loss = lengths - 1
-        else:
-            loss = _int_array(loss_in, "loss_tokens", n)
-            check_loss_token_range(loss, lengths, sample_ids)
-        return lengths, sample_ids, loss
 
     def _raise_too_long(self, lengths: np.ndarray, sample_ids: np.ndarray) -> None:
         cap = self.max_sequence_length
@@ -303,47 +347,6 @@ class Balancer:
                 )
                 return refined, "greedy+cpsat"
         return sol, "greedy (cpsat: no gain)"
-
-    def _assemble(
-        self,
-        sol: StrategySolution,
-        lengths: np.ndarray,
-        sample_ids: np.ndarray,
-        loss: np.ndarray,
-        bound: float,
-        step: int,
-        solver: str,
-        elapsed: float,
-    ) -> StepPlan:
-        table, micro = sol.table, sol.micro
-        order, bounds_arr = micro.flat_order()
-        ids = sample_ids[order].tolist()
-        bounds = bounds_arr.tolist()
-        mb_start = micro.mb_start.tolist()
-        count = np.bincount(micro.bin_of, minlength=table.num_replicas).tolist()
-        # est_seconds: balancer.cost.replica_seconds, vectorised over replicas in pack_micro_batches.
-        est = micro.est_seconds.tolist()
-        replicas: list[ReplicaPlan] = []
-        for j, rep in enumerate(table.strategy.replicas):
-            if count[j] == 0:
-                replicas.append(ReplicaPlan(rep.ranks, rep.layout, ((),), 0.0))
-                continue
-            mbs = tuple(tuple(ids[bounds[k] : bounds[k + 1]]) for k in range(mb_start[j], mb_start[j + 1]))
-            replicas.append(ReplicaPlan(rep.ranks, rep.layout, mbs, est[j]))
-        est_step = max(r.est_seconds for r in replicas)
-        assert bound <= est_step * (1 + 1e-9) + 1e-12, f"lower bound {bound} above estimate {est_step}"
-        return StepPlan(
-            step=step,
-            strategy=table.strategy.name,
-            replicas=tuple(replicas),
-            est_step_seconds=est_step,
-            lower_bound_seconds=min(bound, est_step),
-            global_sequences=int(lengths.size),
-            global_tokens=int(lengths.sum()),
-            global_loss_tokens=int(loss.sum()),
-            solver=solver,
-            plan_seconds=elapsed,
-        )
 
     # -- stragglers ------------------------------------------------------------------------------
     def observe(self, rank_seconds: Sequence[float] | np.ndarray, plan: StepPlan) -> None:
