@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 # Public name -> submodule.
 _EXPORTS: dict[str, str] = {
     "AnalyticModel": "analytic",
-    "AnalyticOptions": "analytic",
+    "AnalyticOptions": "analytic_options",
     "BASELINES": "baselines",
     "BaselinePolicy": "baselines",
     "PlanScore": "baselines",
@@ -83,7 +83,8 @@ _MOVED: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
-    from .analytic import AnalyticModel, AnalyticOptions
+    from .analytic import AnalyticModel
+    from .analytic_options import AnalyticOptions
     from .baselines import (
         BASELINES,
         BaselinePolicy,

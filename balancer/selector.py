@@ -5,7 +5,8 @@ For every candidate strategy that can hold the step's longest sequence, the
 (:mod:`balancer.microbatch`) on the fast path and takes the lowest estimated step time,
 adding ``switch_penalty`` seconds to every candidate other than the previous step's.
 Optionally CP-SAT refines the chosen strategy's stage 1 within a time budget; the
-refined plan is kept only if its final estimate is lower.
+refined plan is kept only if its final estimate is lower. The step's input checks and the
+plan written out from the chosen solution are in :mod:`balancer.selector_io`.
 
 Stragglers (Malleus, arXiv 2410.13333): :meth:`Balancer.observe` turns measured per-rank
 seconds into relative speeds — an EWMA of ``estimated nominal seconds / measured
@@ -37,11 +38,12 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from strategies.layout import ClusterSpec, Strategy
-from strategies.plan import ReplicaPlan, StepPlan
+from strategies.plan import StepPlan
 
 from .bounds import lower_bound, quick_lower_bound
 from .cost import CostModel
 from .prefetch import plan_ahead
+from .selector_io import assemble_plan, check_batch
 from .solve import BalancerConfig, StrategySolution, solve_strategy, stage2
 from .stage1 import (
     ReplicaTable,
@@ -50,7 +52,6 @@ from .stage1 import (
     stage1_arrays,
     stage1_lp,
 )
-from .validation import check_loss_token_range
 
 __all__ = ["BalancerConfig", "Balancer", "StrategySolution", "solve_strategy"]
 
@@ -65,31 +66,6 @@ class _SpeedState:
 
     rank_speed: np.ndarray
     tables: tuple[ReplicaTable, ...]
-
-
-def _int_array(values: Any, what: str, n: int | None) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.ndim != 1:
-        raise ValueError(f"{what} must be a 1-D array, got shape {arr.shape}")
-    if n is not None and arr.size != n:
-        raise ValueError(f"{what} has {arr.size} entries but the batch has {n} sequences; give one per sequence")
-    if arr.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(arr))
-        if bad.size:
-            raise ValueError(f"{what}[{int(bad[0])}] is {arr[bad[0]]}; values must be finite integers")
-        frac = np.flatnonzero(arr != np.round(arr))
-        if frac.size:
-            raise ValueError(f"{what}[{int(frac[0])}] = {arr[frac[0]]} is not a whole number")
-    elif arr.dtype.kind not in "iu" and arr.size:
-        raise ValueError(f"{what} must hold integers, got dtype {arr.dtype}")
-    if arr.size and arr.dtype.kind in "fu":  # values int64 cannot hold would wrap round, not fail
-        huge = np.flatnonzero(np.abs(arr) >= _INT64_LIMIT if arr.dtype.kind == "f" else arr >= _INT64_LIMIT)
-        if huge.size:
-            raise ValueError(f"{what}[{int(huge[0])}] = {arr[huge[0]]} is out of range (at most {_INT64_LIMIT - 1:.3e})")
-    return arr.astype(np.int64)
-
-
-_INT64_LIMIT = 2**63
 
 
 class Balancer:
@@ -188,7 +164,7 @@ class Balancer:
         loss_tokens_in: Any,
     ) -> StepPlan:
         t0 = time.perf_counter()
-        lengths, sample_ids, loss = self._check_batch(lengths_in, sample_ids_in, loss_tokens_in)
+        lengths, sample_ids, loss = check_batch(lengths_in, sample_ids_in, loss_tokens_in)
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step={step!r} must be an integer >= 0")
         step = int(step)
@@ -230,40 +206,13 @@ class Balancer:
             assert best is not None
             bound = lower_bound(best.table, lengths, best.item_seconds, w=best.stage1_times, lp=best_lp)
             best, solver = self._refine(best, lengths, bound, step)
-            plan = self._assemble(best, lengths, sample_ids, loss, bound, step, solver, time.perf_counter() - t0)
+            plan = assemble_plan(best, lengths, sample_ids, loss, bound, step, solver, time.perf_counter() - t0)
             self._previous = plan.strategy
             self._recent[step] = (plan.strategy, best.table.speed.copy())
             self._recent.move_to_end(step)
             while len(self._recent) > _RECENT_PLANS:
                 self._recent.popitem(last=False)
         return plan
-
-    def _check_batch(self, lengths_in: Any, sample_ids_in: Any, loss_in: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lengths = _int_array(lengths_in, "lengths", None)
-        n = lengths.size
-        if n == 0:
-            raise ValueError("lengths is empty: a step needs at least one sequence")
-        bad = np.flatnonzero(lengths <= 0)
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"lengths[{i}] = {int(lengths[i])}; every sequence must have at least 1 token")
-        if sample_ids_in is None:
-            sample_ids = np.arange(n, dtype=np.int64)
-        else:
-            sample_ids = _int_array(sample_ids_in, "sample_ids", n)
-            neg = np.flatnonzero(sample_ids < 0)
-            if neg.size:
-                raise ValueError(f"sample_ids[{int(neg[0])}] = {int(sample_ids[neg[0]])}; sample ids are dataset indices >= 0")
-            uniq, counts = np.unique(sample_ids, return_counts=True)
-            if uniq.size != n:
-                dup = int(uniq[np.argmax(counts > 1)])
-                raise ValueError(f"sample id {dup} appears more than once in the batch; each sample must appear once")
-        if loss_in is None:
-            loss = lengths - 1
-        else:
-            loss = _int_array(loss_in, "loss_tokens", n)
-            check_loss_token_range(loss, lengths, sample_ids)
-        return lengths, sample_ids, loss
 
     def _raise_too_long(self, lengths: np.ndarray, sample_ids: np.ndarray) -> None:
         cap = self.max_sequence_length
@@ -303,47 +252,6 @@ class Balancer:
                 )
                 return refined, "greedy+cpsat"
         return sol, "greedy (cpsat: no gain)"
-
-    def _assemble(
-        self,
-        sol: StrategySolution,
-        lengths: np.ndarray,
-        sample_ids: np.ndarray,
-        loss: np.ndarray,
-        bound: float,
-        step: int,
-        solver: str,
-        elapsed: float,
-    ) -> StepPlan:
-        table, micro = sol.table, sol.micro
-        order, bounds_arr = micro.flat_order()
-        ids = sample_ids[order].tolist()
-        bounds = bounds_arr.tolist()
-        mb_start = micro.mb_start.tolist()
-        count = np.bincount(micro.bin_of, minlength=table.num_replicas).tolist()
-        # est_seconds: balancer.cost.replica_seconds, vectorised over replicas in pack_micro_batches.
-        est = micro.est_seconds.tolist()
-        replicas: list[ReplicaPlan] = []
-        for j, rep in enumerate(table.strategy.replicas):
-            if count[j] == 0:
-                replicas.append(ReplicaPlan(rep.ranks, rep.layout, ((),), 0.0))
-                continue
-            mbs = tuple(tuple(ids[bounds[k] : bounds[k + 1]]) for k in range(mb_start[j], mb_start[j + 1]))
-            replicas.append(ReplicaPlan(rep.ranks, rep.layout, mbs, est[j]))
-        est_step = max(r.est_seconds for r in replicas)
-        assert bound <= est_step * (1 + 1e-9) + 1e-12, f"lower bound {bound} above estimate {est_step}"
-        return StepPlan(
-            step=step,
-            strategy=table.strategy.name,
-            replicas=tuple(replicas),
-            est_step_seconds=est_step,
-            lower_bound_seconds=min(bound, est_step),
-            global_sequences=int(lengths.size),
-            global_tokens=int(lengths.sum()),
-            global_loss_tokens=int(loss.sum()),
-            solver=solver,
-            plan_seconds=elapsed,
-        )
 
     # -- stragglers ------------------------------------------------------------------------------
     def observe(self, rank_seconds: Sequence[float] | np.ndarray, plan: StepPlan) -> None:

@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # packers.py would shadow the packers package (also when PYTHONPATH already names the root).
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "benchmarks")]
 
-from balancer.analytic import AnalyticModel, AnalyticOptions  # noqa: E402
+from balancer.analytic import AnalyticModel  # noqa: E402
+from balancer.analytic_options import AnalyticOptions  # noqa: E402
 from balancer.calibrate import CalibrationWarning  # noqa: E402
 from balancer.cost import CostModel  # noqa: E402
 from balancer.fit import fit_quadratic  # noqa: E402

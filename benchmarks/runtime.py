@@ -317,7 +317,8 @@ def engine_run(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch
 def memory_model(cfg: ModelConfig, micro_tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
     """balancer's memory model of the run (world 1, tp 1): the runtime's layout (``zero_stage="world"``,
     embedding and LM head whole) plus the activations of one full micro-batch."""
-    from balancer.analytic import AnalyticModel, AnalyticOptions
+    from balancer.analytic import AnalyticModel
+    from balancer.analytic_options import AnalyticOptions
     from balancer.calibrate import local_hardware
 
     width = torch.finfo(dtype).bits // 8

@@ -17,7 +17,7 @@ every transform; lengths computed from a dataset are cached under it as a small 
 file (8 bytes per sample): next to the dataset's own Arrow cache files when it has
 some, else in the user cache directory ``$HYDRAULIS_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/hydraulis/lengths`` or ``~/.cache/hydraulis/lengths``). Delete the
-files to clear the cache; pass ``cache=False`` to skip it.
+files to clear the cache; pass ``cache=False`` to skip it (:mod:`dataloader.length_cache`).
 
 :func:`compute_loss_tokens` counts, per sample, the tokens that carry a loss once the
 sample is packed (labels ``!= -100``, the first token never counts), for datasets whose
@@ -29,16 +29,15 @@ columns that exist) or a length array that does not match the dataset size.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .length_cache import _cache_load, _cache_store, _dataset_cache_path
+
 __all__ = [
     "IGNORE_INDEX",
-    "cache_dir",
     "check_lengths",
     "compute_lengths",
     "compute_loss_tokens",
@@ -51,7 +50,6 @@ __all__ = [
 IGNORE_INDEX = -100
 """Label value that carries no loss (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
 
-_CACHE_VERSION = 1
 _PROGRESS_ABOVE = 100_000
 """Callables over more samples than this show a progress bar by default."""
 
@@ -141,53 +139,6 @@ def lengths_from_arrow(table: Any, column: str, *, where: str = "table") -> np.n
     if isinstance(out, pa.ChunkedArray):
         out = out.combine_chunks() if out.num_chunks != 1 else out.chunk(0)
     return np.asarray(out.to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
-# ---------------------------------------------------------------------------------------
-# cache
-# ---------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """User cache directory for length files (see the module docstring)."""
-    env = os.environ.get("HYDRAULIS_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "hydraulis" / "lengths"
-
-
-def _dataset_cache_path(dataset: Any, key: str) -> Path | None:
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    if not fingerprint:
-        return None
-    name = hashlib.sha256(f"v{_CACHE_VERSION}|{fingerprint}|{key}".encode()).hexdigest()[:24]
-    files = getattr(dataset, "cache_files", None) or []
-    folder = Path(files[0]["filename"]).parent if files else cache_dir()
-    return folder / f"hydraulis-lengths-{name}.npy"
-
-
-def _cache_load(path: Path | None, num_samples: int) -> np.ndarray | None:
-    if path is None or not path.is_file():
-        return None
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    if arr.ndim != 1 or arr.size != num_samples or arr.dtype != np.int64:
-        return None
-    return arr
-
-
-def _cache_store(path: Path | None, arr: np.ndarray) -> None:
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, arr, allow_pickle=False)
-        os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
-    except OSError:
-        # A read-only cache location only costs a recomputation next time.
-        return
 
 
 # ---------------------------------------------------------------------------------------

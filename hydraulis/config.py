@@ -305,7 +305,7 @@ class JobConfig:
     hardware: HardwareSpec | None = None
     cluster: ClusterSpec | None = None
     training: dict[str, Any] = field(default_factory=dict)
-    """Options of the analytic cost model (:class:`~balancer.analytic.AnalyticOptions` fields)."""
+    """Options of the analytic cost model (:class:`~balancer.analytic_options.AnalyticOptions` fields)."""
 
     def __post_init__(self) -> None:
         _check_keys("training", self.training, _TRAINING_KEYS)

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from balancer.analytic import AnalyticModel, AnalyticOptions, forward_flops
+from balancer.analytic import AnalyticModel, forward_flops
+from balancer.analytic_options import AnalyticOptions
 from balancer.cost import CostModel, UnsupportedLayoutError
 from balancer.specs import HardwareSpec, ModelSpec, hardware_preset, model_preset
 from strategies import Layout

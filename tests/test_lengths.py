@@ -11,8 +11,8 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
+from dataloader.length_cache import cache_dir
 from dataloader.lengths import (
-    cache_dir,
     check_lengths,
     compute_lengths,
     compute_loss_tokens,

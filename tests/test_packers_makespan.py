@@ -254,7 +254,7 @@ def _plain_swap_scan(b, partners, num_partners, first, times, bin_type, speed, p
 @given(st.integers(0, 2**31 - 1), st.booleans(), st.booleans(), st.booleans())
 def test_windowed_swap_equals_plain_scan(seed, same_type, pipeline, duplicates):
     """The windowed swap search returns exactly the pair the full pair scan returns."""
-    from packers._search import _best_swap
+    from packers._moves import _best_swap
     from packers._state import _new_state, build_instance, cls_args
 
     rng = np.random.default_rng(seed)

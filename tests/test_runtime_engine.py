@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from balancer.analytic import AnalyticModel, AnalyticOptions
+from balancer.analytic import AnalyticModel
+from balancer.analytic_options import AnalyticOptions
 from balancer.specs import ModelSpec, hardware_preset
 from strategies import Layout, Replica, Strategy
 from strategies.plan import ReplicaPlan, StepPlan

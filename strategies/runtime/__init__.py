@@ -21,7 +21,8 @@ from .batch import IGNORE_INDEX, LocalBatch, check_micro_batch, prepare_micro_ba
 from .checkpoint import load_state, save_state
 from .compute import ComputeWeights, build_model
 from .distributed import default_device, init_distributed
-from .engine import Engine, EngineConfig, StepResult, StrategyView
+from .engine import Engine, StrategyView
+from .engine_types import EngineConfig, StepResult
 from .groups import GroupRegistry
 from .local import free_port, run_local
 from .model import GPT, ModelConfig, init_parameter
