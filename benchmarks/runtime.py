@@ -8,11 +8,15 @@ One rank (a one-process ``torch.distributed`` group: gloo on the CPU, NCCL on CU
 model's maximum length) with synthetic token ids; each step's global batch is drawn from
 the lengths up to a token budget and planned by a :class:`balancer.selector.Balancer`
 whose cost model is **calibrated here**: forward + backward of the same model (weights in
-the compute dtype, the same attention kernel) is timed on one sequence at each of several
-lengths and fitted to ``a·s² + b·s + c`` (:meth:`balancer.cost.CostModel.fit`). The plan's
-``est_step_seconds`` is that calibrated estimate; *measured* is the engine's forward +
-backward seconds (``rank_seconds``); the whole step also gathers the compute weights,
-reduce-scatters the gradients and runs AdamW on the sharded state.
+the compute dtype, the same attention kernel) is timed on packed micro-batches of the
+compositions ``hydraulis calibrate`` times (:func:`balancer.calibrate.calibration_micro_batches`:
+one long sequence, the budget cut into many short ones, long next to short, and micro-batches
+drawn from the length file; none with a sequence over the model's maximum length) and fitted
+to ``t(m) = Σ (a·s² + b·s + d) + c`` (:meth:`balancer.cost.CostModel.fit`, ``d`` per
+sequence, ``c`` per micro-batch). The plan's ``est_step_seconds`` is that calibrated
+estimate of forward + backward; *compute* is the engine's forward + backward seconds
+(``rank_seconds``) and *step* the whole ``Engine.step``, which also gathers the compute
+weights, reduce-scatters the gradients and runs AdamW on the sharded state.
 
 Parts:
 
@@ -28,8 +32,8 @@ Parts:
   and the peak device memory against balancer's memory model of the runtime's layout
   (``AnalyticOptions(zero_stage="world")``: sharded state + compute shard + activations).
 
-Targets on a GPU: measured ≤ 1.3 × estimate; MFU ≥ 40 % of the measured matmul peak for
-the ≥ 1B model. Results: ``benchmarks/results/runtime_<tag>.json`` and ``.md`` (tag: the
+Targets on a GPU: measured step ≤ 1.3 × estimate; MFU ≥ 40 % of the measured matmul peak
+for the ≥ 1B model. Results: ``benchmarks/results/runtime_<tag>.json`` and ``.md`` (tag: the
 device type, or ``--tag``), written after every part so a failure keeps the others.
 """
 
@@ -63,7 +67,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from balancer.analytic import forward_flops  # noqa: E402
-from balancer.calibrate import measure  # noqa: E402
+from balancer.calibrate import calibration_micro_batches, measure  # noqa: E402
 from balancer.cost import CostModel  # noqa: E402
 from balancer.data import read_lengths  # noqa: E402
 from balancer.selector import Balancer, BalancerConfig  # noqa: E402
@@ -96,7 +100,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
                            ffn_hidden_size=2816), 16384, 65536, 16384),
         "mfu": (dict(vocab_size=32000, hidden_size=4096, num_layers=8, num_heads=32, num_kv_heads=8,
                      ffn_hidden_size=11008), 16384, 65536, 16384),
-        "calibration": (1024, 2048, 4096, 8192, 16384),
         "steps": 5, "warmup": 2, "peak_n": 8192,
     },
     "cpu": {
@@ -104,7 +107,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
                            ffn_hidden_size=256), 512, 4096, 1024),
         "mfu": (dict(vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                      ffn_hidden_size=512), 512, 4096, 1024),
-        "calibration": (64, 128, 256, 384, 512),
         "steps": 4, "warmup": 1, "peak_n": 1024,
     },
 }
@@ -113,7 +115,7 @@ CLOCK = {"cuda": ("wall", time.perf_counter), "cpu": ("process", time.process_ti
 own CPU time with one torch thread, which other processes cannot inflate."""
 SMOKE = {"attention": (dict(vocab_size=128, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                             ffn_hidden_size=128), 128, 512, 256),
-         "calibration": (32, 64, 128), "steps": 1, "warmup": 1, "peak_n": 256}
+         "steps": 1, "warmup": 1, "peak_n": 256}
 SMOKE["mfu"] = SMOKE["attention"]
 
 
@@ -245,25 +247,44 @@ def kernel_error(kernel: str, device: torch.device, dtype: torch.dtype, head_dim
     return out
 
 
+CALIBRATION_DRAWN = 2
+"""Micro-batches drawn from the length file in a calibration (besides the fixed compositions)."""
+
+
+def calibration_set(lengths: np.ndarray, max_length: int, capacity: int) -> list[tuple[int, ...]]:
+    """The packed micro-batches a calibration times: ``hydraulis calibrate``'s compositions at a
+    budget of ``capacity`` tokens, drawn from ``lengths``, without a sequence over ``max_length``."""
+    comps = calibration_micro_batches(capacity, np.minimum(lengths, max_length), seed=0, num_drawn=CALIBRATION_DRAWN)
+    return [mb for _, mb in comps if max(mb) <= max_length]
+
+
 def calibrate(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch.dtype,
-              lengths: tuple[int, ...], capacity: int) -> CostModel:
-    """``tp1`` cost model of this model and kernel, timed here (one sequence per length)."""
+              micro_batches: list[tuple[int, ...]], capacity: int) -> CostModel:
+    """``tp1`` cost model of this model and kernel, timed here on packed ``micro_batches``:
+    ``Σ (a·s² + b·s + d) + c`` by non-negative least squares (R² in ``meta["fit"]``)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(cfg).to(dtype)
     model.attention_kernel = kernel
 
-    def step(micro_batch: tuple[int, ...]) -> None:  # one sequence per micro-batch: (s,)
-        (s,) = micro_batch
-        mb = pack([s], cfg.vocab_size, np.random.default_rng(s), s - 1)
+    def step(micro_batch: tuple[int, ...]) -> None:
+        lens = list(micro_batch)
+        mb = pack(lens, cfg.vocab_size, np.random.default_rng(sum(lens)), sum(lens) - len(lens))
         batch = prepare_micro_batch(check_micro_batch(mb, 0, cfg.vocab_size), SINGLE_DEVICE, device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(batch)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    run = measure(step, lengths, device=device, warmup=1, repeats=2, progress=False, clock=CLOCK[device.type][0])
-    return CostModel.fit([s for (s,) in run.micro_batches], run.seconds, token_capacity=capacity, layout=Layout(1))
+    run = measure(step, micro_batches, device=device, warmup=1, repeats=2, progress=False,
+                  clock=CLOCK[device.type][0])
+    return CostModel.fit(run.micro_batches, run.seconds, token_capacity=capacity, layout=Layout(1))
+
+
+def fit_summary(cost: CostModel) -> dict[str, float]:
+    """The fitted coefficients (seconds, tokens) and the fit's R²."""
+    lc = cost.cost(Layout(1))
+    return {"a": lc.a, "b": lc.b, "c": lc.c, "d": lc.d, "r2": cost.fit_r2(Layout(1))}
 
 
 def engine_run(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch.dtype, cost: CostModel,
@@ -347,7 +368,9 @@ def part_attention(env: dict[str, Any], device: torch.device, dtype: torch.dtype
     batches = global_batches(lengths, per_step, env["warmup"] + env["steps"], seed=0)
     kernels = available_kernels(device, dtype) + (["sdpa_any"] if device.type == "cuda" else [])
     rows: list[dict[str, Any]] = []
-    out.update(model=model, max_length=max_len, tokens_per_step=per_step, micro_batch_tokens=micro, rows=rows)
+    calibration = calibration_set(lengths_all, max_len, micro)
+    out.update(model=model, max_length=max_len, tokens_per_step=per_step, micro_batch_tokens=micro, rows=rows,
+               calibration_micro_batches=[list(mb) for mb in calibration])
     for kernel in kernels:
         if kernel == "sdpa_any" and budget.left() < 25:  # ~12 s on an H200: two steps of 3–6 s
             rows.append({"kernel": kernel, "skipped": f"time budget ({budget.left():.0f} s left)"})
@@ -358,8 +381,8 @@ def part_attention(env: dict[str, Any], device: torch.device, dtype: torch.dtype
         try:
             with torch_chooses_sdpa_backend() if kernel == "sdpa_any" else contextlib.nullcontext():
                 row["check"] = kernel_error(kernel, device, dtype, cfg.head_dim)
-                cost = calibrate(cfg, "sdpa" if kernel == "sdpa_any" else kernel, device, dtype, env["calibration"],
-                                 micro)
+                cost = calibrate(cfg, "sdpa" if kernel == "sdpa_any" else kernel, device, dtype, calibration, micro)
+                row["fit"] = fit_summary(cost)
                 # the former path costs seconds per step: two steps, one of them warm-up
                 few = batches[:2] if kernel == "sdpa_any" else batches
                 row.update(engine_run(cfg, kernel, device, dtype, cost, few, 1 if kernel == "sdpa_any"
@@ -380,22 +403,27 @@ def part_mfu(env: dict[str, Any], device: torch.device, dtype: torch.dtype, leng
     log("mfu: matmul peak")
     peak = matmul_peak(device, dtype, env["peak_n"])
     kernel = choose_kernel("auto", device, dtype)
-    log(f"mfu: calibrating ({kernel})")
-    cost = calibrate(cfg, kernel, device, dtype, env["calibration"], micro)
+    calibration = calibration_set(lengths_all, max_len, micro)
+    log(f"mfu: calibrating ({kernel}, {len(calibration)} packed micro-batches)")
+    cost = calibrate(cfg, kernel, device, dtype, calibration, micro)
     batches = global_batches(lengths, per_step, env["warmup"] + env["steps"], seed=1)
     log(f"mfu: {len(batches)} engine steps")
     run = engine_run(cfg, kernel, device, dtype, cost, batches, env["warmup"])
     run["mfu_step"] = run["flops_per_s_step"] / peak
     run["mfu_compute"] = run["flops_per_s_compute"] / peak
     run["memory_model"] = memory_model(cfg, micro, dtype, device)
-    lc = cost.cost(Layout(1))
     out.update(model=model, max_length=max_len, tokens_per_step=per_step, micro_batch_tokens=micro,
-               peak_flops=peak, cost_model={"a": lc.a, "b": lc.b, "c": lc.c}, run=run)
+               peak_flops=peak, cost_model=fit_summary(cost), calibration_micro_batches=[list(mb) for mb in calibration],
+               run=run)
 
 
 # -- report ---------------------------------------------------------------------------------------
 def fmt_s(x: float) -> str:
     return f"{x:.4f}" if x < 10 else f"{x:.1f}"
+
+
+def fmt_r2(fit: dict[str, float] | None) -> str:
+    return "—" if not fit or "r2" not in fit else f"{fit['r2']:.4f}"
 
 
 def fmt_b(x: float) -> str:
@@ -409,10 +437,11 @@ def markdown(res: dict[str, Any]) -> str:
              + (f", CUDA {info['cuda']}" if info.get("cuda") else "") + f"), {res['date']}; times are {clock}"
              + (f", load {info['load']}" if "load" in info else "") + ". "
              f"Command: `{res['command']}`. Lengths: {res['lengths']}. Compute dtype {res['dtype']}. "
-             "Estimates are calibrated here (forward + backward of the same model and kernel on one sequence "
-             "per length, fitted to a·s² + b·s + c); *compute* is the engine's forward + backward, *step* the "
-             "whole Engine.step (gather compute weights, compute, reduce-scatter, AdamW). Medians over the "
-             "timed steps.", ""]
+             "Estimates are calibrated here: forward + backward of the same model and kernel on packed "
+             "micro-batches (one long sequence, many short, long next to short, drawn from the length file; "
+             "the compositions of `hydraulis calibrate`), fitted to Σ (a·s² + b·s + d) + c; *compute* is the "
+             "engine's forward + backward, *step* the whole Engine.step (gather compute weights, compute, "
+             "reduce-scatter, AdamW). Medians over the timed steps.", ""]
     att = res.get("attention")
     if att and "model" in att:
         m = att["model"]
@@ -420,23 +449,27 @@ def markdown(res: dict[str, Any]) -> str:
                   f"heads / {m['num_kv_heads']} KV, ffn {m['ffn_hidden_size']}, vocab {m['vocab_size']}; "
                   f"≤ {att['max_length']:,} tokens per sequence, {att['tokens_per_step']:,} tokens per step, "
                   f"{att['micro_batch_tokens']:,} per micro-batch.", "",
-                  "| kernel | check vs dense reference (max rel. error; cases) | estimate s | compute s | step s "
-                  "| compute / estimate | tokens/s (step) |", "|---|---|---|---|---|---|---|"]
+                  "| kernel | check vs dense reference (max rel. error; cases) | fit R² | estimate s | compute s "
+                  "| step s | compute / estimate | step / estimate | tokens/s (step) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in att["rows"]:
             if "skipped" in r or "error" in r:
                 lines.append(f"| {r['kernel']} | {r.get('skipped') or 'error: ' + r['error'].splitlines()[-1]} "
-                             "| | | | | |")
+                             "| | | | | | | |")
                 continue
             c = r["check"]
             cases = "" if "square" not in c else (
                 f"; square {'ok' if c['square'] else 'no'}, cp {'ok' if c['cp'] else 'sdpa'}, "
                 f"gqa {'native' if c['gqa'] else 'expanded'}")
             md = r["median"]
-            lines.append(f"| {r['kernel']} | {c['max_rel_error']:.1e}{cases} | {fmt_s(md['estimate_s'])} | "
-                         f"{fmt_s(md['compute_s'])} | {fmt_s(md['step_s'])} | {r['compute_over_estimate']:.2f} | "
+            lines.append(f"| {r['kernel']} | {c['max_rel_error']:.1e}{cases} | {fmt_r2(r.get('fit'))} | "
+                         f"{fmt_s(md['estimate_s'])} | {fmt_s(md['compute_s'])} | {fmt_s(md['step_s'])} | "
+                         f"{r['compute_over_estimate']:.2f} | {r['step_over_estimate']:.2f} | "
                          f"{r['tokens_per_s']:,.0f} |")
-        lines += ["", "`sdpa_any` is the former default (per-segment SDPA, backend left to torch); the runtime "
-                  "never runs it.", ""]
+        lines.append("")
+        if any(r["kernel"] == "sdpa_any" for r in att["rows"]):
+            lines += ["`sdpa_any` is the former default (per-segment SDPA, backend left to torch); the runtime "
+                      "never runs it.", ""]
     mfu = res.get("mfu")
     if mfu and "run" in mfu:
         m, r = mfu["model"], mfu["run"]
@@ -447,7 +480,10 @@ def markdown(res: dict[str, Any]) -> str:
                   f"{m['num_layers']} layers, {m['num_heads']} heads / {m['num_kv_heads']} KV, ffn "
                   f"{m['ffn_hidden_size']}, vocab {m['vocab_size']}), kernel {r['engine_kernel']}, "
                   f"{mfu['tokens_per_step']:,} tokens per step, {mfu['micro_batch_tokens']:,} per micro-batch. "
-                  f"Measured matmul peak: {mfu['peak_flops'] / 1e12:,.1f} TFLOP/s.")
+                  f"Measured matmul peak: {mfu['peak_flops'] / 1e12:,.1f} TFLOP/s. Calibrated on "
+                  f"{len(mfu.get('calibration_micro_batches', []))} packed micro-batches: "
+                  + ", ".join(f"{k}={v:.3g}" for k, v in mfu["cost_model"].items() if k != "r2")
+                  + f" (R² {fmt_r2(mfu['cost_model'])}).")
         lines += ["",
                   "| MFU (step) | MFU (compute) | tokens/s | estimate s | compute s | step s | compute / estimate "
                   "| step / estimate |", "|---|---|---|---|---|---|---|---|",
@@ -466,7 +502,8 @@ def markdown(res: dict[str, Any]) -> str:
                   + ".", ""]
     for name, err in res.get("errors", {}).items():
         lines += [f"**{name} failed**: `{err.strip().splitlines()[-1]}`", ""]
-    lines.append("Targets on a GPU: compute ≤ 1.3 × estimate; MFU ≥ 40 % of the measured matmul peak (≥ 1B model).")
+    lines.append("Targets on a GPU: measured step ≤ 1.3 × the calibrated estimate; MFU ≥ 40 % of the measured matmul "
+                 "peak (≥ 1B model).")
     return "\n".join(lines) + "\n"
 
 

@@ -148,6 +148,24 @@ def test_one_f_one_b_never_deadlocks(pp: int, v: int) -> None:
     _simulate(pp, v)
 
 
+def test_a_stage_without_micro_batches_returns_its_loss_on_the_model_device() -> None:
+    """No micro-batch at all (nothing to infer a device from): the summed loss must still be on
+    the model's device — on CUDA the engine stacks it with device tensors. The meta device
+    stands in for CUDA here: a CPU tensor would be the bug."""
+    from contextlib import nullcontext
+
+    from strategies.runtime import PipelineStage, run_pipeline
+
+    with torch.device("meta"):
+        model = GPT(ModelConfig(**MODEL))
+    for p in (0, 1):
+        spec = StageSpec.of(MODEL["num_layers"], 2, p)
+        stage = PipelineStage(spec=spec, units=frozenset(), prev_rank=None if spec.first else 0,
+                              next_rank=1 if spec.first else None, prev_group=None, next_group=None)
+        loss = run_pipeline(model, stage, SINGLE_DEVICE, [], 1, act_dtype=torch.float32, autocast=nullcontext)
+        assert loss.device.type == "meta" and loss.dtype == torch.float64
+
+
 # -- exact training on 4 processes ----------------------------------------------------------------
 def candidates() -> list[Strategy]:
     return [

@@ -298,7 +298,9 @@ class _Run:
                  normaliser: int, act_dtype: torch.dtype, autocast: Callable[[], Any]) -> None:
         self.model, self.stage, self.pc, self.batches = model, stage, pc, batches
         self.normaliser, self.act_dtype, self.autocast = normaliser, act_dtype, autocast
-        self.device = batches[0].input_ids.device if batches else torch.device("cpu")
+        # the model's device, not the batches': a replica may have no micro-batch at all, and
+        # the returned loss must still live where the engine's other tensors do (CUDA)
+        self.device = next(model.parameters()).device
         self.inputs: dict[int, torch.Tensor] = {}
         """Received activations (leaves that collect their gradient) of micro-batches in flight."""
         self.outputs: dict[int, torch.Tensor] = {}
