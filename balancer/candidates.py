@@ -193,7 +193,7 @@ def cluster_lower_bound(
     for k, lay in enumerate(lays):
         cost = cost_model.cost(lay)
         ok = s <= int(cost.token_capacity)
-        t = float(cost.a) * s * s + float(cost.b) * s
+        t = float(cost.a) * s * s + float(cost.b) * s + float(cost.d)  # t_k(s): the per-sequence term too
         single[ok, k] = lay.pp * (t[ok] + float(cost.c)) / v
         area[ok, k] = lay.size * (t[ok] + float(cost.c) * s[ok] / int(cost.token_capacity)) / v
     if not np.isfinite(single.min(axis=1)).all():

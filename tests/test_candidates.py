@@ -1,5 +1,6 @@
 """balancer.candidates: layouts, heterogeneous mixes (DP), scoring and the pool's JSON."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -41,8 +42,11 @@ def _resolver(layout: Layout) -> LayoutCost:
     )
 
 
-def _model() -> CostModel:
-    return CostModel(resolver=_resolver, source="test")
+def _model(d: float = 0.0) -> CostModel:
+    """The test resolver; ``d`` seconds per sequence added to every layout."""
+    if not d:
+        return CostModel(resolver=_resolver, source="test")
+    return CostModel(resolver=lambda lay: dataclasses.replace(_resolver(lay), d=d), source=f"test, d={d}")
 
 
 def _long_tail(n: int = 4000, seed: int = 0) -> np.ndarray:
@@ -190,9 +194,10 @@ def test_few_long_sequences_get_fewer_larger_replicas(num_gpus, num_seqs, length
     assert len(plan.replicas) <= 2 * num_seqs  # the plan uses few, large ones
 
 
-def test_cluster_lower_bound_is_below_every_strategys_plan():
+@pytest.mark.parametrize("d", [0.0, 2e-3])
+def test_cluster_lower_bound_is_below_every_strategys_plan(d):
     cluster = ClusterSpec(num_ranks=16, ranks_per_node=8)
-    model = _model()
+    model = _model(d)
     rng = np.random.default_rng(5)
     layouts = enumerate_layouts(cluster, model)
     strategies = [Strategy.homogeneous(lay, 16) for lay in layouts]
@@ -207,6 +212,14 @@ def test_cluster_lower_bound_is_below_every_strategys_plan():
             assert bound <= plan.est_step_seconds * (1 + 1e-9), strat.name
     with pytest.raises(ValueError, match="fits no layout"):
         cluster_lower_bound(np.array([10**7]), cluster, model)
+
+
+def test_cluster_lower_bound_counts_the_per_sequence_term():
+    """Many short sequences: ``d`` seconds each is most of their time, and the bound sees it."""
+    cluster = ClusterSpec(num_ranks=16, ranks_per_node=8)
+    batch = np.full(400, 64, dtype=np.int64)
+    without, with_d = cluster_lower_bound(batch, cluster, _model()), cluster_lower_bound(batch, cluster, _model(5e-3))
+    assert with_d >= without + 400 * 5e-3 / 16 * 0.99  # each sequence adds d on one rank at least
 
 
 # -- look-ahead pools -------------------------------------------------------------------------------
