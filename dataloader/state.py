@@ -215,6 +215,8 @@ def read_stream_state(state: Any, *, batching: Mapping[str, Any], world_size: in
     if isinstance(state, Mapping) and isinstance(state.get("batching"), Mapping) and "stream_split" not in state["batching"]:
         state = {**state, "batching": {**state["batching"], "stream_split": "replicated"}}  # saved before the option
     per_rank = batching.get("stream_split") == "per_rank"
+    if isinstance(state, Mapping) and isinstance(state.get("batching"), Mapping):  # a changed split is named as such
+        check_batching({"stream_split": batching.get("stream_split")}, state, what)
     state, saved = _common(state, what, {"samples_consumed", "shards" if per_rank else "consumed_fingerprint"}, batching)
     consumed = state_int(state, "samples_consumed", what)
     at = saved.position

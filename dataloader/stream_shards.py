@@ -200,9 +200,12 @@ class ShardRounds(PlanStream):
         full = PlanBatch(batch.step, batch.lengths, batch.ids, batch.loss_tokens, meta=(where, positions))
         item: Any = None
         try:
+            self._check_arrived(plan, where)  # type: ignore[arg-type]
             item = self._build(full, plan)  # type: ignore[arg-type]
         except BaseException as e:  # a collate error is exchanged like a planning error
             mine.kind, mine.error = ERROR, e
+        if self._group is None:  # one rank: nothing to agree on
+            return self._decide([(mine.kind, mine.step, fingerprint, digest, "")], mine, item)  # type: ignore[arg-type]
         return self._decide(self._gather_outcomes(mine, fingerprint, digest), mine, item)  # type: ignore[arg-type]
 
     def _after_read(self, metas: list[ShardMeta], mine: _Mine) -> Any:
@@ -298,6 +301,11 @@ class ShardRounds(PlanStream):
         for pid, row in where.items():
             if row.sample is None and row.sample_id in got:
                 where[pid] = row._replace(sample=got[row.sample_id])
+
+    def _check_arrived(self, plan: StepPlan, where: dict[int, Row]) -> None:
+        missing = [where[pid].sample_id for mb in plan.for_rank(self._rank).micro_batches for pid in mb if where[pid].sample is None]
+        if missing:  # an internal invariant: the all-to-all delivers every sample of this rank's micro-batches
+            raise RuntimeError(f"step {plan.step}: samples {missing[:8]} of this rank's micro-batches did not arrive from their ranks")
 
     def _gather(self, obj: Any, step: int) -> list[Any]:
         if self._group is None:  # one rank
