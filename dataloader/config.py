@@ -94,3 +94,5 @@ class SamplerStats:
     extra_pieces: int = 0
     dropped_last_samples: int = 0
     """Samples skipped by ``drop_last`` so far (summed over epochs iterated)."""
+    received_sample_bytes: int = 0
+    """``stream_split='per_rank'``: bytes of pickled samples this rank received from the others so far."""

@@ -292,6 +292,7 @@ class ShardRounds(PlanStream):
         self._collective(
             lambda: dist.all_to_all_single(recv, send, incoming, sizes[self._rank], group=self._group), "all-to-all", step
         )
+        self._reader.stats.received_sample_bytes += recv.numel()
         data, at = recv.numpy().tobytes(), 0
         got: dict[int, Any] = {}
         for n in incoming:

@@ -79,6 +79,11 @@ def _torch_shards(rank: int, world: int) -> dict[str, Any]:
     reference = [_step_record(b, data) for b in full] + [_step_record(b, data) for b in full]  # two epochs
     n = len(reference) // 2
     out: dict[str, Any] = {"steps": n, "reference": reference, "resumed": {}, "states": {}}
+    again = loader()
+    for i, b in enumerate(again):  # break off and iterate again: continues after the last consumed step
+        if i == 1:
+            break
+    out["continued"] = [_step_record(b, data) for b in again]
     for k in sorted({0, 1, n // 2, n}):
         first = loader()
         it = iter(first)
@@ -121,6 +126,7 @@ def test_per_rank_streams_plan_together_train_every_sample_once_and_resume_exact
         assert sorted(seen) == sorted(p * world + r for r, size in enumerate(SHARD_SIZES) for p in range(size))
     for g in got:
         ref = g["reference"]
+        assert g["continued"] == ref[2:n]  # steps 0 and 1 were yielded before the break
         assert set(g["resumed"]) == {0, 1, n // 2, n}
         for k, rest in g["resumed"].items():
             want = ref[k:n] if k < n else ref[n : 2 * n]  # a state saved after the last step continues with epoch 1
@@ -177,15 +183,17 @@ def _hf_shards(rank: int, world: int, budget: dict[str, int]) -> dict[str, Any]:
         refused = "no error"
     except Exception as e:  # noqa: BLE001 - the test checks which error, on which rank
         refused = f"{type(e).__name__}: {e}"
-    return {"ids": ids, "grads": first_grads, "state": state, "refused": refused}
+    received = loader.stats.received_sample_bytes
+    return {"ids": ids, "grads": first_grads, "state": state, "refused": refused, "received": received}
 
 
-@pytest.mark.parametrize("budget", [{"sequences_per_step": 8}, {"tokens_per_step": 900}])
+@pytest.mark.parametrize("budget", [{"sequences_per_step": 8}, {"tokens_per_step": 900, "plan_sync": "verify"}])
 def test_split_dataset_by_node_streams_train_like_one_process(budget: dict[str, int]) -> None:
     world = 2
     got = run_ranks(_hf_shards, world, budget, timeout_s=120.0)
     data = rows(HF_ROWS, seed=9)
     assert got[0]["ids"] == got[1]["ids"]
+    assert all(g["received"] > 0 for g in got)  # samples moved to the rank whose micro-batches hold them
     assert sorted(i for step in got[0]["ids"] for i in step) == list(range(HF_ROWS))  # every sample once, none lost
     if "sequences_per_step" in budget:
         assert [len(s) for s in got[0]["ids"]] == [8] * 5 + [1]  # 4 + 4 per step; rank 0's 21st sample last
@@ -199,7 +207,8 @@ def test_split_dataset_by_node_streams_train_like_one_process(budget: dict[str, 
     assert got[0]["refused"].startswith("PlanSyncError: rank 1 failed at step 2: ValueError: cannot resume"), got[0]["refused"]
     # Another world size: refused when the state is loaded, naming both sizes.
     state = got[0]["state"]
-    one = BalancedDataLoader(_hf_stream(0, 1, data), balancer=make_balancer(1, hetero=False), stream_split="per_rank", **budget)
+    options = {k: v for k, v in budget.items() if k != "plan_sync"}  # one process: nothing to exchange
+    one = BalancedDataLoader(_hf_stream(0, 1, data), balancer=make_balancer(1, hetero=False), stream_split="per_rank", **options)
     with pytest.raises(ValueError, match="saved on world_size=2 ranks, this loader runs on 1") as e:
         one.load_state_dict(state)
     assert "shards[r]" in str(e.value) and "Resume on 2 ranks" in str(e.value)
