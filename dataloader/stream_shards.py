@@ -7,7 +7,7 @@ Each step, in the planning thread, every rank
    samples); a rank whose stream has ended contributes nothing;
 2. all-gathers what it holds (**G1**, ``all_gather_object``): its outcome (read, stream ended,
    stopped, failed), per sequence ``(position, start, end, loss tokens, sample length)`` —
-   40 bytes, pickled — and its stream position and fingerprint. Every rank merges the
+   40 bytes, plus about 260 pickled — and its stream position and fingerprint. Every rank merges the
    shares rank-major into the identical global batch: sample ``p`` of rank ``r``'s stream
    gets id ``p * world_size + r`` (pieces of split samples after the first ``2**48 + k``,
    numbered in that order). The epoch ends when every rank's stream has ended;
@@ -64,7 +64,7 @@ def shard_budget(tokens_per_step: int | None, sequences_per_step: int | None, wo
 
 @dataclass(frozen=True, slots=True)
 class ShardMeta:
-    """What one rank tells the others in G1 (pickled: ~40 bytes per sequence plus ~150)."""
+    """What one rank tells the others in G1 (pickled: 40 bytes per sequence plus about 260)."""
 
     kind: str
     step: int
