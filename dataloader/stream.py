@@ -240,9 +240,10 @@ class StreamingSteps:
     def _epoch(self, epoch: int) -> Iterator[StepBatch]:
         at = Position(epoch, self._step_in_epoch, self._global_step)
         build = partial(self._build, epoch, at.epoch_start_step)
-        common: dict[str, Any] = dict(
-            depth=self.config.plan_ahead, sync=self._sync, group=self._group, rank=self.rank, timeout_s=self._timeout_s
-        )
+        common: dict[str, Any] = {
+            "depth": self.config.plan_ahead, "sync": self._sync, "group": self._group, "rank": self.rank,
+            "timeout_s": self._timeout_s,
+        }
         reader = self._reader()
         stream: PlanStream[tuple[StepBatch, Any]]
         if self.per_rank:

@@ -145,7 +145,7 @@ class ShardRounds(PlanStream):
         self._steps = 0
         super().__init__(balancer, iter(()), build, first_step=first_step, **kwargs)
 
-    def _run(self) -> None:
+    def _run(self) -> None:  # replaces PlanStream's: one lock-step round per step, no planning thread
         try:
             while True:
                 self._wait_for_turn()
@@ -156,7 +156,7 @@ class ShardRounds(PlanStream):
                     self._emit("done", None)
                     return
                 self._emit("item", result)
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             self._emit("error", e)
 
     # -- one step --------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class ShardRounds(PlanStream):
         except StopIteration:
             self._ended = True
             return _Mine(END, step), None
-        except BaseException as e:  # reading failed here (a resume mismatch, a bad sample): told in G1
+        except BaseException as e:  # noqa: BLE001 - reading failed here (a resume mismatch, a bad sample): told in G1
             return _Mine(ERROR, step, e), None
         self._position = (share.end, share.fingerprint)
         return _Mine(OK, step), share
@@ -202,7 +202,7 @@ class ShardRounds(PlanStream):
         try:
             self._check_arrived(plan, where)  # type: ignore[arg-type]
             item = self._build(full, plan)  # type: ignore[arg-type]
-        except BaseException as e:  # a collate error is exchanged like a planning error
+        except BaseException as e:  # noqa: BLE001 - a collate error is exchanged like a planning error
             mine.kind, mine.error = ERROR, e
         if self._group is None:  # one rank: nothing to agree on
             return self._decide([(mine.kind, mine.step, fingerprint, digest, "")], mine, item)  # type: ignore[arg-type]

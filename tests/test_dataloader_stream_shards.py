@@ -12,7 +12,8 @@ uninterrupted run; a state resumed on another world size or another shard is ref
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import datasets
 import numpy as np
