@@ -145,7 +145,7 @@ class ShardRounds(PlanStream):
         self._steps = 0
         super().__init__(balancer, iter(()), build, first_step=first_step, **kwargs)
 
-    def _run(self) -> None:  # replaces PlanStream's: one lock-step round per step, no planning thread
+    def _run(self) -> None:  # PlanStream's thread runs this: plans here, in step (a plan needs its step's G1 first)
         try:
             while True:
                 self._wait_for_turn()
@@ -235,8 +235,8 @@ class ShardRounds(PlanStream):
         if self._steps == 0 and not self._resumed:
             raise ValueError(
                 f"no rank's stream had a sample to train on in epoch {self._epoch} (samples read per rank: "
-                f"{[m.read for m in metas]}): empty shards, or every sample dropped by overlong='drop'. Check how the "
-                "stream is split (every rank needs its own non-empty shard overall), or raise max_length"
+                f"{[m.read for m in metas]}): every shard is empty, or overlong='drop' dropped every sample. Check how "
+                "the stream is split and fed to the ranks, or raise max_length"
             )
         return _ENDED
 

@@ -240,6 +240,9 @@ def test_one_rank_per_rank_stream_is_the_replicated_stream() -> None:
         return [sorted(b.plan.sample_ids()) for b in loader]
 
     assert steps("per_rank") == steps("replicated")
+    empty = BalancedDataLoader(RankSlice([]), balancer=make_balancer(1, hetero=False), tokens_per_step=300, stream_split="per_rank")
+    with pytest.raises(ValueError, match=r"no rank's stream had a sample to train on in epoch 0 \(samples read per rank: \[0\]\)"):
+        list(empty)
 
 
 @pytest.mark.parametrize(
