@@ -6,9 +6,9 @@ Each step, in the planning thread, every rank
    budget (``tokens_per_step // world_size`` tokens, or ``sequences_per_step / world_size``
    samples); a rank whose stream has ended contributes nothing;
 2. all-gathers what it holds (**G1**, ``all_gather_object``): its outcome (read, stream ended,
-   stopped, failed), per sequence ``(position, start, end, loss tokens, sample length)`` —
-   40 bytes, plus about 260 pickled — and its stream position and fingerprint. Every rank merges the
-   shares rank-major into the identical global batch: sample ``p`` of rank ``r``'s stream
+   stopped, failed), its stream position and fingerprint, and per sequence ``(position,
+   start, end, loss tokens, sample length)`` (40 bytes; about 260 more per rank, pickled).
+   Every rank merges the shares rank-major into the identical global batch: sample ``p`` of rank ``r``'s stream
    gets id ``p * world_size + r`` (pieces of split samples after the first ``2**48 + k``,
    numbered in that order). The epoch ends when every rank's stream has ended;
 3. plans it (``verify``: every rank; ``broadcast``: rank 0, which broadcasts the plan);
@@ -22,7 +22,10 @@ Each step, in the planning thread, every rank
 
 All collectives run on the loader's plan group (gloo, the job's timeout), in the same
 order on every rank, from this one thread: a rank that stops (``break``) says so in G1
-and every rank stops at the same step.
+and every rank stops at the same step. Planning therefore happens here, step by step,
+not in ``Balancer.prefetch``'s own thread (which reads batches ahead, on rank 0 only under
+``broadcast``, and would interleave the exchanges differently across ranks); the thread
+still runs ``plan_ahead`` steps ahead of the training loop.
 """
 
 from __future__ import annotations
