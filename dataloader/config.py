@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from .pieces import OVERLONG_POLICIES
 from .planning import PLAN_SYNC_MODES
 
-__all__ = ["SamplerConfig", "SamplerStats"]
+__all__ = ["STREAM_SPLITS", "SamplerConfig", "SamplerStats"]
+
+STREAM_SPLITS = ("replicated", "per_rank")
+"""How a streaming dataset feeds the ranks (see :mod:`dataloader.stream`)."""
 
 
 @dataclass(kw_only=True)
@@ -41,6 +44,12 @@ class SamplerConfig:
     sync_timeout_s: float | None = None
     """Seconds a plan exchange waits for a peer before every rank fails; ``None``: the default
     process group's timeout (``init_process_group(timeout=...)``)."""
+    stream_split: str = "replicated"
+    """Streaming datasets only. ``replicated``: every rank reads the whole, same stream (a stream
+    split per rank is refused at its first step). ``per_rank``: every rank reads its own shard
+    (``split_dataset_by_node``, ``IterableDataset.shard``, per-rank files) with the local budget
+    ``tokens_per_step // world_size`` or ``sequences_per_step / world_size``; the ranks exchange
+    lengths and samples every step (see docs/dataloader.md, *Streaming datasets*)."""
 
     def __post_init__(self) -> None:
         if (self.tokens_per_step is None) == (self.sequences_per_step is None):
@@ -61,6 +70,11 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig: overlong={self.overlong!r}; choose one of {list(OVERLONG_POLICIES)}")
         if self.plan_sync not in (*PLAN_SYNC_MODES, "auto"):
             raise ValueError(f"SamplerConfig: plan_sync={self.plan_sync!r}; choose one of {[*PLAN_SYNC_MODES, 'auto']}")
+        if self.stream_split not in STREAM_SPLITS:
+            raise ValueError(
+                f"SamplerConfig: stream_split={self.stream_split!r}; choose one of {list(STREAM_SPLITS)} ('per_rank' "
+                "when each rank reads its own shard of the stream)"
+            )
         if self.overlong == "split" and self.max_length == 1:
             raise ValueError("SamplerConfig: overlong='split' needs max_length >= 2 (pieces overlap by one token)")
 
@@ -80,3 +94,5 @@ class SamplerStats:
     extra_pieces: int = 0
     dropped_last_samples: int = 0
     """Samples skipped by ``drop_last`` so far (summed over epochs iterated)."""
+    received_sample_bytes: int = 0
+    """``stream_split='per_rank'``: bytes of pickled samples this rank received from the others so far."""

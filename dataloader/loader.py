@@ -95,8 +95,9 @@ class BalancedDataLoader:
     :class:`~dataloader.collate.PackedCollator`) or any ``fn(samples)``; an idle replica's
     empty micro-batch is collated by hydraulis collators to ``T = 0`` and is ``None`` for
     plain functions. Sampler options (``tokens_per_step``, ``sequences_per_step``, ``seed``,
-    ``shuffle``, ``overlong``, ``max_length``, ``drop_last``, ``plan_ahead``, ``plan_sync``)
-    go in ``config`` or as keywords. The remaining keywords are the DataLoader's own.
+    ``shuffle``, ``overlong``, ``max_length``, ``drop_last``, ``plan_ahead``, ``plan_sync``,
+    ``sync_timeout_s``, ``stream_split``) go in ``config`` or as keywords. The remaining
+    keywords are the DataLoader's own.
     """
 
     def __init__(
@@ -164,9 +165,15 @@ class BalancedDataLoader:
         if sampler is None:
             if balancer is None:
                 raise ValueError("BalancedDataLoader needs balancer=... (a balancer.selector.Balancer) or sampler=...")
+            config = config or SamplerConfig(**options)
+            if config.stream_split != "replicated":
+                raise ValueError(
+                    f"stream_split={config.stream_split!r} applies to streaming (iterable) datasets; this map-style "
+                    "dataset is indexed by the plan on every rank: pass the whole dataset on every rank (not a per-rank "
+                    "shard) and leave stream_split='replicated'"
+                )
             sampler = self._build_sampler(
-                dataset, balancer, lengths, loss_tokens, input_key, labels_key, config or SamplerConfig(**options), rank,
-                world_size, process_group,
+                dataset, balancer, lengths, loss_tokens, input_key, labels_key, config, rank, world_size, process_group,
             )
         elif len(sampler.lengths) != len(dataset):
             raise ValueError(f"the sampler has lengths for {len(sampler.lengths)} samples but the dataset has {len(dataset)}")

@@ -9,6 +9,8 @@ it was saved on, so that a state never resumes on other data:
 * streaming: ``consumed_fingerprint`` hashes the token counts of the samples the state
   skips on resume; the resumed run hashes them again while skipping and refuses to go on
   when they differ (another stream, order or tokenisation), or when the stream ends first.
+  With ``stream_split='per_rank'`` the state holds one such count and fingerprint per
+  rank (``shards``) and resumes on the same number of ranks only.
 
 Loading checks every field — its type, its range and its consistency with the others
 (``global_step = epoch_start_step + step_in_epoch``) — and every error names the field,
@@ -166,6 +168,8 @@ class SavedState:
     """Streams: samples of the epoch's stream consumed by finished steps."""
     consumed_fingerprint: str = ""
     """Streams: :class:`LengthsHash` of those samples' token counts."""
+    shards: tuple[tuple[int, str], ...] = ()
+    """Per-rank streams: ``(samples consumed, their fingerprint)`` of each rank's stream, by rank."""
 
 
 def _common(state: Any, what: str, required: set[str], batching: Mapping[str, Any]) -> tuple[Mapping[str, Any], SavedState]:
@@ -204,23 +208,68 @@ def read_sampler_state(
     return saved
 
 
-def read_stream_state(state: Any, *, batching: Mapping[str, Any]) -> SavedState:
-    """Check a streaming loader's state: its counters agree, its batching options are this loader's."""
+def read_stream_state(state: Any, *, batching: Mapping[str, Any], world_size: int = 1) -> SavedState:
+    """Check a streaming loader's state: its counters agree, its batching options are this loader's; a
+    ``stream_split='per_rank'`` state holds one consistent shard entry per rank and was saved on ``world_size`` ranks."""
     what = "stream"
-    state, saved = _common(state, what, {"samples_consumed", "consumed_fingerprint"}, batching)
+    if isinstance(state, Mapping) and isinstance(state.get("batching"), Mapping) and "stream_split" not in state["batching"]:
+        state = {**state, "batching": {**state["batching"], "stream_split": "replicated"}}  # saved before the option
+    per_rank = batching.get("stream_split") == "per_rank"
+    if isinstance(state, Mapping) and isinstance(state.get("batching"), Mapping):  # a changed split is named as such
+        check_batching({"stream_split": batching.get("stream_split")}, state, what)
+    state, saved = _common(state, what, {"samples_consumed", "shards" if per_rank else "consumed_fingerprint"}, batching)
     consumed = state_int(state, "samples_consumed", what)
     at = saved.position
-    least = at.step_in_epoch * int(batching.get("sequences_per_step") or 1)
+    least = at.step_in_epoch * (1 if per_rank else int(batching.get("sequences_per_step") or 1))
     if consumed < least or (consumed > 0) != (at.step_in_epoch > 0):
         raise ValueError(
             f"cannot resume: stream state has samples_consumed={consumed} after step_in_epoch={at.step_in_epoch} "
             f"finished steps; {at.step_in_epoch} steps consume at least {least} samples and none consume 0. The "
             "counters disagree (edited by hand?)"
         )
-    fingerprint = state["consumed_fingerprint"]
-    if not isinstance(fingerprint, str) or not fingerprint.startswith(f"{_HASH}:"):
-        raise ValueError(f"cannot resume: stream state has consumed_fingerprint={fingerprint!r}; expected '{_HASH}:<hex>'")
-    return SavedState(at, saved.world_size, saved.balancer, saved.max_length, consumed, fingerprint)
+    if not per_rank:
+        fingerprint = _fingerprint(state["consumed_fingerprint"], "consumed_fingerprint")
+        return SavedState(at, saved.world_size, saved.balancer, saved.max_length, consumed, fingerprint)
+    shards = _read_shards(state["shards"], saved.world_size, consumed)
+    if saved.world_size != world_size:
+        raise ValueError(
+            f"cannot resume: the stream_split='per_rank' state was saved on world_size={saved.world_size} ranks, this "
+            f"loader runs on {world_size}: each rank's position (shards[r]) is in its own shard of the stream. Resume on "
+            f"{saved.world_size} ranks with the same shards, or start a new epoch with set_epoch"
+        )
+    return SavedState(at, saved.world_size, saved.balancer, saved.max_length, consumed, "", shards)
+
+
+def _fingerprint(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value.startswith(f"{_HASH}:"):
+        raise ValueError(f"cannot resume: stream state has {field}={value!r}; expected '{_HASH}:<hex>'")
+    return value
+
+
+def _read_shards(shards: Any, world_size: int, consumed: int) -> tuple[tuple[int, str], ...]:
+    """``shards``: one ``{samples_consumed, consumed_fingerprint}`` per rank, summing to ``samples_consumed``."""
+    if not isinstance(shards, (list, tuple)) or len(shards) != world_size:
+        got = f"{len(shards)} entries" if isinstance(shards, (list, tuple)) else repr(shards)
+        raise ValueError(
+            f"cannot resume: stream state has shards={got}; it must be a list of one entry per rank "
+            f"(world_size={world_size}). Pass the dict state_dict() returned"
+        )
+    out = []
+    for r, entry in enumerate(shards):
+        if not isinstance(entry, Mapping) or {"samples_consumed", "consumed_fingerprint"} - set(entry):
+            raise ValueError(
+                f"cannot resume: stream state has shards[{r}]={entry!r}; it must be a dict with samples_consumed and "
+                "consumed_fingerprint"
+            )
+        n = state_int(entry, "samples_consumed", f"stream shards[{r}]")
+        out.append((n, _fingerprint(entry["consumed_fingerprint"], f"shards[{r}].consumed_fingerprint")))
+    total = sum(n for n, _ in out)
+    if total != consumed:
+        raise ValueError(
+            f"cannot resume: stream state has samples_consumed={consumed} but its shards sum to {total}; the counters "
+            "disagree (edited by hand?)"
+        )
+    return tuple(out)
 
 
 def cap_change(lengths: np.ndarray, policy: str, saved_cap: int, new_cap: int) -> str | None:

@@ -6,32 +6,39 @@ samples arrive, in arrival order, by the same budget rule as map-style datasets
 complete. Reading happens in the planning thread and runs at most ``plan_ahead`` steps
 ahead of the training loop: the look-ahead window holds a few steps of samples, never
 the stream. This rank's micro-batches are collated in the same thread, so a step is
-ready when the loop asks for it.
+ready when the loop asks for it. Two ways to feed the ranks (``stream_split``):
 
-Every rank reads the whole stream (each needs every length to derive the same plan)
-and keeps only the samples of its own micro-batches. Plan ids are stream positions
-(samples since the start of the epoch's stream); pieces of split samples after the
-first get ids ``2**48 + k``. A stream split per rank (``split_dataset_by_node``,
-``IterableDataset.shard``, per-rank files) is refused at its first step: with
-``plan_sync`` ``verify`` or ``broadcast`` (the default on several ranks) the ranks compare
-a fingerprint of every global batch — ids, token counts, loss tokens and each sample's
-first token ids — and raise on every rank when they differ, or when one rank's stream
-ends before another's.
+* ``"replicated"`` (default): every rank reads the whole, same stream (each needs every
+  length to derive the same plan) and keeps only the samples of its own micro-batches.
+  Plan ids are stream positions; pieces of split samples after the first get ids
+  ``2**48 + k``. A stream split per rank by accident (``split_dataset_by_node``,
+  ``IterableDataset.shard``, per-rank files) is refused at its first step: the ranks
+  compare a fingerprint of every global batch — ids, token counts, loss tokens and each
+  sample's first token ids — and raise on every rank when they differ, or when one
+  rank's stream ends before another's.
+* ``"per_rank"``: every rank reads its own shard with the local budget
+  (``tokens_per_step // world_size`` or ``sequences_per_step / world_size``); the ranks
+  exchange what they hold, plan the merged global batch and send each sample to the
+  ranks whose micro-batches hold it (:mod:`dataloader.stream_shards`). Sample ``p`` of
+  rank ``r``'s stream has id ``p * world_size + r``. The epoch ends when every rank's
+  stream has ended; shards of different sizes train every sample once.
 
-Resuming: the state is the number of stream samples consumed by finished steps (plus
-epoch and step counters) and a fingerprint of those samples' token counts. Resuming
-skips exactly that many samples — checking the fingerprint on the way and refusing a
-stream that differs or ends first — and continues with the next one, so no sample is
-lost or repeated, provided the stream yields the same samples in the same order when
-iterated again (a fixed file order, or a seeded shuffle: Hugging Face
-``IterableDataset.set_epoch`` is called with the epoch). Sample order is the stream's
-own: ``shuffle``/``seed`` of the config do not reorder a stream.
+Resuming: the state is the number of stream samples consumed by finished steps (per
+rank, for ``per_rank``: ``shards``), plus epoch and step counters, and a fingerprint of
+those samples' token counts. Resuming skips exactly that many samples — checking the
+fingerprint on the way and refusing a stream that differs or ends first — and continues
+with the next one, so no sample is lost or repeated, provided the stream yields the same
+samples in the same order when iterated again (a fixed file order, or a seeded shuffle:
+Hugging Face ``IterableDataset.set_epoch`` is called with the epoch). A ``per_rank``
+state resumes on the same number of ranks only. Sample order is the stream's own:
+``shuffle``/``seed`` of the config do not reorder a stream.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -44,25 +51,22 @@ from .batch import StepBatch, cut_sample
 from .collate import Collator
 from .config import SamplerConfig, SamplerStats
 from .distributed import group_timeout_s, plan_group, rank_and_world, resolve_sync
-from .lengths import IGNORE_INDEX
 from .planning import PlanStream, PlanSyncError
 from .spec import MicroBatchSpec
 from .state import STATE_VERSION, LengthsHash, Position, SavedState, balancer_state, read_stream_state
+from .stream_read import PIECE_ID_BASE, Row, Share, StreamReader, token_key, tokens_of
+from .stream_shards import ShardRounds, shard_budget
 
 __all__ = ["PIECE_ID_BASE", "StreamingSteps"]
 
-PIECE_ID_BASE = 1 << 48
-"""Plan ids of split pieces after the first, in streaming mode (stream positions stay below it)."""
 _CLOSE_TIMEOUT = 30.0
 """Seconds a broken-off iteration waits for its planning thread to finish the stop exchange."""
-_END = object()
-"""Sentinel: the stream has no next sample."""
-_KEY_TOKENS = 8
-"""Leading token ids per sample that enter the batch fingerprint (with the last one)."""
+_EMPTY = LengthsHash().hexdigest()
 STREAM_HINT = (
-    "every rank must read the same, complete stream in the same order. Do not split it per rank "
-    "(datasets.distributed.split_dataset_by_node, IterableDataset.shard, per-rank files): the plan assigns samples "
-    "to ranks. Seed any shuffle identically on every rank"
+    "with stream_split='replicated' (the default) every rank must read the same, complete stream in the same order. "
+    "To feed each rank its own shard (datasets.distributed.split_dataset_by_node, IterableDataset.shard, per-rank "
+    "files), build the loader with stream_split='per_rank'; otherwise do not split the stream and seed any shuffle "
+    "identically on every rank"
 )
 
 
@@ -92,6 +96,11 @@ class StreamingSteps:
         self.sequence_keys = tuple(sequence_keys)
         self.rank, self.world_size = rank_and_world(rank, world_size)
         self._sync = resolve_sync(config.plan_sync, self.world_size)
+        self.per_rank = config.stream_split == "per_rank"
+        self._budget = (config.tokens_per_step, config.sequences_per_step)
+        if self.per_rank:
+            self._check_per_rank()
+            self._budget = shard_budget(config.tokens_per_step, config.sequences_per_step, self.world_size)
         self.max_length = int(config.max_length or balancer.max_sequence_length)
         if self.max_length > int(balancer.max_sequence_length):
             raise ValueError(
@@ -99,145 +108,55 @@ class StreamingSteps:
             )
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.stats = SamplerStats()
+        """What the over-long policy and drop_last did to the stream this rank reads."""
         self.epoch = 0
-        self._consumed = 0
-        self._consumed_fingerprint = LengthsHash().hexdigest()
+        self._positions = self._start_positions()
+        """(samples consumed, their fingerprint) of the stream of each rank (``per_rank``) or the one stream."""
         self._step_in_epoch = 0
         self._global_step = 0
-        self._stream: PlanStream[tuple[StepBatch, int, str]] | None = None
+        self._stream: PlanStream[tuple[StepBatch, Any]] | None = None
         self._last_strategy: str | None = getattr(balancer, "previous_strategy", None)
         self._group = plan_group(self._sync, process_group, config.sync_timeout_s)
         self._timeout_s = group_timeout_s(self._group)
 
-    # -- reading --------------------------------------------------------------------------------
-    def _source(self, epoch: int, skip: int, expect: str, hashed: LengthsHash) -> Iterator[Any]:
-        """The epoch's stream after its first ``skip`` samples, whose token counts must hash to ``expect``."""
-        set_epoch = getattr(self.dataset, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
-        it = iter(self.dataset)
-        for pos in range(skip):
-            sample = next(it, _END)
-            if sample is _END:
-                raise ValueError(
-                    f"cannot resume: the state says {skip} samples of epoch {epoch}'s stream were consumed, but the "
-                    f"stream ends after {pos}; it is not the stream the state was saved on (resume on the same stream, "
-                    "or start the epoch again with set_epoch)"
-                )
-            hashed.update(self._measure(sample, pos)[0])
-        if skip and hashed.hexdigest() != expect:
+    def _check_per_rank(self) -> None:
+        if self.world_size > 1 and self._sync == "none":
             raise ValueError(
-                f"cannot resume: the first {skip} samples of epoch {epoch}'s stream differ from those the state was "
-                f"saved on (their token counts hash to {hashed.hexdigest()!r}, the state says {expect!r}): another "
-                "stream, order or tokenisation. Resume on the same stream in the same order, or start the epoch again "
-                "with set_epoch"
+                f"stream_split='per_rank' on {self.world_size} ranks moves samples between ranks every step: it needs "
+                "an initialised torch.distributed and plan_sync 'auto', 'broadcast' or 'verify' (got plan_sync='none')"
             )
-        return it
-
-    def _measure(self, sample: Any, pos: int) -> tuple[int, np.ndarray | None]:
-        """(tokens, label-carrying prefix sums or None) of one stream sample."""
-        if isinstance(sample, Mapping) and self.input_key not in sample:
-            raise ValueError(f"stream sample {pos} has no field {self.input_key!r}; fields: {sorted(sample)}")
-        tokens = sample[self.input_key] if isinstance(sample, Mapping) else sample
-        n = len(tokens)
-        if n < 1:
-            raise ValueError(f"stream sample {pos} has 0 tokens; every sample needs at least 1 token (filter empty rows)")
-        if isinstance(sample, Mapping) and self.labels_key in sample:
-            labels = np.asarray(sample[self.labels_key])
-            if labels.shape != (n,):
-                raise ValueError(f"stream sample {pos}: {self.labels_key!r} has {labels.size} entries, {self.input_key!r} has {n}")
-            return n, np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
-        return n, None
-
-    def _pieces(self, n: int, pos: int) -> list[tuple[int, int]]:
-        cap, policy = self.max_length, self.config.overlong
-        if n <= cap:
-            return [(0, n)]
-        if policy == "error":
+        if self.config.drop_last:
             raise ValueError(
-                f"stream sample {pos} has {n} tokens, above the largest capacity {cap}; "
-                "use overlong='truncate', 'split' or 'drop', or add a candidate with more capacity"
+                "stream_split='per_rank' trains every sample of every shard once (shards of different sizes end at "
+                "different steps, and the last steps hold what is left); drop_last=True is not supported with it: "
+                "use drop_last=False"
             )
-        if policy == "drop":
-            return []
-        if policy == "truncate":
-            self.stats.truncated += 1
-            self.stats.truncated_tokens += n - cap
-            return [(0, cap)]
-        out = [(0, cap)]
-        while out[-1][1] < n:
-            start = out[-1][1] - 1  # overlap one token: every target is trained exactly once
-            out.append((start, min(n, start + cap)))
-        self.stats.split += 1
-        self.stats.extra_pieces += len(out) - 1
-        return out
 
-    def _batches(self, epoch: int, at: Position, skip: int, expect: str) -> Iterator[PlanBatch]:
+    def _start_positions(self) -> list[tuple[int, str]]:
+        return [(0, _EMPTY)] * (self.world_size if self.per_rank else 1)
+
+    def _reader(self) -> StreamReader:
+        what = f"the state's shards[{self.rank}]" if self.per_rank else "the state"
+        return StreamReader(
+            self.dataset, input_key=self.input_key, labels_key=self.labels_key, max_length=self.max_length,
+            overlong=self.config.overlong, stats=self.stats, what=what,
+        )
+
+    # -- replicated: the global batches of the one stream ---------------------------------------------
+    def _batches(self, reader: StreamReader, epoch: int, at: Position) -> Iterator[PlanBatch]:
         cfg = self.config
-        pending: list[tuple[int, Any, list[tuple[int, int]], np.ndarray | None]] = []
-        acc = 0
-        budget = cfg.tokens_per_step or 0
-        step, in_epoch = at.global_step, at.step_in_epoch
-        hashed = LengthsHash()
-        emitted = 0
-
-        def emit(end: int) -> PlanBatch:
-            ids, lens, loss, where, content = [], [], [], {}, []
-            extra = 0
-            for pos, sample, pieces, carries in pending:
-                tokens = sample[self.input_key] if isinstance(sample, Mapping) else sample
-                content.append(_token_key(tokens))
-                for j, (lo, hi) in enumerate(pieces):
-                    pid = pos if j == 0 else PIECE_ID_BASE + extra
-                    extra += j > 0
-                    ids.append(pid)
-                    lens.append(hi - lo)
-                    loss.append(int(carries[hi] - carries[min(lo + 1, hi)]) if carries is not None else hi - lo - 1)
-                    where[pid] = (pos, sample, lo, hi, loss[-1])
-            return PlanBatch(
-                step=step,
-                lengths=np.asarray(lens, dtype=np.int64),
-                ids=np.asarray(ids, dtype=np.int64),
-                loss_tokens=np.asarray(loss, dtype=np.int64),
-                meta=(epoch, in_epoch, end, where, hashed.hexdigest()),
-                content=b"".join(content),
-            )
-
-        pos = skip - 1
-        for pos, sample in enumerate(self._source(epoch, skip, expect, hashed), start=skip):
-            if pos >= PIECE_ID_BASE:
-                raise ValueError(f"stream epoch longer than {PIECE_ID_BASE} samples; start a new epoch earlier")
-            n, carries = self._measure(sample, pos)
-            pieces = self._pieces(n, pos)
-            self.stats.num_samples = pos + 1
-            if not pieces:
-                hashed.update(n)
-                self.stats.dropped_overlong += 1
-                if len(self.stats.dropped_overlong_ids) < 16:
-                    self.stats.dropped_overlong_ids.append(pos)
-                continue
-            tokens = sum(hi - lo for lo, hi in pieces)
-            if cfg.sequences_per_step is not None:
-                full = len(pending) == cfg.sequences_per_step
-            else:
-                full = acc > 0 and acc + tokens > budget
-            if full:
-                yield emit(pos)  # every sample before ``pos`` is now in a batch or dropped (and hashed)
-                emitted += 1
-                pending, acc = [], 0
-                step, in_epoch = step + 1, in_epoch + 1
-            hashed.update(n)
-            pending.append((pos, sample, pieces, carries))
-            acc += tokens
-        if pending:
-            partial = cfg.tokens_per_step is not None or len(pending) < int(cfg.sequences_per_step or 0)
-            if cfg.drop_last and partial:
-                self.stats.dropped_last_samples += len(pending)
-            else:
-                yield emit(pos + 1)
-                emitted += 1
-        if emitted == 0 and skip == 0:
-            raise ValueError(self._no_steps_reason(epoch, pos + 1, len(pending)))
+        skip, expect = self._positions[0]
+        step = at.global_step
+        share: Share | None = None
+        for share in reader.shares(epoch, skip, expect, tokens=cfg.tokens_per_step, sequences=cfg.sequences_per_step):
+            if not share.closed and cfg.drop_last:
+                self.stats.dropped_last_samples += len(share.items)
+                break
+            yield _global_batch(step, share, self.input_key)
+            step += 1
+        if step == at.global_step and skip == 0:
+            left = len(share.items) if share is not None else 0
+            raise ValueError(self._no_steps_reason(epoch, reader.read, left))
 
     def _no_steps_reason(self, epoch: int, read: int, left: int) -> str:
         if read == 0:
@@ -253,31 +172,32 @@ class StreamingSteps:
         )
 
     # -- plans → this rank's collated micro-batches ---------------------------------------------------
-    def _build(self, batch: PlanBatch, plan: StepPlan) -> tuple[StepBatch, int, str]:
-        """This rank's collated step, the stream position after the batch and the fingerprint up to it."""
-        epoch, in_epoch, end, where, consumed_fingerprint = batch.meta
+    def _build(self, epoch: int, epoch_start: int, batch: PlanBatch, plan: StepPlan) -> tuple[StepBatch, Any]:
+        """This rank's collated step and the stream position(s) after it (``batch.meta``: rows by plan id, positions)."""
+        where, position = batch.meta
+        in_epoch = batch.step - epoch_start
         rank_plan = rank_plan_for(batch, plan, self.rank, self.world_size)
         glt = int(batch.loss_tokens.sum())
         num = len(rank_plan.micro_batches)
         specs, outs = [], []
         for k, mb in enumerate(rank_plan.micro_batches):
-            rows = [where[pid] for pid in mb]
+            rows: list[Row] = [where[pid] for pid in mb]
             spec = MicroBatchSpec(
                 step=batch.step,
                 epoch=epoch,
                 step_in_epoch=in_epoch,
                 index=k,
                 num_micro_batches=num,
-                sample_ids=tuple(r[0] for r in rows),
-                starts=tuple(r[2] for r in rows),
-                ends=tuple(r[3] for r in rows),
-                full_lengths=tuple(len(r[1][self.input_key] if isinstance(r[1], Mapping) else r[1]) for r in rows),
-                loss_tokens=tuple(r[4] for r in rows),
+                sample_ids=tuple(r.sample_id for r in rows),
+                starts=tuple(r.start for r in rows),
+                ends=tuple(r.end for r in rows),
+                full_lengths=tuple(r.full_length for r in rows),
+                loss_tokens=tuple(r.loss_tokens for r in rows),
                 global_loss_tokens=glt,
                 cp=rank_plan.layout.cp,
                 cp_rank=rank_plan.cp_rank,
             )
-            samples = [cut_sample(r[1], spec, j, self.input_key, self.sequence_keys) for j, r in enumerate(rows)]
+            samples = [cut_sample(r.sample, spec, j, self.input_key, self.sequence_keys) for j, r in enumerate(rows)]
             if isinstance(self.collate, Collator):
                 out = self.collate(samples, spec)
             else:
@@ -298,7 +218,7 @@ class StreamingSteps:
             specs=tuple(specs),
             global_loss_tokens=glt,
         )
-        return step, end, consumed_fingerprint
+        return step, position
 
     # -- iteration ------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[StepBatch]:
@@ -310,37 +230,45 @@ class StreamingSteps:
             if state is not None:
                 self.balancer.load_state_dict(state)
         while True:
-            epoch, skip, before = self.epoch, self._consumed, self._global_step
-            yield from self._epoch(epoch, skip)
+            epoch, skipped, before = self.epoch, sum(n for n, _ in self._positions), self._global_step
+            yield from self._epoch(epoch)
             # A state saved after an epoch's last step resumes with nothing left of that epoch:
             # continue with the next one (as the map-style sampler does), not with an empty iteration.
-            if self._global_step != before or skip == 0 or self.epoch == epoch:
+            if self._global_step != before or skipped == 0 or self.epoch == epoch:
                 return
 
-    def _epoch(self, epoch: int, skip: int) -> Iterator[StepBatch]:
+    def _epoch(self, epoch: int) -> Iterator[StepBatch]:
         at = Position(epoch, self._step_in_epoch, self._global_step)
-        stream = PlanStream(
-            self.balancer,
-            self._batches(epoch, at, skip, self._consumed_fingerprint),
-            self._build,
-            depth=self.config.plan_ahead,
-            sync=self._sync,
-            group=self._group,
-            rank=self.rank,
-            first_step=at.global_step,
-            data_hint=STREAM_HINT,
-            timeout_s=self._timeout_s,
-        )
+        build = partial(self._build, epoch, at.epoch_start_step)
+        common: dict[str, Any] = {
+            "depth": self.config.plan_ahead, "sync": self._sync, "group": self._group, "rank": self.rank,
+            "timeout_s": self._timeout_s,
+        }
+        reader = self._reader()
+        stream: PlanStream[tuple[StepBatch, Any]]
+        if self.per_rank:
+            skip, expect = self._positions[self.rank]
+            tokens, sequences = self._budget
+            stream = ShardRounds(
+                self.balancer, reader, reader.shares(epoch, skip, expect, tokens=tokens, sequences=sequences), build,
+                world_size=self.world_size, start=(skip, expect), first_step=at.global_step,
+                resumed=at.step_in_epoch > 0, epoch=epoch, **common,
+            )
+        else:
+            stream = PlanStream(
+                self.balancer, self._batches(reader, epoch, at), build, first_step=at.global_step,
+                data_hint=STREAM_HINT, **common,
+            )
         self._stream = stream
         try:
-            for item, end, fingerprint in stream:
-                self._consumed, self._consumed_fingerprint = end, fingerprint
+            for item, position in stream:
+                self._positions = list(position) if self.per_rank else [position]
                 self._step_in_epoch, self._global_step = item.step_in_epoch + 1, item.step + 1
                 self._last_strategy = item.plan.strategy
                 yield item
             if stream.completed:
                 self.epoch, self._step_in_epoch = epoch + 1, 0
-                self._consumed, self._consumed_fingerprint = 0, LengthsHash().hexdigest()
+                self._positions = self._start_positions()
                 self._stream = None
         finally:
             stream.close()
@@ -362,7 +290,7 @@ class StreamingSteps:
             raise ValueError(f"epoch={epoch!r} must be an integer >= 0")
         if epoch != self.epoch:
             self.epoch, self._step_in_epoch = int(epoch), 0
-            self._consumed, self._consumed_fingerprint = 0, LengthsHash().hexdigest()
+            self._positions = self._start_positions()
 
     # -- state ----------------------------------------------------------------------------------------
     def _batching(self) -> dict[str, Any]:
@@ -373,30 +301,38 @@ class StreamingSteps:
             "overlong": cfg.overlong,
             "max_length": self.max_length,
             "drop_last": cfg.drop_last,
+            "stream_split": cfg.stream_split,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Samples consumed by finished steps of the current epoch and their fingerprint, plus counters (module docstring)."""
+        """Samples consumed by finished steps of the current epoch and their fingerprint, plus counters (module docstring).
+
+        ``per_rank``: ``shards`` holds every rank's count and fingerprint (each rank knows all of
+        them), so the state saved on one rank resumes every rank; ``samples_consumed`` is their sum.
+        """
         state: dict[str, Any] = {
             "version": STATE_VERSION,
             **Position(self.epoch, self._step_in_epoch, self._global_step).to_dict(),
-            "samples_consumed": self._consumed,
-            "consumed_fingerprint": self._consumed_fingerprint,
+            "samples_consumed": sum(n for n, _ in self._positions),
             "world_size": self.world_size,
             "batching": self._batching(),
         }
+        if self.per_rank:
+            state["shards"] = [{"samples_consumed": n, "consumed_fingerprint": f} for n, f in self._positions]
+        else:
+            state["consumed_fingerprint"] = self._positions[0][1]
         child = balancer_state(self.balancer, self._last_strategy)
         if child is not None:
             state["balancer"] = child
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Check every field now; the skipped samples are checked against the fingerprint when iteration starts."""
-        saved = read_stream_state(state, batching=self._batching())
+        """Check every field now; the skipped samples are checked against the fingerprint(s) when iteration starts."""
+        saved = read_stream_state(state, batching=self._batching(), world_size=self.world_size)
         self.max_length = self._resume_cap(saved)
         at = saved.position
         self.epoch, self._step_in_epoch, self._global_step = at.epoch, at.step_in_epoch, at.global_step
-        self._consumed, self._consumed_fingerprint = saved.samples_consumed, saved.consumed_fingerprint
+        self._positions = list(saved.shards) if self.per_rank else [(saved.samples_consumed, saved.consumed_fingerprint)]
         loader = getattr(self.balancer, "load_state_dict", None)
         if saved.balancer is not None and loader is not None and saved.world_size == self.world_size:
             loader(saved.balancer)
@@ -416,9 +352,27 @@ class StreamingSteps:
         )
 
 
-def _token_key(tokens: Any) -> bytes:
-    """A sample's first few token ids and its last one, as bytes (enough to tell two streams apart)."""
-    n = len(tokens)
-    head = [int(t) for t in tokens[: min(n, _KEY_TOKENS)]]
-    head.append(int(tokens[n - 1]))
-    return np.asarray(head, dtype=np.int64).tobytes()
+def _global_batch(step: int, share: Share, input_key: str) -> PlanBatch:
+    """Replicated mode: one share of the stream is the step's global batch (ids: stream positions)."""
+    samples = {pos: sample for pos, sample, _, _ in share.items}
+    ids, lens, loss, where = [], [], [], {}
+    extra = 0
+    previous = -1
+    for pos, lo, hi, lt, n in share.rows():
+        pid = pos if pos != previous else PIECE_ID_BASE + extra
+        extra += pos == previous
+        previous = pos
+        ids.append(pid)
+        lens.append(hi - lo)
+        loss.append(lt)
+        where[pid] = Row(pos, samples[pos], lo, hi, lt, n)
+    content = [token_key(tokens_of(sample, input_key)) for sample in samples.values()]
+    return PlanBatch(
+        step=step,
+        lengths=np.asarray(lens, dtype=np.int64),
+        ids=np.asarray(ids, dtype=np.int64),
+        loss_tokens=np.asarray(loss, dtype=np.int64),
+        meta=(where, (share.end, share.fingerprint)),
+        content=b"".join(content),
+    )
+

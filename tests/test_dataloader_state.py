@@ -1,7 +1,7 @@
 """Resume state (dataloader.state): tied to its data, every field checked, refusals that name the field.
 
 Also what a sampler or stream with nothing to train on does (it refuses), the smaller-world
-resume with ``overlong='error'`` at k ∈ {0, 1, mid, last}, and ``plan_sync='auto'`` without
+resume with ``overlong='error'`` at k ∈ {0, 1, mid, last} (map-style and streaming), and ``plan_sync='auto'`` without
 torch.distributed on several ranks.
 """
 
@@ -267,6 +267,34 @@ def test_a_stream_resumes_on_a_smaller_balancer_when_nothing_was_cut() -> None:
     cut = split_big.state_dict()
     with pytest.raises(ValueError, match="the run cuts samples at max_length=128 tokens .overlong='split'. but the new balancer holds at most 64"):
         stream_loader(rows, sequences_per_step=2, overlong="split").load_state_dict(cut)
+
+
+@pytest.mark.parametrize("k", ["0", "1", "mid", "last"])
+def test_a_stream_resumes_on_a_smaller_world_with_overlong_error_exactly(k: str) -> None:
+    rows = [list(range(1, 1 + int(n))) for n in np.random.default_rng(5).integers(1, CAP + 1, size=40)]  # all fit 64
+
+    def global_batches(loader: BalancedDataLoader) -> list[list[int]]:
+        return [sorted(b.plan.sample_ids()) for b in loader]
+
+    def four() -> BalancedDataLoader:  # rank 0 of a 4-rank run (the plans are every rank's; the state is rank 0's)
+        return BalancedDataLoader(Stream(rows), balancer=make_balancer(4), tokens_per_step=300, rank=0, world_size=4, plan_sync="none")
+
+    reference = global_batches(four())
+    n = len(reference)
+    at = {"0": 0, "1": 1, "mid": n // 2, "last": n}[k]
+    big = four()
+    it = iter(big)
+    done = [sorted(next(it).plan.sample_ids()) for _ in range(at)]
+    state = big.state_dict()
+    it.close()
+    assert state["stream"]["batching"]["max_length"] == 2 * CAP and done == reference[:at]
+    small = stream_loader(rows, tokens_per_step=300, sequences_per_step=None)
+    small.load_state_dict(state)  # overlong='error' cut nothing at 128: one rank (64 tokens) continues the same batches
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rest = global_batches(small)
+    epoch1 = global_batches(stream_loader(rows, tokens_per_step=300, sequences_per_step=None))
+    assert rest == (reference[at:] if at < n else epoch1)  # after the last step: the next epoch, whole
 
 
 # -- plan_sync='auto' --------------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ def test_per_rank_stream_shards_are_refused_on_every_rank(budget: dict[str, int]
     for msg in run_ranks(_shard, 2, budget, False):
         assert msg.startswith("PlanSyncError: ranks hold different global batches for step 0"), msg
         assert "split_dataset_by_node" in msg and "same, complete stream" in msg
+        assert "build the loader with stream_split='per_rank'" in msg  # the fix is named
 
 
 def test_a_stream_that_ends_early_on_one_rank_is_refused_on_every_rank() -> None:
