@@ -80,9 +80,10 @@ def test_the_docs_quote_the_committed_results() -> None:
     assert res["invocation"] == "python benchmarks/ablations.py"
     ratios = {f"{r['tokens_per_second_ratio']:.3f}" for r in res["regime_mixes"]}
     balancer_md = (ROOT / "docs" / "balancer.md").read_text()
-    para = balancer_md[balancer_md.index("3. **Heterogeneous mixes**"):balancer_md.index("\n4. ")]
+    start = balancer_md.index("3. **Heterogeneous mixes**")
+    para = balancer_md[start:balancer_md.index("\n4. ", start)]
     assert "benchmarks/results/ablations.md" in para
-    quoted = re.findall(r"(\d\.\d{3})×", para)
+    quoted = re.findall(r"(\d+\.\d+)×", para)  # every ratio, at the results table's three decimals
     assert quoted and set(quoted) <= ratios, sorted(set(quoted) - ratios)
 
     figures = {f"{lay['tokens_per_second'][p] / 1e3:.1f}K" for r in res["static_layouts"] for lay in r["layouts"]
@@ -93,3 +94,6 @@ def test_the_docs_quote_the_committed_results() -> None:
     assert "benchmarks/results/ablations.md" in para
     quoted = re.findall(r"(\d+\.\dK)", para)
     assert quoted and set(quoted) <= figures, sorted(set(quoted) - figures)
+    margins = {f"{v['pick_over_fastest']:.3f}" for r in res["static_layouts"] for v in r["verdict"].values()}
+    quoted = re.findall(r"(\d+\.\d+)×", para)
+    assert set(quoted) <= margins, sorted(set(quoted) - margins)
