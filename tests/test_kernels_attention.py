@@ -1,4 +1,4 @@
-"""strategies.runtime.attention: every kernel path against the dense masked reference.
+"""strategies.kernels.attention: every kernel path against the dense masked reference.
 
 Real kernels run where they exist (``sdpa`` on the CPU; ``flash_attn`` / ``varlen`` too when
 this test runs on a CUDA machine). The varlen adapters — signature detection, cu_seqlens,
@@ -20,9 +20,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import strategies.runtime.attention as attention
+import strategies.kernels.attention as attention
 from strategies.context import cp_token_index
-from strategies.runtime import (
+from strategies.kernels import (
     available_kernels,
     build_segments,
     causal_attention,

@@ -1,6 +1,8 @@
 """Causal attention over packed rows: the kernels, and the one place that chooses between them.
 
-Every kernel computes the same thing: for each segment of an
+The runtime trains with these kernels and calibration (:mod:`balancer.decoder`) times
+them: both call :func:`choose_kernel`, so the cost model is fitted on the kernel training
+runs. Every kernel computes the same thing: for each segment of an
 :class:`~.segments.AttentionSegments`, causal attention of its queries over its keys with
 the diagonal at the bottom-right (under context parallelism a chunk's queries are the
 last rows of its key range), grouped-query heads (``hq`` a multiple of ``hkv``), scale
@@ -47,10 +49,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .names import KERNELS
 from .segments import AttentionSegments, build_segments
 
 __all__ = [
-    "KERNELS",
     "KernelSupport",
     "available_kernels",
     "causal_attention",
@@ -61,8 +63,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("flash_attn", "varlen", "sdpa")
-"""Kernel names, in order of preference on CUDA."""
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -137,7 +137,8 @@ def _choose(requested: str, device: str, dtype: torch.dtype) -> str:
         if requested not in usable:
             raise ValueError(
                 f"attention kernel {requested!r} cannot run on {device} with {dtype}; "
-                f"available there: {usable} (flash_attn and varlen need CUDA and fp16/bf16 inputs)"
+                f"available there: {usable} (flash_attn and varlen need CUDA and fp16/bf16 inputs); "
+                f"ask for 'auto' or one of those"
             )
         return requested
     for name in usable:
@@ -322,7 +323,7 @@ def _support(name: str, device: str, dtype: torch.dtype) -> KernelSupport:
     rect = _agrees(name, dev, dtype, [9, 40, 3, 70], 2, 2, gqa is not None)
     detail = "; ".join(f"{k}: {v}" for k, v in (("gqa", gqa), ("cp", rect)) if v is not None) or "ok"
     if detail != "ok":
-        log.warning("attention kernel %s on %s %s: %s — those cases fall back (see strategies.runtime.attention)",
+        log.warning("attention kernel %s on %s %s: %s — those cases fall back (see strategies.kernels.attention)",
                     name, dev, dtype, detail)
     return KernelSupport(name, True, rect is None, gqa is None, detail)
 
