@@ -33,7 +33,18 @@ _EXPORTS: dict[str, str] = {
     "reference_attention": "attention",
 }
 
-__all__ = sorted([*_EXPORTS, "KERNELS", "KERNEL_CHOICES"])
+__all__ = [
+    "KERNELS",
+    "KERNEL_CHOICES",
+    "AttentionSegments",
+    "KernelSupport",
+    "available_kernels",
+    "build_segments",
+    "causal_attention",
+    "choose_kernel",
+    "kernel_support",
+    "reference_attention",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
     from .attention import (

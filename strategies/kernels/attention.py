@@ -191,9 +191,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: AttentionSegme
 
 
 def _back_to_back(k: torch.Tensor, v: torch.Tensor, seg: AttentionSegments) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of every segment laid out back to back (copies overlapping cp prefixes)."""
+    """Keys and values of every segment laid out back to back (copies overlapping cp prefixes),
+    contiguous (the varlen kernels are checked on contiguous inputs; a no-op when they are)."""
     if seg.k_rows is None:
-        return k, v
+        return k.contiguous(), v.contiguous()
     return k.index_select(0, seg.k_rows), v.index_select(0, seg.k_rows)
 
 
@@ -208,7 +209,7 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Attentio
         k, v = _expand(q, k, v)
     fn = _flash_attn_func()
     assert fn is not None
-    return fn(q, k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, causal=True)
+    return fn(q.contiguous(), k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, causal=True)
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: AttentionSegments, expand: bool) -> torch.Tensor:
@@ -221,7 +222,7 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: AttentionSeg
         k, v = _expand(q, k, v)
     elif takes_gqa and k.shape[1] != q.shape[1]:
         kwargs["enable_gqa"] = True
-    return fn(q, k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, **kwargs)
+    return fn(q.contiguous(), k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, **kwargs)
 
 
 _VARLEN_KERNELS = {"flash_attn": _flash_attn, "varlen": _varlen}

@@ -16,7 +16,6 @@ import torch
 from strategies.kernels import KERNELS
 from strategies.layout import Layout
 
-
 __all__ = ["EngineConfig", "StepResult"]
 
 
