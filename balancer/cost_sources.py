@@ -244,8 +244,9 @@ class CostModelSources:
         preset with its real memory size). ``statistic``: ``"min"`` (default) or
         ``"median"`` of ``repeats`` runs; ``num_threads`` sets torch's CPU threads (restored
         afterwards); ``clock="process"`` times CPU work by the process's CPU time (with
-        ``num_threads=1`` the robust choice on a shared machine); ``attention``: ``auto``,
-        ``varlen`` or ``sdpa`` (:func:`~balancer.decoder.attention_backend`). ``meta``
+        ``num_threads=1`` the robust choice on a shared machine); ``attention``: ``"auto"``
+        — the kernel training runs, :func:`strategies.kernels.choose_kernel` — or a kernel
+        name (``flash_attn``, ``varlen``, ``sdpa``). ``meta``
         records the device, torch version, kernel, every micro-batch with its measured
         and fitted time, R², and ``reliable`` / ``problems``; an unreliable fit also
         raises a :class:`~balancer.calibrate.CalibrationWarning`.

@@ -14,22 +14,20 @@ balancer stays light.
   back (:class:`PackedBatch`): positions restart per sequence, attention stays inside each
   sequence (causal), and the loss is next-token within each sequence — what the training
   collator feeds a model (``cu_seqlens``, ``position_ids``).
-* **One kernel choice** (:func:`attention_backend`): ``varlen`` —
-  ``torch.nn.attention.varlen.varlen_attn``, one launch for all sequences, CUDA in
-  bf16/fp16, probed once and its signature read at run time (torch 2.10 takes
-  ``is_causal``, 2.12+ ``window_size``) — else ``sdpa``: ``scaled_dot_product_attention``
-  once per sequence, limited to the flash and memory-efficient backends on CUDA (never a
-  backend that plans per shape).
+* **The kernel training runs.** Attention is :func:`strategies.kernels.causal_attention`
+  with the kernel :func:`strategies.kernels.choose_kernel` picks for the device and dtype —
+  the one choice the runtime trains with too (``flash_attn`` or torch's ``varlen_attn`` on
+  CUDA in bf16/fp16 after a self-check, else SDPA once per sequence limited to the flash
+  and memory-efficient backends, never one that plans per shape). ``attention=`` asks for
+  ``"auto"`` (that choice) or a kernel by name (:data:`strategies.kernels.KERNEL_CHOICES`).
 * ``depth``: the forward may run only the first ``depth`` blocks (0: embedding, norm, head
   and loss), so calibration times a reduced depth with the same weights.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -38,18 +36,16 @@ from .specs import ModelSpec
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
+    from strategies.kernels import AttentionSegments
+
 __all__ = [
-    "ATTENTION_CHOICES",
     "DecoderStep",
     "PackedBatch",
-    "attention_backend",
     "build_decoder",
     "decoder_step_fn",
     "pack_batch",
 ]
 
-ATTENTION_CHOICES = ("auto", "varlen", "sdpa")
-"""``auto``: ``varlen`` where it works, else ``sdpa``."""
 IGNORE_INDEX = -100
 """Label of a sequence's last token (nothing to predict inside the micro-batch)."""
 
@@ -64,10 +60,15 @@ class PackedBatch:
     """int64[T] next token within the sequence; :data:`IGNORE_INDEX` at each sequence's end."""
     positions: "torch.Tensor"
     """int64[T] position within its sequence (restarts at 0)."""
-    cu_seqlens: "torch.Tensor"
-    """int32[n+1] sequence offsets."""
+    segments: "AttentionSegments"
+    """Where attention may look (one causal segment per sequence), its kernel tensors on the device."""
     lengths: tuple[int, ...]
     """Sequence lengths on the host (no device sync to read them)."""
+
+    @property
+    def cu_seqlens(self) -> "torch.Tensor":
+        """int32[n+1] sequence offsets on the device."""
+        return self.segments.cu_q
 
     @property
     def max_seqlen(self) -> int:
@@ -84,6 +85,8 @@ def pack_batch(
     """Random tokens for sequences of ``lengths`` (each >= 1), packed into one row on ``device``."""
     import torch
 
+    from strategies.kernels import build_segments
+
     lens = np.asarray([int(x) for x in lengths], dtype=np.int64)
     if lens.ndim != 1 or lens.size == 0 or (lens < 1).any():
         raise ValueError(f"pack_batch: lengths {list(lengths)} must be one or more sequences of >= 1 token")
@@ -99,123 +102,9 @@ def pack_batch(
         input_ids=ids.to(device),
         labels=labels.to(device),
         positions=torch.from_numpy(positions).to(device),
-        cu_seqlens=torch.from_numpy(cu.astype(np.int32)).to(device),
+        segments=build_segments(lens, device=device),
         lengths=tuple(int(x) for x in lens),
     )
-
-
-# -- the attention kernel: one choice, made here -------------------------------------------------
-
-
-def _varlen_kwargs(gqa: bool) -> dict[str, Any] | None:
-    """Keywords that make this torch's ``varlen_attn`` causal (and grouped), or ``None`` without it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    if "is_causal" in params:  # torch 2.10
-        kw: dict[str, Any] = {"is_causal": True}
-    elif "window_size" in params:  # torch 2.12+: causal = no context to the right
-        kw = {"window_size": (-1, 0)}
-    else:
-        return None
-    if gqa and "enable_gqa" in params:
-        kw["enable_gqa"] = True
-    return kw
-
-
-@functools.lru_cache(maxsize=None)
-def _varlen_works(device: str, dtype: str) -> str | None:
-    """``None`` when varlen attention runs forward + backward on ``device`` in ``dtype``, else why not."""
-    import torch
-
-    kw = _varlen_kwargs(gqa=False)
-    if kw is None:
-        return f"torch {torch.__version__} has no causal torch.nn.attention.varlen.varlen_attn"
-    from torch.nn.attention.varlen import varlen_attn
-
-    try:
-        dt = getattr(torch, dtype)
-        q = torch.randn(96, 2, 64, device=device, dtype=dt, requires_grad=True)
-        cu = torch.tensor([0, 32, 96], device=device, dtype=torch.int32)
-        varlen_attn(q, q, q, cu, cu, 64, 64, **kw).sum().backward()
-        torch.cuda.synchronize(device)
-    except Exception as e:  # noqa: BLE001 - any failure means: use the other kernel
-        return f"varlen_attn failed on {device} ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-    return None
-
-
-def attention_backend(device: "torch.device", dtype: "torch.dtype", requested: str = "auto") -> str:
-    """The attention kernel for ``device`` and ``dtype``: ``"varlen"`` or ``"sdpa"``.
-
-    ``auto`` takes ``varlen`` on CUDA in bf16/fp16 when torch has it and a probe of it runs
-    (forward + backward on a small packed batch, once per device and dtype), else ``sdpa``.
-    Asking for ``varlen`` where it cannot run raises ``ValueError`` with the reason.
-    """
-    import torch
-
-    if requested not in ATTENTION_CHOICES:
-        raise ValueError(f"attention={requested!r} must be one of {list(ATTENTION_CHOICES)}")
-    if requested == "sdpa":
-        return "sdpa"
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        why = f"varlen attention needs CUDA in bf16/fp16, not {device.type} in {dtype}"
-    else:
-        why = _varlen_works(str(device), str(dtype).removeprefix("torch."))
-    if why is None:
-        return "varlen"
-    if requested == "varlen":
-        raise ValueError(f"{why}; use attention='sdpa' (or 'auto')")
-    return "sdpa"
-
-
-def _attention_fn(backend: str, device: "torch.device", num_heads: int, num_kv_heads: int) -> Callable[..., Any]:
-    """``attend(q, k, v, batch)``: causal attention inside each sequence; q (T, nh, d), k/v (T, nkv, d)."""
-    import torch
-    from torch.nn import functional as F
-
-    group = num_heads // num_kv_heads
-    if backend == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        kw = _varlen_kwargs(gqa=group > 1)
-        assert kw is not None
-        native_gqa = "enable_gqa" in kw
-
-        def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-            if group > 1 and not native_gqa:
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (T, nh, d)
-            m = batch.max_seqlen
-            return varlen_attn(q, k.contiguous(), v.contiguous(), batch.cu_seqlens, batch.cu_seqlens, m, m, **kw)
-
-        return varlen
-
-    if device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        def kernels() -> Any:
-            return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
-    else:
-        import contextlib
-
-        kernels = contextlib.nullcontext
-
-    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (T, nh, d)
-        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, nh, T, d)
-        out = []
-        start = 0
-        with kernels():
-            for s in batch.lengths:  # one call per sequence: the per-sequence cost d of this path
-                sl = slice(start, start + s)
-                out.append(F.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True))
-                start += s
-        y = out[0] if len(out) == 1 else torch.cat(out, dim=2)  # (1, nh, T, d)
-        return y[0].transpose(0, 1)  # (T, nh, d)
-
-    return sdpa
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -228,14 +117,17 @@ def build_decoder(
 
     ``module(batch, depth=None)`` with a :class:`PackedBatch` returns the mean next-token
     cross-entropy (a scalar); ``depth`` runs only the first ``depth`` blocks.
-    ``module.attention`` names the kernel (:func:`attention_backend`).
+    ``attention``: ``"auto"`` or a kernel name (:data:`strategies.kernels.KERNEL_CHOICES`),
+    resolved by :func:`strategies.kernels.choose_kernel` — ``ValueError`` when the kernel
+    cannot run on ``device`` in ``dtype``. ``module.attention`` names the kernel it runs.
     """
     import torch
     from torch import nn
     from torch.nn import functional as F
 
-    backend = attention_backend(device, dtype, attention)
-    attend = _attention_fn(backend, device, model.num_heads, int(model.num_kv_heads or model.num_heads))
+    from strategies.kernels import causal_attention, choose_kernel
+
+    kernel = choose_kernel(attention, device, dtype)  # the runtime's choice, made in one place
 
     class RMSNorm(nn.Module):
         def __init__(self, dim: int) -> None:
@@ -265,7 +157,8 @@ def build_decoder(
             q, k, v = self.qkv(self.norm1(x)).split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], -1)
             q = rotate(q.view(T, self.nh, self.d), cos, sin)  # (T, nh, d)
             k = rotate(k.view(T, self.nkv, self.d), cos, sin)  # (T, nkv, d)
-            y = attend(q, k, v.view(T, self.nkv, self.d), batch)  # (T, nh, d)
+            v = v.view(T, self.nkv, self.d)  # (T, nkv, d)
+            y = causal_attention(q, k, v, batch.segments, kernel)  # (T, nh, d)
             x = x + self.out(y.reshape(T, self.nh * self.d))
             u = self.up(self.norm2(x))
             if model.gated_mlp:
@@ -278,7 +171,7 @@ def build_decoder(
     class Decoder(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.attention = backend
+            self.attention = kernel
             self.embed = nn.Embedding(model.vocab_size, model.hidden_size)
             self.blocks = nn.ModuleList(Block() for _ in range(model.num_layers))
             self.norm = RMSNorm(model.hidden_size)

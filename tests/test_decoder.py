@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from balancer.decoder import attention_backend, build_decoder, decoder_step_fn, pack_batch
+import strategies.kernels
+from balancer.decoder import build_decoder, decoder_step_fn, pack_batch
 from balancer.specs import model_preset
+from strategies.kernels import choose_kernel, reference_attention
 
 CPU = torch.device("cpu")
 
@@ -26,7 +28,7 @@ def _batch(ids: list[torch.Tensor]):
     labels = batch.labels.clone()
     labels[:-1] = flat[1:]
     labels[batch.cu_seqlens[1:].long() - 1] = -100
-    return type(batch)(input_ids=flat, labels=labels, positions=batch.positions, cu_seqlens=batch.cu_seqlens,
+    return type(batch)(input_ids=flat, labels=labels, positions=batch.positions, segments=batch.segments,
                        lengths=batch.lengths)
 
 
@@ -34,6 +36,7 @@ def test_pack_batch_restarts_positions_and_masks_sequence_ends():
     b = pack_batch([3, 1, 2], 50, CPU, torch.Generator().manual_seed(0))
     assert b.positions.tolist() == [0, 1, 2, 0, 0, 1]
     assert b.cu_seqlens.tolist() == [0, 3, 4, 6] and b.cu_seqlens.dtype == torch.int32
+    assert b.segments.pairs == ((0, 3, 0, 3), (3, 4, 3, 4), (4, 6, 4, 6)) and b.segments.square
     ids, labels = b.input_ids.tolist(), b.labels.tolist()
     assert labels == [ids[1], ids[2], -100, -100, ids[5], -100]
     assert b.max_seqlen == 3 and b.loss_tokens == 3
@@ -45,7 +48,7 @@ def test_decoder_matches_the_spec_and_trains():
     spec = model_preset("tiny")
     net = build_decoder(spec, CPU, torch.float32, seed=1)
     assert sum(p.numel() for p in net.parameters()) == spec.num_parameters
-    assert net.attention == "sdpa"  # the CPU has no varlen kernel
+    assert net.attention == "sdpa" == choose_kernel("auto", CPU, torch.float32)  # the CPU has no varlen kernel
     ids = torch.randint(0, spec.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
     batch = _batch([ids])
     loss = net(batch)
@@ -113,13 +116,53 @@ def test_a_7b_shape_is_built_on_its_device_in_its_dtype():
     assert torch.get_default_dtype() == torch.float32  # restored
 
 
-def test_attention_backend_choice():
-    assert attention_backend(CPU, torch.float32) == "sdpa"
-    assert attention_backend(CPU, torch.bfloat16, "sdpa") == "sdpa"
-    with pytest.raises(ValueError, match="varlen attention needs CUDA in bf16/fp16, not cpu"):
-        attention_backend(CPU, torch.bfloat16, "varlen")
-    with pytest.raises(ValueError, match="attention='flash' must be one of"):
-        attention_backend(CPU, torch.float32, "flash")
+def test_attention_is_the_shared_kernel_choice():
+    """``attention=`` resolves through strategies.kernels.choose_kernel: its names, its errors."""
+    assert build_decoder(model_preset("tiny"), CPU, torch.bfloat16, attention="sdpa").attention == "sdpa"
+    with pytest.raises(ValueError, match=r"'varlen' cannot run on cpu with torch.bfloat16; available there: \['sdpa'\]"
+                                         r" .*ask for 'auto' or one of those"):
+        build_decoder(model_preset("tiny"), CPU, torch.bfloat16, attention="varlen")
+    with pytest.raises(ValueError, match=r"attention kernel 'flash' is unknown; choose 'auto' or one of "
+                                         r"\['flash_attn', 'varlen', 'sdpa'\]"):
+        build_decoder(model_preset("tiny"), CPU, torch.float32, attention="flash")
+
+
+_DEVICES = [(CPU, torch.float32)] + ([(torch.device("cuda"), torch.bfloat16)] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device, dtype", _DEVICES, ids=lambda x: str(x).removeprefix("torch."))
+def test_attention_equals_the_dense_reference(monkeypatch, device, dtype):
+    """The decoder's attention (outputs and, through the loss, gradients) is the dense masked
+    reference on a packed batch with grouped-query heads: same loss, same gradients — with
+    whichever kernel the device gets (on CUDA: flash_attn or varlen, after their self-check)."""
+    spec = model_preset("tiny")
+    assert spec.num_kv_heads < spec.num_heads  # grouped-query heads are exercised
+    kernel = choose_kernel("auto", device, dtype)
+    g = torch.Generator().manual_seed(5)
+    batch = pack_batch([23, 1, 40, 9], spec.vocab_size, device, g)
+    calls = []
+
+    def dense(q, k, v, seg, kernel="auto"):
+        calls.append(kernel)
+        return reference_attention(q, k, v, seg)
+
+    results = []
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(strategies.kernels, "causal_attention", dense)
+        net = build_decoder(spec, device, dtype, seed=4)
+        assert net.attention == kernel
+        loss = net(batch)
+        loss.backward()
+        results.append((loss.detach().float(), {n: p.grad.float() for n, p in net.named_parameters()}))
+    assert calls == [kernel] * spec.num_layers  # the reference really stood in for the kernel
+    (loss, grads), (ref_loss, ref_grads) = results
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
+    for name, grad in grads.items():
+        scale = float(ref_grads[name].abs().max())
+        torch.testing.assert_close(grad, ref_grads[name], rtol=10 * tol, atol=10 * tol * scale,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_step_runs_forward_and_backward_and_drops_gradients():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from strategies.kernels import KERNEL_CHOICES
+
 from ._common import positive_int
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -54,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clock", choices=("wall", "process"), default="wall",
                    help="wall time, or the process's CPU time (CPU only; use with --threads 1)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads while timing")
-    p.add_argument("--attention", choices=("auto", "varlen", "sdpa"), default="auto",
-                   help="attention kernel (default: varlen on CUDA when it runs, else SDPA per sequence)")
+    p.add_argument("--attention", choices=KERNEL_CHOICES, default="auto",
+                   help="attention kernel (default: auto, the kernel training runs: flash_attn or varlen on CUDA "
+                        "in bf16/fp16 when it passes its self-check, else SDPA per sequence)")
     p.add_argument("--token-capacity", type=positive_int, metavar="N", help="tokens per micro-batch (default: memory model)")
     p.add_argument("--hardware", metavar="H", help="hardware preset or file for the memory model (default: this device)")
     p.add_argument("--seed", type=int, default=0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from strategies.kernels import KERNEL_CHOICES
+
 from ._common import DEFAULT_TOKENS_PER_STEP, add_job_arguments, add_lengths_arguments, positive_int
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -53,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clock", choices=("wall", "process"), default="wall",
                    help="wall time, or the process's CPU time (CPU only; use with --threads 1)")
     g.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads while timing")
-    g.add_argument("--attention", choices=("auto", "varlen", "sdpa"), default="auto", help="attention kernel")
+    g.add_argument("--attention", choices=KERNEL_CHOICES, default="auto",
+                   help="attention kernel (default: auto, the kernel training runs; see `hydraulis calibrate --help`)")
     p.add_argument("--out", default="hydraulis-measure", metavar="DIR", help="output folder (default: hydraulis-measure)")
 
 

@@ -8,15 +8,18 @@
 See ``docs/runtime.md`` for the design (groups, sharded state, cp attention, kernels, pipelines).
 """
 
-from .attention import (
+from strategies.kernels import (
     KERNELS,
+    AttentionSegments,
     KernelSupport,
     available_kernels,
+    build_segments,
     causal_attention,
     choose_kernel,
     kernel_support,
     reference_attention,
 )
+
 from .batch import IGNORE_INDEX, LocalBatch, check_micro_batch, prepare_micro_batch, shift_labels
 from .checkpoint import load_state, save_state
 from .compute import ComputeWeights, build_model
@@ -28,7 +31,6 @@ from .local import free_port, run_local
 from .model import GPT, ModelConfig, init_parameter
 from .parallel import SINGLE_DEVICE, ParallelContext, copy_to_tp, gather_from_cp, reduce_from_tp
 from .pipeline import PipelineStage, StageSpec, one_f_one_b, run_pipeline, split_layers, stage_forward
-from .segments import AttentionSegments, build_segments
 from .state import ParamSlot, ShardedState, ShardLayout, tp_shard, unit_name
 from .validate import StepError
 

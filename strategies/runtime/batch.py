@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from strategies.context import cp_token_index
+from strategies.kernels import AttentionSegments, build_segments
 
 from .parallel import ParallelContext
-from .segments import AttentionSegments, build_segments
 
 __all__ = [
     "IGNORE_INDEX", "CheckedMicroBatch", "LocalBatch", "check_micro_batch", "prepare_micro_batch", "shift_labels",

@@ -8,7 +8,7 @@ Start-up (identical on every rank):
    a built :class:`GPT` (rank 0's values); the module's own parameters become empty
    holders for the per-step compute weights;
 2. build the optimizer over the chunks (its state is sharded with them);
-3. choose the attention kernel for the device and compute dtype (:mod:`~.attention`);
+3. choose the attention kernel for the device and compute dtype (:func:`strategies.kernels.choose_kernel`);
 4. for each candidate strategy, in order: request its tp groups, cp groups and (pp > 1)
    the two-rank groups of its pipeline stage boundaries from one
    :class:`~.groups.GroupRegistry` (each distinct rank set becomes one process group,
@@ -46,10 +46,10 @@ import torch
 import torch.distributed as dist
 
 from strategies.collectives import group_timeout
+from strategies.kernels import choose_kernel
 from strategies.layout import Layout, Strategy
 from strategies.plan import StepPlan
 
-from .attention import choose_kernel
 from .batch import LocalBatch
 from .checkpoint import load_state, save_state
 from .compute import ComputeWeights, build_model, storage_bytes

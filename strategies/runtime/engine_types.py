@@ -13,9 +13,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from strategies.kernels import KERNELS
 from strategies.layout import Layout
-
-from .attention import KERNELS
 
 __all__ = ["EngineConfig", "StepResult"]
 
@@ -35,7 +34,7 @@ class EngineConfig:
     Master parameters, gradients and optimizer state stay fp32."""
     attention: str = "auto"
     """Attention kernel: ``"auto"`` or one of ``flash_attn``, ``varlen``, ``sdpa``
-    (see :func:`strategies.runtime.attention.choose_kernel`)."""
+    (see :func:`strategies.kernels.choose_kernel`)."""
     seed: int = 0
     """Seed of the per-parameter initialisation when the model is given as a ModelConfig."""
     group_timeout_s: float | None = None

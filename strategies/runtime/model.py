@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import causal_attention
+from strategies.kernels import causal_attention
+
 from .batch import IGNORE_INDEX, LocalBatch
 from .parallel import SINGLE_DEVICE, ParallelContext, copy_to_tp, gather_from_cp, reduce_from_tp
 
@@ -166,7 +167,7 @@ class GPT(nn.Module):
         self.final_norm = nn.Parameter(torch.ones(config.hidden_size))
         self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
         self.attention_kernel = "auto"
-        """Attention kernel name (see :func:`~.attention.choose_kernel`); the engine sets it."""
+        """Attention kernel name (see :func:`strategies.kernels.choose_kernel`); the engine sets it."""
         self.weights_tp = 1
         """Tensor-parallel degree the parameters are cut for: 1 = full tensors."""
         self.reset_parameters()

@@ -1,4 +1,4 @@
-"""strategies.runtime.segments: the attention layout of a packed row, and the kernel tensors built from it."""
+"""strategies.kernels.segments: the attention layout of a packed row, and the kernel tensors built from it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strategies.context import cp_local_seqlens, cp_token_index
-from strategies.runtime import build_segments
+from strategies.kernels import build_segments
 
 
 @settings(max_examples=40, deadline=None)

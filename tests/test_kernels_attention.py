@@ -1,4 +1,4 @@
-"""strategies.runtime.attention: every kernel path against the dense masked reference.
+"""strategies.kernels.attention: every kernel path against the dense masked reference.
 
 Real kernels run where they exist (``sdpa`` on the CPU; ``flash_attn`` / ``varlen`` too when
 this test runs on a CUDA machine). The varlen adapters — signature detection, cu_seqlens,
@@ -20,9 +20,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import strategies.runtime.attention as attention
+import strategies.kernels.attention as attention
 from strategies.context import cp_token_index
-from strategies.runtime import (
+from strategies.kernels import (
     available_kernels,
     build_segments,
     causal_attention,
@@ -242,3 +242,59 @@ def test_a_kernel_that_fails_on_plain_segments_is_not_chosen(stand_in):
     stand_in(varlen=broken)
     assert not kernel_support("varlen", "cpu", torch.float32).square
     assert choose_kernel("auto", "cpu", torch.float32) == "sdpa"
+
+
+# -- one choice for training and for calibration -----------------------------------------------
+def _counted(fn, calls, name):
+    @functools.wraps(fn)  # the varlen adapter reads the signature
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("varlen, flash, chosen", [(varlen_new, flash_attn_varlen_func, "flash_attn"),
+                                                   (varlen_old, None, "varlen"),
+                                                   (varlen_top_left, None, "varlen"),  # cp falls back, square runs
+                                                   (None, None, "sdpa")])
+def test_calibration_and_training_run_the_chosen_kernel(stand_in, varlen, flash, chosen):
+    """The decoder ``CostModel.calibrate`` times and the runtime's GPT run the kernel
+    :func:`choose_kernel` picks for the device and dtype — the one choice, not two."""
+    import warnings
+
+    from balancer import CalibrationWarning, CostModel
+    from balancer.decoder import build_decoder, pack_batch
+    from balancer.specs import model_preset
+    from strategies.runtime import GPT, SINGLE_DEVICE, ModelConfig, check_micro_batch, prepare_micro_batch
+
+    calls: list[str] = []
+    stand_in(varlen=varlen and _counted(varlen, calls, "varlen"), flash=flash and _counted(flash, calls, "flash_attn"))
+    assert choose_kernel("auto", "cpu", torch.float32) == chosen
+    calls.clear()  # the self-check ran the stand-ins
+
+    spec = model_preset("tiny")
+    net = build_decoder(spec, torch.device("cpu"), torch.float32)  # attention="auto"
+    assert net.attention == chosen
+    net(pack_batch([5, 12, 1], spec.vocab_size, torch.device("cpu"), torch.Generator().manual_seed(0))).backward()
+    expected = [] if chosen == "sdpa" else [chosen] * spec.num_layers
+    assert calls == expected
+    calls.clear()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)  # a handful of tiny micro-batches: the fit is not the point
+        cost = CostModel.calibrate(spec, micro_batches=[[16], [32], [8, 8], [4] * 4, [24, 2]], token_capacity=64,
+                                   warmup=0, repeats=1, progress=False)
+    assert cost.meta["attention"] == chosen
+    assert set(calls) == set(expected) and len(calls) == 5 * len(expected)
+    calls.clear()
+
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=96)
+    model = GPT(cfg)  # attention_kernel "auto", as the engine resolves EngineConfig.attention
+    ids = torch.randint(0, cfg.vocab_size, (1, 18), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, [0, 6]] = -100  # each sequence's first label (the model shifts)
+    mb = {"input_ids": ids, "labels": labels, "position_ids": torch.cat([torch.arange(6), torch.arange(12)])[None],
+          "cu_seqlens": torch.tensor([0, 6, 18], dtype=torch.int32)}
+    model(prepare_micro_batch(check_micro_batch(mb, 0, cfg.vocab_size), SINGLE_DEVICE, torch.device("cpu"))).backward()
+    assert calls == ([] if chosen == "sdpa" else [chosen] * cfg.num_layers)

@@ -1,6 +1,8 @@
 """Causal attention over packed rows: the kernels, and the one place that chooses between them.
 
-Every kernel computes the same thing: for each segment of an
+The runtime trains with these kernels and calibration (:mod:`balancer.decoder`) times
+them: both call :func:`choose_kernel`, so the cost model is fitted on the kernel training
+runs. Every kernel computes the same thing: for each segment of an
 :class:`~.segments.AttentionSegments`, causal attention of its queries over its keys with
 the diagonal at the bottom-right (under context parallelism a chunk's queries are the
 last rows of its key range), grouped-query heads (``hq`` a multiple of ``hkv``), scale
@@ -47,10 +49,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .names import KERNELS
 from .segments import AttentionSegments, build_segments
 
 __all__ = [
-    "KERNELS",
     "KernelSupport",
     "available_kernels",
     "causal_attention",
@@ -61,8 +63,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("flash_attn", "varlen", "sdpa")
-"""Kernel names, in order of preference on CUDA."""
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -137,7 +137,8 @@ def _choose(requested: str, device: str, dtype: torch.dtype) -> str:
         if requested not in usable:
             raise ValueError(
                 f"attention kernel {requested!r} cannot run on {device} with {dtype}; "
-                f"available there: {usable} (flash_attn and varlen need CUDA and fp16/bf16 inputs)"
+                f"available there: {usable} (flash_attn and varlen need CUDA and fp16/bf16 inputs); "
+                f"ask for 'auto' or one of those"
             )
         return requested
     for name in usable:
@@ -190,9 +191,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: AttentionSegme
 
 
 def _back_to_back(k: torch.Tensor, v: torch.Tensor, seg: AttentionSegments) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of every segment laid out back to back (copies overlapping cp prefixes)."""
+    """Keys and values of every segment laid out back to back (copies overlapping cp prefixes),
+    contiguous (the varlen kernels are checked on contiguous inputs; a no-op when they are)."""
     if seg.k_rows is None:
-        return k, v
+        return k.contiguous(), v.contiguous()
     return k.index_select(0, seg.k_rows), v.index_select(0, seg.k_rows)
 
 
@@ -207,7 +209,7 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Attentio
         k, v = _expand(q, k, v)
     fn = _flash_attn_func()
     assert fn is not None
-    return fn(q, k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, causal=True)
+    return fn(q.contiguous(), k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, causal=True)
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: AttentionSegments, expand: bool) -> torch.Tensor:
@@ -220,7 +222,7 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: AttentionSeg
         k, v = _expand(q, k, v)
     elif takes_gqa and k.shape[1] != q.shape[1]:
         kwargs["enable_gqa"] = True
-    return fn(q, k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, **kwargs)
+    return fn(q.contiguous(), k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, **kwargs)
 
 
 _VARLEN_KERNELS = {"flash_attn": _flash_attn, "varlen": _varlen}
@@ -322,7 +324,7 @@ def _support(name: str, device: str, dtype: torch.dtype) -> KernelSupport:
     rect = _agrees(name, dev, dtype, [9, 40, 3, 70], 2, 2, gqa is not None)
     detail = "; ".join(f"{k}: {v}" for k, v in (("gqa", gqa), ("cp", rect)) if v is not None) or "ok"
     if detail != "ok":
-        log.warning("attention kernel %s on %s %s: %s — those cases fall back (see strategies.runtime.attention)",
+        log.warning("attention kernel %s on %s %s: %s — those cases fall back (see strategies.kernels.attention)",
                     name, dev, dtype, detail)
     return KernelSupport(name, True, rect is None, gqa is None, detail)
 
