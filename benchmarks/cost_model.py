@@ -59,8 +59,8 @@ from balancer.analytic import AnalyticModel  # noqa: E402
 from balancer.analytic_options import AnalyticOptions  # noqa: E402
 from balancer.calibrate import CalibrationWarning  # noqa: E402
 from balancer.cost import CostModel  # noqa: E402
-from balancer.fit import fit_quadratic  # noqa: E402
 from balancer.data import read_lengths  # noqa: E402
+from balancer.fit import fit_quadratic  # noqa: E402
 from balancer.specs import hardware_preset, model_preset  # noqa: E402
 from strategies.layout import Layout  # noqa: E402
 

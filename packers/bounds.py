@@ -47,8 +47,8 @@ import numpy as np
 
 from packers._lp import type_lp
 from packers.validate import (
-    as_capacity,
     as_bin_type,
+    as_capacity,
     as_item_times,
     as_num_bins,
     as_pp_weight,

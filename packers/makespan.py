@@ -46,9 +46,9 @@ from dataclasses import replace
 import numpy as np
 
 from packers._greedy import solve_greedy
+from packers._lp import type_lp
 from packers._search import improve
 from packers._state import Instance, bin_loads, build_instance
-from packers._lp import type_lp
 from packers.bounds import combined_makespan_bound
 from packers.types import Assignment
 from packers.validate import (

@@ -10,8 +10,8 @@ import pytest
 from balancer import (
     CandidateConfig,
     CandidatePool,
-    cluster_lower_bound,
     LengthHistogram,
+    cluster_lower_bound,
     enumerate_layouts,
     generate_candidates,
     heterogeneous_mixes,

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.cost import CostModel, LayoutCost, replica_seconds
-from balancer.stage1 import ReplicaTable, item_seconds
 from balancer.microbatch import pack_micro_batches, pack_replica
+from balancer.stage1 import ReplicaTable, item_seconds
 from strategies import Layout, Strategy
 
 A, B, C = 1e-7, 1e-4, 0.02

@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.profile import LengthProfile
-from hydraulis.plots import _DASHES, doubling_shares, plot_length_histogram, plot_simulation, plot_time_share, same_as_earlier
+from hydraulis.plots import (
+    _DASHES,
+    doubling_shares,
+    plot_length_histogram,
+    plot_simulation,
+    plot_time_share,
+    same_as_earlier,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_runtime_engine import flat, global_batch, loss_tokens, make_plan, memory_model_bytes, pack, rank_batches
 
 from strategies import Layout, Strategy
 from strategies.runtime import (
@@ -26,7 +27,6 @@ from strategies.runtime import (
     prepare_micro_batch,
     run_local,
 )
-from test_runtime_engine import flat, global_batch, loss_tokens, make_plan, memory_model_bytes, pack, rank_batches
 
 WORLD = 2
 MODEL = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128)

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from balancer.bounds import lower_bound
 from balancer.cost import CostModel, LayoutCost
-from balancer.stage1 import Dispatch, item_seconds, stage1_times
 from balancer.microbatch import pack_micro_batches
 from balancer.selector import Balancer, BalancerConfig, StrategySolution, solve_strategy
+from balancer.stage1 import Dispatch, item_seconds, stage1_times
 from balancer.validation import validate
 from strategies import ClusterSpec, Layout, Strategy
 

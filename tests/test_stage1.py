@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from balancer.bounds import _dual_approximation_bound, _replica_capacity, lower_bound, quick_lower_bound
 from balancer.cost import CostModel, LayoutCost
+from balancer.microbatch import pack_micro_batches
 from balancer.stage1 import (
     ReplicaTable,
     dispatch,
@@ -17,7 +18,6 @@ from balancer.stage1 import (
     stage1_lp,
     stage1_times,
 )
-from balancer.microbatch import pack_micro_batches
 from strategies import Layout, Strategy
 
 MODEL = CostModel.from_coefficients(
