@@ -8,7 +8,9 @@
 #    calibrated estimate vs measured step, peak memory vs the memory model;
 # 2. benchmarks/gpu_costmodel.sh (issue 16): calibration on packed micro-batches of the
 #    llama-7b shape (4-layer copy scaled per layer), measured plans on code_kafka;
-# 3. benchmarks/gpu_hf.sh        (issue 15): hf_packed_inputs exact on CUDA (tests/test_hf.py).
+# 3. benchmarks/gpu_hf.sh        (issues 15, 11): hf_packed_inputs exact on CUDA (tests/test_hf.py),
+#    the shared attention kernels and the calibration decoder on CUDA (tests/test_kernels_*.py,
+#    tests/test_decoder.py).
 # python3 only, no pip from a registry. OR-tools is not needed (no CP-SAT on these paths);
 # if wheels were carried in .whl/, they go to /tmp/site, *after* the image's packages on
 # PYTHONPATH, so nothing the image has is shadowed. Results are written under
@@ -57,7 +59,7 @@ COST_STATUS=${PIPESTATUS[0]}
 stamp "cost model finished with status $COST_STATUS"
 pack
 
-stamp "part 3/3: Hugging Face packed inputs on CUDA (issue 15)"
+stamp "part 3/3: Hugging Face packed inputs and attention kernels on CUDA (issues 15, 11)"
 if [ ${#SMOKE[@]} -eq 0 ]; then
     OUT="$LOGS" timeout 200 bash benchmarks/gpu_hf.sh > /dev/null 2>&1
     HF_STATUS=$?
