@@ -67,11 +67,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from balancer.analytic import forward_flops  # noqa: E402
-from balancer.calibrate import calibration_micro_batches, measure  # noqa: E402
+from balancer.calibrate import measure  # noqa: E402
 from balancer.cost import CostModel  # noqa: E402
 from balancer.data import read_lengths  # noqa: E402
 from balancer.selector import Balancer, BalancerConfig  # noqa: E402
 from balancer.specs import ModelSpec  # noqa: E402
+from benchmarks.runtime_common import calibration_set, fit_summary, global_batches, pack  # noqa: E402
 from strategies import ClusterSpec, Layout, Strategy  # noqa: E402
 from strategies.runtime import (  # noqa: E402
     GPT,
@@ -174,34 +175,6 @@ def model_flops(cfg: ModelConfig, lengths: np.ndarray) -> float:
     return float(sum(3 * fwd.total(float(s), cfg.num_layers) for s in lengths))
 
 
-# -- data -----------------------------------------------------------------------------------------
-def global_batches(lengths: np.ndarray, tokens_per_step: int, steps: int, seed: int) -> list[np.ndarray]:
-    """``steps`` batches of lengths drawn without replacement, each up to ``tokens_per_step`` tokens."""
-    order = np.random.default_rng(seed).permutation(lengths.size)
-    out, cur, total = [], [], 0
-    for i in np.tile(order, 1 + steps * tokens_per_step // max(1, int(lengths.sum()))):
-        s = int(lengths[i])
-        if total + s > tokens_per_step and cur:
-            out.append(np.array(cur, dtype=np.int64))
-            if len(out) == steps:
-                break
-            cur, total = [], 0
-        cur.append(s)
-        total += s
-    return out
-
-
-def pack(lens: list[int], vocab: int, rng: np.random.Generator, glt: int) -> dict[str, torch.Tensor | int]:
-    ids = rng.integers(0, vocab, size=int(sum(lens)), dtype=np.int64)
-    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-    labels = ids.copy()
-    labels[cu[:-1]] = -100
-    pos = np.arange(ids.size) - np.repeat(cu[:-1], lens)
-    return {"input_ids": torch.from_numpy(ids)[None], "labels": torch.from_numpy(labels)[None],
-            "position_ids": torch.from_numpy(pos)[None], "cu_seqlens": torch.from_numpy(cu),
-            "global_loss_tokens": glt}
-
-
 # -- measurements ---------------------------------------------------------------------------------
 @contextlib.contextmanager
 def torch_chooses_sdpa_backend():
@@ -247,17 +220,6 @@ def kernel_error(kernel: str, device: torch.device, dtype: torch.dtype, head_dim
     return out
 
 
-CALIBRATION_DRAWN = 2
-"""Micro-batches drawn from the length file in a calibration (besides the fixed compositions)."""
-
-
-def calibration_set(lengths: np.ndarray, max_length: int, capacity: int) -> list[tuple[int, ...]]:
-    """The packed micro-batches a calibration times: ``hydraulis calibrate``'s compositions at a
-    budget of ``capacity`` tokens, drawn from ``lengths``, without a sequence over ``max_length``."""
-    comps = calibration_micro_batches(capacity, np.minimum(lengths, max_length), seed=0, num_drawn=CALIBRATION_DRAWN)
-    return [mb for _, mb in comps if max(mb) <= max_length]
-
-
 def calibrate(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch.dtype,
               micro_batches: list[tuple[int, ...]], capacity: int) -> CostModel:
     """``tp1`` cost model of this model and kernel, timed here on packed ``micro_batches``:
@@ -279,12 +241,6 @@ def calibrate(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch.
     run = measure(step, micro_batches, device=device, warmup=1, repeats=2, progress=False,
                   clock=CLOCK[device.type][0])
     return CostModel.fit(run.micro_batches, run.seconds, token_capacity=capacity, layout=Layout(1))
-
-
-def fit_summary(cost: CostModel) -> dict[str, float]:
-    """The fitted coefficients (seconds, tokens) and the fit's R²."""
-    lc = cost.cost(Layout(1))
-    return {"a": lc.a, "b": lc.b, "c": lc.c, "d": lc.d, "r2": cost.fit_r2(Layout(1))}
 
 
 def engine_run(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch.dtype, cost: CostModel,
