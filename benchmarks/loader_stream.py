@@ -59,14 +59,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "benchmarks")]
 
-import torch.utils.data as tud  # noqa: E402
+import torch.utils.data as tud
 
-from balancer.data import bundled_path, read_lengths  # noqa: E402
-from dataloader import BalancedDataLoader  # noqa: E402
-from dataloader.planning import PlanStream  # noqa: E402
-from dataloader.stream_read import StreamReader  # noqa: E402
-from dataloader.stream_shards import ShardRounds  # noqa: E402
-from strategies.runtime.local import run_local  # noqa: E402
+from balancer.data import bundled_path, read_lengths
+from dataloader import BalancedDataLoader
+from dataloader.planning import PlanStream
+from dataloader.stream_read import StreamReader
+from dataloader.stream_shards import ShardRounds
+from strategies.runtime.local import run_local
 
 
 def _loader_bench() -> Any:
@@ -401,11 +401,11 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [
-        f"Streaming loader benchmark: {r['lengths']} ({r['num_samples']:,} samples, {r['stream_tokens']:,} tokens, "
+        (f"Streaming loader benchmark: {r['lengths']} ({r['num_samples']:,} samples, {r['stream_tokens']:,} tokens, "
         f"capped at {r['max_length']:,}), {r['tokens_per_step']:,} tokens/step, plan_ahead={r['plan_ahead']}, "
         f"simulated step {r['step_ms']:.0f} ms (sleep), {r['repeats']} interleaved epochs per configuration (medians "
         f"per rank, then the mean over ranks); gloo ranks with one thread each; load {m['load_avg_1_5_15']} on "
-        f"{m['cpus']} CPUs, {m['time']}. Command: `{r['command']}`",
+        f"{m['cpus']} CPUs, {m['time']}. Command: `{r['command']}`"),
     ]
     for run in r["runs"]:
         w = run["world_size"]
@@ -413,10 +413,10 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             f"**{w} ranks** ({run['seconds']:.0f} s)",
             "",
-            "| format | stream | mode | step | steps (stream tokens/step) | tokens/s per rank (min) | stream tokens/s | "
+            ("| format | stream | mode | step | steps (stream tokens/step) | tokens/s per rank (min) | stream tokens/s | "
             "samples read per rank | "
             "bytes received per rank per step | bytes/token (of the rank's tokens / of received tokens) | "
-            "CPU ms/step (read / exchange) | collectives wall ms/step | plan ms/step |",
+            "CPU ms/step (read / exchange) | collectives wall ms/step | plan ms/step |"),
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for x in run["rows"]:
@@ -439,7 +439,7 @@ def markdown(r: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        "tokens/s per rank: tokens of the rank's micro-batches (its replica's, as planned: tensor-parallel peers "
+        ("tokens/s per rank: tokens of the rank's micro-batches (its replica's, as planned: tensor-parallel peers "
         "count the same tokens) per second after the first step; stream tokens/s: the tokens of every replica, each "
         "once, per second (the stream's training rate). The two modes form different global batches (per_rank fills "
         "the budget per rank, so its steps hold fewer tokens) and may plan other layouts, so compare stream tokens/s. "
@@ -447,7 +447,7 @@ def markdown(r: dict[str, Any]) -> str:
         "none), per token of the rank's micro-batches and per token of the samples it received. CPU: process CPU "
         "time per step (every thread); read: thread CPU of the stream's `next`; exchange: thread CPU of pickling, "
         "the all-to-all and unpickling (per_rank). Collectives: wall time of every collective of the planning "
-        "thread, waiting for peers included. Plan: `StepPlan.plan_seconds`.",
+        "thread, waiting for peers included. Plan: `StepPlan.plan_seconds`."),
     ]
     return "\n".join(lines)
 
