@@ -19,14 +19,12 @@ from strategies.plan import RankPlan, StepPlan
 from .lengths import IGNORE_INDEX
 from .spec import MicroBatchSpec
 
-__all__ = ["LOCKSTEP_ORDERS", "SEQUENCE_KEYS", "SYNC_MODES", "StepBatch", "cut_sample", "fsdp2_accumulation", "pad_micro_batch"]
+__all__ = ["SEQUENCE_KEYS", "SYNC_MODES", "StepBatch", "cut_sample", "fsdp2_accumulation", "pad_micro_batch"]
 
 SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask", "token_type_ids", "position_ids", "loss_mask")
 """Per-token sample fields cut together when a sample is truncated or split."""
 SYNC_MODES = ("accumulate", "reshard")
 """``StepBatch.sync_context`` modes: synchronise once per step, or after every micro-batch (lockstep)."""
-LOCKSTEP_ORDERS = ("longest", "plan")
-"""``StepBatch.lockstep_micro_batches`` orders: longest first (default), or as planned."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,9 +67,7 @@ class StepBatch:
         """Planned loss tokens of micro-batch ``k`` on this rank (plan order, as in :attr:`micro_batches`)."""
         return self.specs[k].num_loss_tokens
 
-    def lockstep_micro_batches(
-        self, pad: Any = None, *, order: str = "longest", cost: Any = None
-    ) -> list[tuple[int, Any]]:
+    def lockstep_micro_batches(self, pad: Any = None, *, cost: Any = None) -> list[tuple[int, Any]]:
         """``(k, micro-batch)`` for ``k`` in ``0..num_lockstep_micro_batches-1``: the same count on every rank.
 
         For engines that synchronise at every micro-batch (``sync_context(model, k,
@@ -82,19 +78,18 @@ class StepBatch:
         :func:`~dataloader.packed_loss` is ``0·Σ logits`` and adds exactly zero to every
         gradient. Give it for other collators.
 
-        ``order``: ``"longest"`` (default) runs this rank's micro-batches longest first, so
-        the ``k``-th micro-batches of all ranks take similar time — in lockstep a step costs
-        ``Σ_k max_r T(r, k)`` instead of ``max_r Σ_k T(r, k)``, smallest when every rank is
-        sorted the same way (``balancer.lockstep``); ``"plan"`` keeps the planned order.
-        Longest by ``cost.micro_batch_seconds(seq_lens)`` (seconds) when ``cost`` is given
-        (e.g. ``balancer.cost_model.cost(Layout(1))``), else by tokens.
+        Order: in lockstep a step costs ``Σ_k max_r T(r, k)`` instead of ``max_r Σ_k T(r, k)``,
+        smallest when every rank runs its micro-batches longest first (``balancer.lockstep``).
+        The Balancer's plans already list a ``pp = 1`` replica's micro-batches longest first
+        by its cost model, so by default the plan's order is kept. ``cost``: re-sort by
+        ``cost.micro_batch_seconds(seq_lens)`` (seconds, e.g. a ``LayoutCost``) — for plans
+        made otherwise. (Most tokens first is no substitute: micro-batches packed to the same
+        token capacity differ by their attention term; ``benchmarks/lockstep.py``.)
         """
-        if order not in LOCKSTEP_ORDERS:
-            raise ValueError(f"order={order!r}: choose one of {', '.join(LOCKSTEP_ORDERS)}")
         if cost is not None and not callable(getattr(cost, "micro_batch_seconds", None)):
             raise TypeError(
                 f"cost={type(cost).__name__} has no micro_batch_seconds(seq_lens); pass a LayoutCost "
-                "(balancer.cost_model.cost(Layout(1))) or None to order by tokens"
+                "(balancer.cost_model.cost(Layout(1))) or None to keep the plan's order"
             )
         count = self.num_lockstep_micro_batches
         if len(self.micro_batches) > count:
@@ -102,12 +97,9 @@ class StepBatch:
                 f"rank {self.rank_plan.rank} has {len(self.micro_batches)} micro-batches but the plan's largest "
                 f"count is {count}; this StepBatch does not match its plan"
             )
-        keys: list[float]
+        runs = list(range(len(self.micro_batches)))
         if cost is not None:
-            keys = [cost.micro_batch_seconds(spec.seq_lens) for spec in self.specs]
-        else:
-            keys = [spec.num_tokens for spec in self.specs]
-        runs = longest_first(keys) if order == "longest" else list(range(len(self.micro_batches)))
+            runs = longest_first([cost.micro_batch_seconds(spec.seq_lens) for spec in self.specs])
         out = [self.micro_batches[i] for i in runs]
         if len(out) < count:
             filler = pad if pad is not None else pad_micro_batch(self.micro_batches[0])

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.utils.data as tud
 
-from balancer.cost import CostModel
+from balancer.cost import CostModel, LayoutCost
 from balancer.selector import Balancer
 from dataloader import BalancedDataLoader, PaddedCollator, StepBatch
 from strategies.layout import ClusterSpec, Layout, Strategy
@@ -115,8 +115,11 @@ def test_step_batch_sync_control() -> None:
 
 def tp1_balancer(world: int) -> Balancer:
     """Data parallelism only (the FSDP2 case): tp1 on every rank, CAP tokens per micro-batch."""
-    cost = CostModel.from_coefficients({"tp1": (1e-6, 1e-4, 1e-3, CAP)})
+    cost = CostModel.from_coefficients({Layout(1): TP1})
     return Balancer(ClusterSpec(num_ranks=world), [Strategy.homogeneous(Layout(tp=1), world)], cost)
+
+
+TP1 = LayoutCost(a=1e-6, b=1e-4, c=1e-3, token_capacity=CAP)
 
 
 def short_rows(n: int, seed: int) -> datasets.Dataset:
@@ -154,18 +157,16 @@ def test_lockstep_micro_batches_same_count_longest_first_zero_loss_pads() -> Non
             got = b.lockstep_micro_batches()
             assert [k for k, _ in got] == list(range(count))
             real = [mb for _, mb in got[: b.num_micro_batches]]
-            tokens = [int(mb["input_ids"].shape[1]) for mb in real]
-            assert tokens == sorted(tokens, reverse=True)  # longest first (tokens without a cost model)
-            assert sorted(id(mb) for mb in real) == sorted(id(mb) for mb in b.micro_batches)  # each once
+            assert real == b.micro_batches  # the plan's order, which is longest first by the balancer's cost:
+            planned = [TP1.micro_batch_seconds(mb["seq_lens"].tolist()) for mb in real]
+            assert planned == sorted(planned, reverse=True)
             for _, pad in got[b.num_micro_batches :]:
                 assert pad["input_ids"].shape == (1, 1) and pad["labels"].tolist() == [[-100]]
                 assert pad["cu_seqlens"].tolist() == [0, 1] and pad["global_loss_tokens"] == b.global_loss_tokens
-            if b.num_micro_batches > 1:  # by estimated seconds with a cost: sorted by the cost
-                cost = LayoutCostForTest()
-                seconds = [cost.micro_batch_seconds(mb["seq_lens"].tolist()) for _, mb in b.lockstep_micro_batches(cost=cost)[: b.num_micro_batches]]
-                assert seconds == sorted(seconds, reverse=True)
-            planned = b.lockstep_micro_batches(order="plan")
-            assert [mb for _, mb in planned[: b.num_micro_batches]] == b.micro_batches
+            resorted = [mb for _, mb in b.lockstep_micro_batches(cost=QuadraticCost())[: b.num_micro_batches]]
+            seconds = [QuadraticCost().micro_batch_seconds(mb["seq_lens"].tolist()) for mb in resorted]
+            assert seconds == sorted(seconds, reverse=True)  # re-sorted by the given cost
+            assert sorted(map(id, resorted)) == sorted(map(id, b.micro_batches))  # each micro-batch once
     assert uneven  # the case lockstep exists for: some step gave the ranks different counts
 
     # a pad adds exactly zero to every gradient (the one-token row's loss is 0·Σ logits)
@@ -178,7 +179,7 @@ def test_lockstep_micro_batches_same_count_longest_first_zero_loss_pads() -> Non
     assert all(p.grad is not None and not p.grad.any() for p in (*emb.parameters(), *head.parameters()))
 
 
-class LayoutCostForTest:
+class QuadraticCost:
     """A cost whose quadratic term dominates: one long sequence outweighs many short ones of more tokens."""
 
     def micro_batch_seconds(self, seq_lens: list[int]) -> float:
@@ -193,8 +194,6 @@ def test_sync_context_reshard_mode_and_its_errors() -> None:
         batch.sync_context(fsdp, 0, mode="reshard")
     with pytest.raises(ValueError, match="accumulate, reshard"):
         batch.sync_context(fsdp, 0, mode="lockstep")
-    with pytest.raises(ValueError, match="longest, plan"):
-        batch.lockstep_micro_batches(order="shortest")
     with pytest.raises(TypeError, match="micro_batch_seconds"):
         batch.lockstep_micro_batches(cost=1.0)
     steps = batch.lockstep_micro_batches()
