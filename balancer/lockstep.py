@@ -31,7 +31,14 @@ from strategies.plan import StepPlan
 if TYPE_CHECKING:  # the loader imports longest_first: keep this module light (no cost-model import)
     from .cost import CostModel
 
-__all__ = ["LOCKSTEP_ORDERS", "LockstepPrice", "free_step_seconds", "lockstep_price", "lockstep_step_seconds", "longest_first"]
+__all__ = [
+    "LOCKSTEP_ORDERS",
+    "LockstepPrice",
+    "free_step_seconds",
+    "lockstep_price",
+    "lockstep_step_seconds",
+    "longest_first",
+]
 
 LOCKSTEP_ORDERS = ("plan", "tokens", "seconds")
 """How a rank orders its micro-batches in lockstep: as planned, most tokens first, or

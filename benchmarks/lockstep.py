@@ -153,7 +153,8 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "tokens (a naive proxy), longest first by estimated seconds (`lockstep_micro_batches(cost=...)`). "
         "Multipack runs one row per rank per micro-step: lockstep by construction (its rows in its own order).",
         "",
-        "| scenario | lengths | K / step | pads / step | uneven steps | lockstep ÷ free: plan order (default) | by tokens | "
+        "| scenario | lengths | K / step | pads / step | uneven steps | lockstep ÷ free: plan order (default) "
+        "| by tokens | "
         "by seconds | Balancer lockstep vs multipack lockstep | vs multipack sorted | free: Balancer vs multipack |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -162,7 +163,8 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         bal = rec["seconds"]["balancer"]
         n = rec["steps"]
         lines.append(
-            f"| {rec['scenario']['name']} | {rec['lengths']} | {bal['micro_batches'] / n:.1f} | {bal['pads'] / n:.1f} | "
+            f"| {rec['scenario']['name']} | {rec['lengths']} | {bal['micro_batches'] / n:.1f} "
+            f"| {bal['pads'] / n:.1f} | "
             f"{rec['uneven_steps']}/{n} | {r['plan_over_free']:.3f} | {r['tokens_over_free']:.3f} | "
             f"{r['seconds_over_free']:.3f} | {r['vs_multipack_lockstep']:.3f}× | "
             f"{r['vs_multipack_lockstep_sorted']:.3f}× | {r['free_vs_multipack_free']:.3f}× |"
@@ -193,7 +195,7 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", action="append", default=[],
-                   help=f"length file (Parquet/JSON/text) or bundled name; repeatable (default: {', '.join(DEFAULT_SETS)})")
+                   help=f"length file (Parquet) or bundled name; repeatable (default: {', '.join(DEFAULT_SETS)})")
     p.add_argument("--scenario", action="append", default=[], help=f"one of {', '.join(s.name for s in SCENARIOS)}")
     p.add_argument("--steps", type=int, default=0, help="global batches per row (default 20; 3 with --quick)")
     p.add_argument("--seed", type=int, default=0)

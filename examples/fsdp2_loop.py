@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2 on GPUs)")
     p.add_argument("--check", action="store_true", help="also train the unbalanced reference on rank 0 and compare")
     p.add_argument("--reshard", action="store_true",
-                   help="lockstep micro-batches, FSDP2 resharding after each one (FSDP2's memory; ranks wait per micro-batch)")
+                   help="lockstep micro-batches, FSDP2 resharding after each (FSDP2's memory; ranks wait per micro-batch)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

@@ -211,8 +211,8 @@ def test_sync_context_reshard_mode_and_its_errors() -> None:
     def my_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         return {"n": len(samples)}
 
-    two = [BalancedDataLoader(short_rows(80, seed=3), balancer=tp1_balancer(2), tokens_per_step=600, rank=r, world_size=2,
-                              plan_sync="none", collate_fn=my_collate) for r in range(2)]
+    two = [BalancedDataLoader(short_rows(80, seed=3), balancer=tp1_balancer(2), tokens_per_step=600, rank=r,
+                              world_size=2, plan_sync="none", collate_fn=my_collate) for r in range(2)]
     for pair in zip(*two):
         short = min(pair, key=lambda b: b.num_micro_batches)
         if short.num_micro_batches < short.num_lockstep_micro_batches:
