@@ -58,6 +58,12 @@ _EXPORTS: dict[str, str] = {
     "save_candidates": "pool",
     "LengthProfile": "profile",
     "Balancer": "selector",
+    "LOCKSTEP_ORDERS": "lockstep",
+    "LockstepPrice": "lockstep",
+    "free_step_seconds": "lockstep",
+    "lockstep_price": "lockstep",
+    "lockstep_step_seconds": "lockstep",
+    "longest_first": "lockstep",
     "WindowPlan": "lookahead",
     "WindowPlanner": "lookahead",
     "BalancerConfig": "solve",
@@ -103,6 +109,14 @@ if TYPE_CHECKING:  # pragma: no cover - static analysers see the eager imports
     from .fit import FitResult, fit_quadratic
     from .histogram import LengthHistogram
     from .layout_cost import LayoutCost, UnsupportedLayoutError, replica_seconds
+    from .lockstep import (
+        LOCKSTEP_ORDERS,
+        LockstepPrice,
+        free_step_seconds,
+        lockstep_price,
+        lockstep_step_seconds,
+        longest_first,
+    )
     from .lookahead import WindowPlan, WindowPlanner
     from .measure import MeasuredPlan, ReplicaMeasurement, execute_plan
     from .microbatch import MicroBatches, pack_micro_batches, pack_replica

@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 examples/fsdp2_loop.py --steps 4
     torchrun --nproc_per_node 2 examples/fsdp2_loop.py --steps 4 --check   # and the unbalanced reference
+    torchrun --nproc_per_node 2 examples/fsdp2_loop.py --steps 4 --reshard # FSDP2's memory: lockstep micro-batches
 
 The homogeneous case most users with their own trainer have: every rank holds a shard of
 the same model, so the only candidate strategy is data parallelism (``tp1`` on every
@@ -12,10 +13,19 @@ estimated time. What the loop does (see docs/integrations/fsdp2.md):
 * ``batch.sync_context(model, k)`` around each micro-batch: ranks run different numbers
   of micro-batches, so FSDP2 accumulates unsharded gradients until the last one and
   reduce-scatters once — every rank issues the same collectives whatever its count;
+  parameters and gradients stay unsharded through the step (DDP-like memory);
+* ``--reshard``: ``for k, mb in batch.lockstep_micro_batches()`` with
+  ``batch.sync_context(model, k, mode="reshard")`` — every rank runs the step's largest
+  micro-batch count (one-token zero-loss pads fill in), longest first, and FSDP2 reshards
+  parameters and reduce-scatters gradients after every micro-batch (FSDP2's own memory);
 * ``model(**hf_packed_inputs(mb, model))``: the packed row's sequences stay apart;
 * ``packed_loss(logits, mb, grad_divisor=world)``: FSDP2 averages gradients over the
   ranks, and the loss is divided by the step's global loss-token count — the gradient is
   exactly the global token mean, the same as one process on the whole global batch.
+
+Each step logs the most bytes of parameters and gradients any rank held unsharded between
+two micro-batches (``held_bytes``): the whole model's in the default mode when a rank runs
+two or more, 0 with ``--reshard``.
 
 ``--check`` trains an unsharded copy on rank 0 the plain way — each global batch's
 sequences one by one, token-mean loss, the same optimizer — and prints the largest
@@ -57,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2 on GPUs)")
     p.add_argument("--check", action="store_true", help="also train the unbalanced reference on rank 0 and compare")
+    p.add_argument("--reshard", action="store_true",
+                   help="lockstep micro-batches, FSDP2 resharding after each (FSDP2's memory; ranks wait per micro-batch)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -115,7 +127,9 @@ class StepLog:
     sample_ids: list[int]
     """The step's global batch."""
     micro_batches: list[int]
-    """Micro-batches per rank."""
+    """Micro-batches per rank in the plan (with --reshard every rank runs the largest)."""
+    held_bytes: int
+    """The most bytes of parameters and gradients any rank held unsharded between two micro-batches."""
     seconds: float
     reference_loss: float | None = None
     """--check (rank 0): the unbalanced run's loss on the same global batch."""
@@ -130,8 +144,20 @@ def shard(model: Any) -> Any:
     return model
 
 
-def train(rank: int, world: int, args: argparse.Namespace) -> list[StepLog]:
-    """The FSDP2 loop on this rank (torch.distributed already initialised); the steps' logs."""
+def unsharded_bytes(model: Any) -> int:
+    """Bytes of the parameters FSDP2 holds unsharded now, with their gradients.
+
+    A sharded parameter is registered on its module as a ``DTensor`` shard; an unsharded one
+    (all-gathered, not yet resharded) as a plain tensor — the whole parameter on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    held = [p for p in model.parameters() if not isinstance(p, DTensor)]
+    return sum(p.numel() * p.element_size() + (p.grad.numel() * p.grad.element_size() if p.grad is not None else 0)
+               for p in held)
+
+
+def train(rank: int, world: int, args: argparse.Namespace) -> tuple[list[StepLog], Any]:
+    """The FSDP2 loop on this rank (torch.distributed already initialised); the steps' logs and the sharded model."""
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu")
     dataset = build_dataset(args)
     model = build_model(args).to(device)
@@ -146,23 +172,33 @@ def train(rank: int, world: int, args: argparse.Namespace) -> list[StepLog]:
             break
         t0 = time.perf_counter()
         total = torch.zeros((), device=device)
-        for k, mb in enumerate(batch.micro_batches):  # this rank's packed rows
+        held = 0
+        if args.reshard:  # every rank: the step's largest count, longest first, zero-loss pads
+            steps, mode = batch.lockstep_micro_batches(), "reshard"
+        else:  # this rank's own count; FSDP2 reduce-scatters once, after the last
+            steps, mode = list(enumerate(batch.micro_batches)), "accumulate"
+        for k, mb in steps:
             mb = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in mb.items()}
-            with batch.sync_context(model, k):  # FSDP2: reduce-scatter once, after the last micro-batch
+            with batch.sync_context(model, k, mode=mode):
                 logits = model(**hf_packed_inputs(mb, model)).logits
                 loss = packed_loss(logits, mb, grad_divisor=world)  # exact global token mean
                 loss.backward()
             total += loss.detach()
+            if k < len(steps) - 1:  # what stays on the device until the next micro-batch
+                held = max(held, unsharded_bytes(model))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(total)  # Σ over ranks = world × the global token mean
+        most = torch.tensor(held, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
         logs.append(StepLog(batch.step, total.item() / world, batch.plan.sample_ids(),
-                            [len(r.micro_batches) for r in batch.plan.replicas], time.perf_counter() - t0))
+                            [len(r.micro_batches) for r in batch.plan.replicas], int(most.item()),
+                            time.perf_counter() - t0))
     loader.close()
     if reference is not None:
         for log, ref in zip(logs, unbalanced_losses(reference, dataset, [log.sample_ids for log in logs], args)):
             log.reference_loss = ref
-    return logs
+    return logs, model
 
 
 def unbalanced_losses(model: Any, dataset: CountingDataset, batches: list[list[int]], args: argparse.Namespace) -> list[float]:
@@ -190,12 +226,14 @@ def main() -> None:
     if rank == 0:
         print(f"{world} rank(s), FSDP2 (fully_shard per decoder layer); {args.num_samples:,} samples of {args.lengths} "
               f"capped at {args.max_length} tokens; {args.tokens_per_step:,} tokens per step; micro-batches of at "
-              f"most {args.micro_batch_tokens:,} tokens; attn_implementation={args.attn}", flush=True)
-    logs = train(rank, world, args)
+              f"most {args.micro_batch_tokens:,} tokens; attn_implementation={args.attn}; "
+              f"{'lockstep, resharding every micro-batch' if args.reshard else 'accumulating unsharded'}", flush=True)
+    logs, _ = train(rank, world, args)
     if rank == 0:
         for log in logs:
             print(f"step {log.step:>3}  loss {log.loss:.6f}  {len(log.sample_ids):>3} sequences  "
-                  f"micro-batches per rank {log.micro_batches}  {log.seconds:.2f} s", flush=True)
+                  f"micro-batches per rank {log.micro_batches}  held unsharded between micro-batches "
+                  f"{log.held_bytes / 2**20:.2f} MiB  {log.seconds:.2f} s", flush=True)
         if args.check:
             worst = max(abs(log.loss - log.reference_loss) / log.reference_loss for log in logs)  # type: ignore[operator]
             print(f"unbalanced reference (one process, unsharded, unpacked): largest relative loss difference "

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.utils.data as tud
 
-from balancer.cost import CostModel
+from balancer.cost import CostModel, LayoutCost
 from balancer.selector import Balancer
 from dataloader import BalancedDataLoader, PaddedCollator, StepBatch
 from strategies.layout import ClusterSpec, Layout, Strategy
@@ -103,20 +103,7 @@ def test_step_batch_sync_control() -> None:
     with pytest.raises(IndexError):
         batch.is_last_micro_batch(n)
 
-    class FSDP2Like:  # the FSDPModule setters sync_context uses (the real one: tests/test_fsdp2.py)
-        def __init__(self) -> None:
-            self.calls: list[tuple[str, bool, bool]] = []
-
-        def set_requires_gradient_sync(self, value: bool, *, recurse: bool = True) -> None:
-            self.calls.append(("sync", value, recurse))
-
-        def set_reshard_after_backward(self, value: bool, *, recurse: bool = True) -> None:
-            self.calls.append(("after_backward", value, recurse))
-
-        def set_reshard_after_forward(self, value: bool, recurse: bool = True) -> None:
-            self.calls.append(("after_forward", value, recurse))
-
-    fsdp = FSDP2Like()
+    fsdp = FSDP2Recorder()
     for k in range(n):
         with batch.sync_context(fsdp, k):
             pass
@@ -124,6 +111,117 @@ def test_step_batch_sync_control() -> None:
     last = [("sync", True, True), ("after_backward", True, True), ("after_forward", True, True),
             ("after_forward", False, False)]  # fully_shard's default back: inner modules reshard, the root not
     assert fsdp.calls == hold * (n - 1) + last
+
+
+def tp1_balancer(world: int) -> Balancer:
+    """Data parallelism only (the FSDP2 case): tp1 on every rank, CAP tokens per micro-batch."""
+    cost = CostModel.from_coefficients({Layout(1): TP1})
+    return Balancer(ClusterSpec(num_ranks=world), [Strategy.homogeneous(Layout(tp=1), world)], cost)
+
+
+TP1 = LayoutCost(a=1e-6, b=1e-4, c=1e-3, token_capacity=CAP)
+
+
+def short_rows(n: int, seed: int) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"input_ids": token_rows(n, seed, high=CAP)})
+
+
+class FSDP2Recorder:  # the FSDPModule setters sync_context uses (the real one: tests/test_fsdp2.py)
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool, bool]] = []
+
+    def set_requires_gradient_sync(self, value: bool, *, recurse: bool = True) -> None:
+        self.calls.append(("sync", value, recurse))
+
+    def set_reshard_after_backward(self, value: bool, *, recurse: bool = True) -> None:
+        self.calls.append(("after_backward", value, recurse))
+
+    def set_reshard_after_forward(self, value: bool, recurse: bool = True) -> None:
+        self.calls.append(("after_forward", value, recurse))
+
+
+def test_lockstep_micro_batches_same_count_longest_first_zero_loss_pads() -> None:
+    from dataloader import packed_loss
+    from dataloader.batch import pad_micro_batch
+
+    ds = short_rows(80, seed=3)
+    world = 2
+    loaders = [BalancedDataLoader(ds, balancer=tp1_balancer(world), tokens_per_step=600, rank=r, world_size=world,
+                                  plan_sync="none") for r in range(world)]
+    uneven = 0
+    for steps in zip(*loaders):
+        count = max(len(r.micro_batches) for r in steps[0].plan.replicas)
+        uneven += len({b.num_micro_batches for b in steps}) > 1
+        for b in steps:
+            assert b.num_lockstep_micro_batches == count
+            got = b.lockstep_micro_batches()
+            assert [k for k, _ in got] == list(range(count))
+            real = [mb for _, mb in got[: b.num_micro_batches]]
+            assert real == b.micro_batches  # the plan's order, which is longest first by the balancer's cost:
+            planned = [TP1.micro_batch_seconds(mb["seq_lens"].tolist()) for mb in real]
+            assert planned == sorted(planned, reverse=True)
+            for _, pad in got[b.num_micro_batches :]:
+                assert pad["input_ids"].shape == (1, 1) and pad["labels"].tolist() == [[-100]]
+                assert pad["cu_seqlens"].tolist() == [0, 1] and pad["global_loss_tokens"] == b.global_loss_tokens
+            resorted = [mb for _, mb in b.lockstep_micro_batches(cost=QuadraticCost())[: b.num_micro_batches]]
+            seconds = [QuadraticCost().micro_batch_seconds(mb["seq_lens"].tolist()) for mb in resorted]
+            assert seconds == sorted(seconds, reverse=True)  # re-sorted by the given cost
+            assert sorted(map(id, resorted)) == sorted(map(id, b.micro_batches))  # each micro-batch once
+    assert uneven  # the case lockstep exists for: some step gave the ranks different counts
+
+    # a pad adds exactly zero to every gradient (the one-token row's loss is 0·Σ logits)
+    emb = torch.nn.Embedding(500, 8)
+    head = torch.nn.Linear(8, 500)
+    pad = pad_micro_batch(steps[0].micro_batches[0])
+    loss = packed_loss(head(emb(pad["input_ids"])), pad, grad_divisor=world)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in (*emb.parameters(), *head.parameters()))
+
+
+class QuadraticCost:
+    """A cost whose quadratic term dominates: one long sequence outweighs many short ones of more tokens."""
+
+    def micro_batch_seconds(self, seq_lens: list[int]) -> float:
+        return float(sum(s * s for s in seq_lens))
+
+
+def test_sync_context_reshard_mode_and_its_errors() -> None:
+    ds = hf_dataset(30)
+    batch = next(iter(BalancedDataLoader(ds, balancer=make_balancer(1), tokens_per_step=1_000)))
+    fsdp = FSDP2Recorder()
+    with pytest.raises(RuntimeError, match="lockstep_micro_batches"):  # a rank with fewer would hang its peers
+        batch.sync_context(fsdp, 0, mode="reshard")
+    with pytest.raises(ValueError, match="accumulate, reshard"):
+        batch.sync_context(fsdp, 0, mode="lockstep")
+    with pytest.raises(TypeError, match="micro_batch_seconds"):
+        batch.lockstep_micro_batches(cost=1.0)
+    steps = batch.lockstep_micro_batches()
+    for k, _ in steps:
+        with batch.sync_context(fsdp, k, mode="reshard"):
+            pass
+    every = [("sync", True, True), ("after_backward", True, True), ("after_forward", True, True),
+             ("after_forward", False, False)]  # fully_shard's defaults at every micro-batch
+    assert fsdp.calls == every * len(steps)
+    with pytest.raises(IndexError, match="lockstep micro-batch"):
+        batch.sync_context(fsdp, len(steps), mode="reshard")
+    with pytest.raises(IndexError, match="mode='reshard'"):  # lockstep k past this rank's own count
+        batch.sync_context(fsdp, batch.num_micro_batches, mode="accumulate")
+
+    def my_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"n": len(samples)}
+
+    two = [BalancedDataLoader(short_rows(80, seed=3), balancer=tp1_balancer(2), tokens_per_step=600, rank=r,
+                              world_size=2, plan_sync="none", collate_fn=my_collate) for r in range(2)]
+    for pair in zip(*two):
+        short = min(pair, key=lambda b: b.num_micro_batches)
+        if short.num_micro_batches < short.num_lockstep_micro_batches:
+            with pytest.raises(ValueError, match="Pass pad="):  # no default pad for a collator of the user's
+                short.lockstep_micro_batches()
+            assert short.lockstep_micro_batches(pad={"n": 0})[-1][1] == {"n": 0}
+            break
+    else:
+        pytest.fail("no step gave the two ranks different micro-batch counts")
 
 
 def test_wrap_keeps_the_loaders_settings_and_collate() -> None:
