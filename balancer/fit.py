@@ -79,7 +79,9 @@ def nnls(matrix: np.ndarray, target: np.ndarray) -> np.ndarray:
         raise ValueError(f"nnls: {k} unknowns; this exact solver handles 1..{MAX_NNLS_UNKNOWNS}")
     if not (np.isfinite(A).all() and np.isfinite(y).all()):
         raise ValueError("nnls: matrix and target must be finite")
-    scale = np.linalg.norm(A, axis=0)
+    peak = np.abs(A).max(axis=0)
+    peak[peak == 0] = 1.0
+    scale = peak * np.linalg.norm(A / peak, axis=0)  # the norm without squaring tiny entries to 0
     scale[scale == 0] = 1.0
     As = A / scale
     best = np.zeros(k)
