@@ -88,7 +88,7 @@ from strategies.runtime import (  # noqa: E402
     run_local,
     stage_forward,
 )
-from strategies.runtime.pipeline import FORWARD, P2P, RECV, SEND, Compute  # noqa: E402
+from strategies.stages import simulate_1f1b  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PP2, TP1 = Layout(1, 1, 2), Layout(1)
@@ -151,46 +151,6 @@ def time_stage(parts: Parts, spec: StageSpec, micro_batches: list[list[int]], re
     batches = [parts.batch(tuple(mb)) for mb in micro_batches]
     runs = np.array([[parts.run(spec, b) for b in batches] for _ in range(repeats)])  # (repeats, v, 2)
     return np.median(runs, axis=0).T
-
-
-# -- the exact schedule, replayed -----------------------------------------------------------------
-def simulate_1f1b(forward: np.ndarray | list[list[float]], backward: np.ndarray | list[list[float]]) -> float:
-    """Makespan (seconds) of the runtime's 1F1B op lists when stage ``p`` spends
-    ``forward[p][k]`` and ``backward[p][k]`` on micro-batch ``k`` and point-to-point transfers
-    are free but rendezvous (an exchange completes when both sides have posted it)."""
-    pp, v = len(forward), len(forward[0])
-    progs = [one_f_one_b(pp, p, v) for p in range(pp)]
-    pos, clock = [0] * pp, [0.0] * pp
-    pending: list[dict[P2P, float] | None] = [None] * pp  # open exchange: op → time it can complete
-    posted = [0.0] * pp
-    while any(pos[p] < len(progs[p]) for p in range(pp)):
-        moved = False
-        for p in range(pp):
-            while pos[p] < len(progs[p]) and isinstance(progs[p][pos[p]], Compute):
-                op = progs[p][pos[p]]
-                clock[p] += float((forward if op.kind == FORWARD else backward)[p][op.micro_batch])
-                pos[p] += 1
-                moved = True
-            if pos[p] < len(progs[p]) and pending[p] is None:
-                pending[p] = {o: -1.0 for o in progs[p][pos[p]].ops}
-                posted[p] = clock[p]
-                moved = True
-        for p in range(pp):
-            for o, t in (pending[p] or {}).items():
-                q = p + o.peer_offset
-                match = P2P(RECV if o.direction == SEND else SEND, o.what, o.micro_batch)
-                if t < 0 and pending[q] is not None and match in pending[q]:
-                    pending[p][o] = pending[q][match] = max(posted[p], posted[q])
-                    moved = True
-        for p in range(pp):
-            if pending[p] is not None and all(t >= 0 for t in pending[p].values()):
-                clock[p] = max([posted[p], *pending[p].values()])
-                pending[p] = None
-                pos[p] += 1
-                moved = True
-        if not moved:
-            raise RuntimeError("simulate_1f1b: the schedule is stuck (a bug in one_f_one_b)")
-    return max(clock)
 
 
 def formula_seconds(forward: np.ndarray, backward: np.ndarray) -> float:

@@ -45,6 +45,18 @@ import torch
 import torch.distributed as dist
 
 from strategies.layout import Replica, Strategy
+from strategies.stages import (
+    ACT,
+    BACKWARD,
+    FORWARD,
+    GRAD,
+    P2P,
+    RECV,
+    SEND,
+    Compute,
+    Exchange,
+    one_f_one_b,
+)
 
 from .batch import LocalBatch
 from .model import GPT
@@ -145,88 +157,6 @@ def stage_forward(model: GPT, spec: StageSpec, batch: LocalBatch, pc: ParallelCo
     assert x is not None, "a stage after the first needs the previous stage's activations"
     x = model.run_layers(x, batch, pc, spec.layers)
     return model.head_loss(x, batch) if spec.last else x
-
-
-# -- the schedule ---------------------------------------------------------------------------------
-FORWARD, BACKWARD = "forward", "backward"
-SEND, RECV = "send", "recv"
-ACT, GRAD = "act", "grad"
-
-
-@dataclass(frozen=True, slots=True)
-class Compute:
-    """Run the forward or the backward of micro-batch ``micro_batch`` on this stage."""
-
-    kind: str
-    micro_batch: int
-
-
-@dataclass(frozen=True, slots=True)
-class P2P:
-    """Send or receive the activation (to/from the next/previous stage) or its gradient."""
-
-    direction: str
-    """``send`` or ``recv``."""
-    what: str
-    """``act`` (forward, to the next stage) or ``grad`` (backward, to the previous stage)."""
-    micro_batch: int
-
-    @property
-    def peer_offset(self) -> int:
-        """+1: the next stage, −1: the previous one."""
-        return 1 if (self.what == ACT) == (self.direction == SEND) else -1
-
-
-@dataclass(frozen=True, slots=True)
-class Exchange:
-    """Point-to-point ops posted together and waited on together."""
-
-    ops: tuple[P2P, ...]
-
-
-def one_f_one_b(pp: int, pp_rank: int, num_micro_batches: int) -> list[Compute | Exchange]:
-    """Stage ``pp_rank``'s op list of a non-interleaved 1F1B step over ``num_micro_batches``."""
-    if not 0 <= pp_rank < pp:
-        raise ValueError(f"one_f_one_b: pp_rank={pp_rank} outside 0..{pp - 1}")
-    first, last, v = pp_rank == 0, pp_rank == pp - 1, num_micro_batches
-    ops: list[Compute | Exchange] = []
-
-    def recv_act(k: int) -> list[P2P]:
-        return [] if first else [P2P(RECV, ACT, k)]
-
-    def send_act(k: int) -> list[P2P]:
-        return [] if last else [P2P(SEND, ACT, k)]
-
-    def recv_grad(k: int) -> list[P2P]:
-        return [] if last else [P2P(RECV, GRAD, k)]
-
-    def send_grad(k: int) -> list[P2P]:
-        return [] if first else [P2P(SEND, GRAD, k)]
-
-    def exchange(*parts: list[P2P]) -> None:
-        together = tuple(op for part in parts for op in part)
-        if together:
-            ops.append(Exchange(together))
-
-    warmup = min(pp - pp_rank - 1, v)
-    for k in range(warmup):  # fill: forwards only
-        exchange(recv_act(k))
-        ops.append(Compute(FORWARD, k))
-        exchange(send_act(k))
-    steady = v - warmup
-    if steady:
-        exchange(recv_act(warmup))
-    for i in range(steady):  # one forward, one backward
-        f = warmup + i
-        ops.append(Compute(FORWARD, f))
-        exchange(send_act(f), recv_grad(i))
-        ops.append(Compute(BACKWARD, i))
-        exchange(send_grad(i), recv_act(f + 1) if i + 1 < steady else [])
-    for k in range(steady, v):  # drain: backwards only
-        exchange(recv_grad(k))
-        ops.append(Compute(BACKWARD, k))
-        exchange(send_grad(k))
-    return ops
 
 
 # -- one rank's stage, with its peers ---------------------------------------------------------------
