@@ -83,7 +83,7 @@ from strategies.runtime import (  # noqa: E402
     ModelConfig,
     StageSpec,
     check_micro_batch,
-    one_f_one_b,
+    split_layers,
     prepare_micro_batch,
     run_local,
     stage_forward,
@@ -164,7 +164,7 @@ def run_rank(rank: int, world: int, env: dict[str, Any], lengths: np.ndarray) ->
     cfg = ModelConfig(**env["model"])
     cap = int(env["micro_batch_tokens"])
     parts = Parts(cfg)
-    stages = [StageSpec.of(cfg.num_layers, 2, p) for p in range(2)]
+    stages = [StageSpec.of(cfg, PP2, p) for p in range(2)]
     cal = calibration_set(lengths, env["max_length"], cap)
     seconds = torch.tensor(calibrate(parts, [None, *stages], cal, env["calibration_repeats"]), dtype=torch.float64)
     dist.all_reduce(seconds)  # every rank timed every part at once; their mean
@@ -259,13 +259,14 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
 def markdown(res: dict[str, Any]) -> str:
     s, m, info, env = res["summary"], res["settings"]["model"], res["machine"], res["settings"]
     f = res["result"]["fits"]
+    s0, s1 = split_layers(ModelConfig(**m), PP2)
     head = (
         f"Pipeline benchmark on **{info['cpu']}** ({info['cpus']} cores, load {info['load']}), torch "
         f"{info['torch']}, {res['date']}. Command: `{res['command']}`. Lengths: {res['lengths']} capped at "
         f"{env['max_length']} tokens, {env['tokens_per_step']:,} tokens per step, "
         f"{env['micro_batch_tokens']:,} per micro-batch. Model: hidden {m['hidden_size']}, "
-        f"{m['num_layers']} layers (pp2: blocks 0–{m['num_layers'] // 2 - 1} + embedding | "
-        f"blocks {m['num_layers'] // 2}–{m['num_layers'] - 1} + final norm + LM head), vocab {m['vocab_size']}, "
+        f"{m['num_layers']} layers (pp2: blocks {s0.start}–{s0.stop - 1} + embedding | "
+        f"blocks {s1.start}–{s1.stop - 1} + final norm + LM head), vocab {m['vocab_size']}, "
         f"ffn {m['ffn_hidden_size']}. Two gloo processes, one thread each; pp2 (one pipeline) and tp1×2 (the "
         "control) run the same batches, alternating. All times are **wall time** (the bubble is waiting), taken "
         "on both ranks at once. Costs calibrated here on "

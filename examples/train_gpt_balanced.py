@@ -155,7 +155,7 @@ def build_cost_model(args: argparse.Namespace, cfg: ModelConfig, device: torch.d
 
     def derive(layout: Layout) -> LayoutCost:
         cfg.check_tp(layout.tp)  # ValueError: the model cannot be split this way → not a candidate
-        split_layers(cfg.num_layers, layout.pp)  # ValueError: more stages than blocks
+        split_layers(cfg, layout)  # ValueError: more stages than blocks
         tp_gain = layout.tp * e ** math.log2(layout.tp)  # tp splits all the work, pays all-reduces
         cp_attn = layout.cp  # the head+tail split keeps attention balanced
         cp_lin = layout.cp * e ** (2 * math.log2(layout.cp))  # ... but the K/V all-gather costs per token

@@ -1,22 +1,133 @@
-"""Pipeline stages without torch: the 1F1B schedule as data, and its exact replay.
+"""Pipeline stages without torch: the stage split, the 1F1B schedule as data, its exact replay.
 
-Shared by the runtime (:mod:`strategies.runtime.pipeline` runs the schedule), the
-benchmarks and the tests, which replay it on given per-stage times.
+Shared by the runtime (:mod:`strategies.runtime.pipeline` splits its model with
+:func:`split_stages` and runs :func:`one_f_one_b`), the benchmarks and the tests.
+
+**Stage split** (:func:`split_stages`). ``num_layers`` transformer blocks are cut into
+``pp`` contiguous stages of at least one block each. The first stage also runs the token
+embedding and the last the final norm, the LM head and the loss; their costs, in units of
+one block, are ``first_extra`` and ``last_extra``. Stage ``p`` then costs
+``blocks_p + extra_p`` and the split minimises the slowest stage — what bounds a
+pipeline's throughput, and what the planner prices as "one stage" (it assumes ``pp``
+equal stages). Blocks are alike, so only the stage sizes matter; among the splits with
+the smallest maximum the one chosen also has the smallest second-largest stage, and so on
+(the sorted stage costs are lexicographically smallest), and of those the one with the
+most blocks up front. With no extras that is the count split: sizes differ by at most
+one, the larger first.
+
+**Stage costs** (:func:`lm_head_blocks`): forward FLOPs per token on one rank of a
+``tp`` group (the backward is about twice the forward for both, so the ratio holds for
+forward + backward). A block — attention projections, causal attention, SwiGLU MLP —
+with hidden ``h``, key/value width ``k = num_kv_heads·h/num_heads``, MLP width ``f``, at
+sequence length ``s`` (:data:`REPRESENTATIVE_SEQ_LEN`):
+
+    block(s) = [ 2·h·(2h + 2k)  +  2·3·h·f  +  2·h·s ] / tp
+               (wq, wo, wk, wv)  (gate, up, down)  (QKᵀ and A·V, causal: s/2 keys on average)
+
+and the LM head with the loss over a vocabulary of ``V`` (replicated on every tp rank by
+the runtime, :mod:`strategies.runtime.model`):
+
+    head = 2·h·V + LOSS_FLOPS_PER_LOGIT·V
+
+so ``last_extra = head / block(s)``; the embedding is a lookup (``first_extra = 0``).
+Under context parallelism both are divided by ``cp`` and the ratio is unchanged. The
+norms and the element-wise work are left out (a few FLOPs per ``h``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
     "P2P",
+    "REPRESENTATIVE_SEQ_LEN",
     "Compute",
     "Exchange",
+    "block_flops_per_token",
+    "check_pipeline_degree",
+    "lm_head_blocks",
     "one_f_one_b",
     "simulate_1f1b",
+    "split_stages",
+    "stage_costs",
+    "stage_imbalance",
 ]
+
+REPRESENTATIVE_SEQ_LEN = 2048
+"""Sequence length (tokens) at which a block's attention term is priced for the split. A
+constant, so every rank derives the same split from the model's shape alone."""
+LOSS_FLOPS_PER_LOGIT = 5
+"""Cross-entropy per logit: the max, the subtraction, the exponential, the sum, the pick."""
+
+
+# -- the stage split ------------------------------------------------------------------------------
+def check_pipeline_degree(num_layers: int, pp: int) -> None:
+    """``ValueError`` unless ``1 <= pp <= num_layers`` (every stage needs a block)."""
+    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+        raise ValueError(f"pipeline degree pp={pp!r} must be a positive integer")
+    if pp > num_layers:
+        raise ValueError(
+            f"pipeline degree pp={pp} exceeds num_layers={num_layers}: every stage needs at least one "
+            f"transformer block; drop layouts with pp > {num_layers} from the candidates (CandidateConfig.max_pp)"
+        )
+
+
+def split_stages(num_layers: int, pp: int, *, first_extra: float = 0.0, last_extra: float = 0.0) -> list[range]:
+    """Blocks of each of ``pp`` stages: contiguous, at least one each, the slowest stage as
+    fast as it can be (module docstring). ``first_extra``/``last_extra``: the first/last
+    stage's work besides its blocks, in blocks (≥ 0)."""
+    check_pipeline_degree(num_layers, pp)
+    for name, x in (("first_extra", first_extra), ("last_extra", last_extra)):
+        if not (isinstance(x, (int, float)) and math.isfinite(x) and x >= 0):
+            raise ValueError(f"split_stages: {name}={x!r} must be a finite cost >= 0 (in blocks)")
+    extra = [0.0] * pp
+    extra[0] += first_extra
+    extra[-1] += last_extra
+    # Water-filling: every stage starts with one block, and each further block goes to the
+    # cheapest stage (the first of equals). With identical blocks this reaches the
+    # lexicographically smallest sorted costs (and so the smallest maximum), front-loaded on ties.
+    sizes = [1] * pp
+    for _ in range(num_layers - pp):
+        p = min(range(pp), key=lambda q: (sizes[q] + extra[q], q))
+        sizes[p] += 1
+    bounds = np.concatenate(([0], np.cumsum(sizes))).tolist()
+    return [range(bounds[p], bounds[p + 1]) for p in range(pp)]
+
+
+def stage_costs(stages: list[range], *, first_extra: float = 0.0, last_extra: float = 0.0) -> list[float]:
+    """Cost of each stage of ``stages`` in blocks: its blocks plus the first/last stage's extra."""
+    costs = [float(len(r)) for r in stages]
+    costs[0] += first_extra
+    costs[-1] += last_extra
+    return costs
+
+
+def stage_imbalance(stages: list[range], *, first_extra: float = 0.0, last_extra: float = 0.0) -> float:
+    """Slowest stage over the mean stage, ``max_p cost_p / (Σ_p cost_p / pp)`` (≥ 1): what a
+    pipeline loses against ``pp`` equal stages, which the planner assumes."""
+    costs = stage_costs(stages, first_extra=first_extra, last_extra=last_extra)
+    return max(costs) * len(costs) / sum(costs)
+
+
+def block_flops_per_token(*, hidden_size: int, ffn_hidden_size: int, num_heads: int, num_kv_heads: int,
+                          tp: int = 1, seq_len: int = REPRESENTATIVE_SEQ_LEN) -> float:
+    """Forward FLOPs per token of one transformer block on one rank of ``tp`` (module docstring)."""
+    h, f = hidden_size, ffn_hidden_size
+    kv = num_kv_heads * (h // num_heads)
+    return (2 * h * (2 * h + 2 * kv) + 2 * 3 * h * f + 2 * h * seq_len) / tp
+
+
+def lm_head_blocks(*, hidden_size: int, ffn_hidden_size: int, num_heads: int, num_kv_heads: int, vocab_size: int,
+                   tp: int = 1, seq_len: int = REPRESENTATIVE_SEQ_LEN) -> float:
+    """The last stage's extra work — the LM head and the loss, replicated on every tp rank — in
+    blocks of :func:`block_flops_per_token` (module docstring): ``last_extra`` of :func:`split_stages`."""
+    head = 2 * hidden_size * vocab_size + LOSS_FLOPS_PER_LOGIT * vocab_size
+    block = block_flops_per_token(hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size, num_heads=num_heads,
+                                  num_kv_heads=num_kv_heads, tp=tp, seq_len=seq_len)
+    return head / block
 
 
 # -- the schedule ---------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def calibrate_cost_model(cfg: TrainConfig, world_size: int) -> CostModel:
     lengths = sorted({min(s, cfg.micro_batch_tokens) for s in cfg.calibration_lengths})
     layouts = {Layout(1): None}
     if world_size >= PIPELINE.size and cfg.num_layers >= PIPELINE.pp:
-        layouts[PIPELINE] = StageSpec.of(cfg.num_layers, PIPELINE.pp, PIPELINE.pp - 1)  # the busiest: + LM head
+        layouts[PIPELINE] = StageSpec.busiest(cfg.model_config(), PIPELINE)
     seconds = torch.tensor(np.stack([_time_forward_backward(cfg, lengths, spec) for spec in layouts.values()]),
                            dtype=torch.float64)
     dist.all_reduce(seconds)

@@ -30,7 +30,15 @@ from .groups import GroupRegistry
 from .local import free_port, run_local
 from .model import GPT, ModelConfig, init_parameter
 from .parallel import SINGLE_DEVICE, ParallelContext, copy_to_tp, gather_from_cp, reduce_from_tp
-from .pipeline import PipelineStage, StageSpec, one_f_one_b, run_pipeline, split_layers, stage_forward
+from .pipeline import (
+    PipelineStage,
+    StageSpec,
+    head_blocks,
+    one_f_one_b,
+    run_pipeline,
+    split_layers,
+    stage_forward,
+)
 from .state import ParamSlot, ShardedState, ShardLayout, tp_shard, unit_name
 from .validate import StepError
 
@@ -66,6 +74,7 @@ __all__ = [
     "default_device",
     "free_port",
     "gather_from_cp",
+    "head_blocks",
     "init_distributed",
     "init_parameter",
     "kernel_support",

@@ -123,7 +123,7 @@ class Engine:
         for s in self.candidates:
             for rep in s.replicas:
                 try:
-                    split_layers(self.model.config.num_layers, rep.layout.pp)
+                    split_layers(self.model.config, rep.layout)
                 except ValueError as e:
                     raise ValueError(f"Engine: strategy {s.name!r}: {e}") from None
         self.attention_kernel = choose_kernel(self.config.attention, device, self.compute_dtype)
@@ -204,7 +204,7 @@ class Engine:
             cp_size=rep.layout.cp, cp_rank=cp_rank, cp_group=cp_group,
             cp_order=tuple(rep.coords(m)[1] for m in sorted(cp_members)),
         )
-        stage = build_stage(strategy, self.rank, registry.get, self.model.config.num_layers, self.state.layout.units)
+        stage = build_stage(strategy, self.rank, registry.get, self.model.config, self.state.layout.units)
         return StrategyView(strategy=strategy, replica_index=j, layout=rep.layout, context=pc, stage=stage)
 
     # -- lookup -----------------------------------------------------------------------------

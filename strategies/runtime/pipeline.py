@@ -1,14 +1,19 @@
 """Pipeline parallelism: the stage split, the 1F1B schedule, and the activation exchange.
 
 **Stage split** (:func:`split_layers`). A replica of layout ``tp·cp·pp`` cuts the
-transformer blocks into ``pp`` contiguous stages of equal size, the remainder of
-``num_layers / pp`` going to the first stages; the first stage also runs the token
-embedding, the last the final norm, the LM head and the loss. The planner prices one
-micro-batch of a ``pp`` layout as the time of one stage and assumes equal stages; the
-embedding lookup is cheap, but the LM head is not, so the last stage is the slowest by
-about the head's share (measured by ``benchmarks/runtime_pipeline.py``). Inside a stage
-the ranks are an ordinary ``tp·cp`` group: stage ``p`` of the replica holds the ranks with
-pipeline coordinate ``p`` (:meth:`strategies.layout.Replica.coords`).
+transformer blocks into ``pp`` contiguous stages of at least one block; the first stage
+also runs the token embedding, the last the final norm, the LM head and the loss. The
+planner prices one micro-batch of a ``pp`` layout as the time of one stage and assumes
+equal stages, so the split evens out the stages' *work*, not their block counts: the LM
+head and loss count as :func:`head_blocks` blocks (FLOPs per token against a block's, at
+a representative sequence length, on one tp rank — the head is replicated over tp),
+the embedding lookup as nothing, and :func:`strategies.stages.split_stages` picks the
+contiguous split whose slowest stage is the fastest. For Llama-7B at tp1 the head is
+0.62 of a block, which no whole block can balance (pp2: 16 | 16 blocks); at tp4 it is
+2.5 blocks and pp4 splits 9 | 9 | 8 | 6. The split is a pure function of the model's
+shape and the layout, so every rank derives the same one. Inside a stage the ranks are an
+ordinary ``tp·cp`` group: stage ``p`` of the replica holds the ranks with pipeline
+coordinate ``p`` (:meth:`strategies.layout.Replica.coords`).
 
 **Schedule** (:func:`one_f_one_b`). Non-interleaved 1F1B (PipeDream-flush, as in
 Megatron-LM) over the plan's ``v`` micro-batches, in the plan's order: stage ``p`` runs
@@ -44,22 +49,23 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from strategies.layout import Replica, Strategy
+from strategies.layout import Layout, Replica, Strategy
 from strategies.stages import (
     ACT,
-    BACKWARD,
     FORWARD,
     GRAD,
     P2P,
-    RECV,
     SEND,
     Compute,
     Exchange,
+    lm_head_blocks,
     one_f_one_b,
+    split_stages,
+    stage_costs,
 )
 
 from .batch import LocalBatch
-from .model import GPT
+from .model import GPT, ModelConfig
 from .parallel import ParallelContext
 
 __all__ = [
@@ -69,6 +75,7 @@ __all__ = [
     "PipelineStage",
     "StageSpec",
     "build_stage",
+    "head_blocks",
     "one_f_one_b",
     "run_pipeline",
     "split_layers",
@@ -83,22 +90,20 @@ LAST_STAGE_UNITS = ("final_norm", "lm_head")
 
 
 # -- the stage split ------------------------------------------------------------------------------
-def split_layers(num_layers: int, pp: int) -> list[range]:
-    """Blocks of each of ``pp`` stages: contiguous, sizes differing by at most one, larger first."""
-    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
-        raise ValueError(f"pipeline degree pp={pp!r} must be a positive integer")
-    if pp > num_layers:
-        raise ValueError(
-            f"pipeline degree pp={pp} exceeds num_layers={num_layers}: every stage needs at least one "
-            f"transformer block; drop layouts with pp > {num_layers} from the candidates (CandidateConfig.max_pp)"
-        )
-    base, extra = divmod(num_layers, pp)
-    out, start = [], 0
-    for p in range(pp):
-        size = base + (p < extra)  # the last stage also runs the LM head: it never gets an extra block
-        out.append(range(start, start + size))
-        start += size
-    return out
+def split_layers(config: ModelConfig, layout: Layout) -> list[range]:
+    """Blocks of each of ``layout.pp`` stages of ``config``'s model: contiguous, the slowest
+    stage as fast as it can be, the LM head and the loss counted on the last stage
+    (:func:`strategies.stages.split_stages` with :func:`head_blocks`). A pure function of the
+    model's shape and the layout, so every rank derives the same split."""
+    return split_stages(config.num_layers, layout.pp, last_extra=head_blocks(config, layout.tp))
+
+
+def head_blocks(config: ModelConfig, tp: int = 1) -> float:
+    """The last stage's LM head and loss, in blocks of this model on one rank of ``tp`` (the
+    head is replicated over tp, the blocks split): :func:`strategies.stages.lm_head_blocks`."""
+    return lm_head_blocks(hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
+                          num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                          vocab_size=config.vocab_size, tp=tp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +118,19 @@ class StageSpec:
     """Transformer blocks of this stage."""
 
     @classmethod
-    def of(cls, num_layers: int, pp_size: int, pp_rank: int) -> "StageSpec":
-        if not 0 <= pp_rank < pp_size:
-            raise ValueError(f"StageSpec: pp_rank={pp_rank} outside 0..{pp_size - 1}")
-        return cls(pp_size, pp_rank, split_layers(num_layers, pp_size)[pp_rank])
+    def of(cls, config: ModelConfig, layout: Layout, pp_rank: int) -> StageSpec:
+        """Stage ``pp_rank`` of a replica of ``layout`` running ``config``'s model."""
+        if not 0 <= pp_rank < layout.pp:
+            raise ValueError(f"StageSpec: pp_rank={pp_rank} outside 0..{layout.pp - 1}")
+        return cls(layout.pp, pp_rank, split_layers(config, layout)[pp_rank])
+
+    @classmethod
+    def busiest(cls, config: ModelConfig, layout: Layout) -> StageSpec:
+        """The stage with the most work (by :func:`head_blocks`; the first of equals): the one
+        a fitted cost model of a pp layout should be fitted on."""
+        stages = split_layers(config, layout)
+        costs = stage_costs(stages, last_extra=head_blocks(config, layout.tp))
+        return cls.of(config, layout, costs.index(max(costs)))
 
     @property
     def first(self) -> bool:
@@ -175,25 +189,25 @@ class PipelineStage:
 
 
 def build_stage(strategy: Strategy, rank: int, get_group: Callable[[Sequence[int]], Any],
-                num_layers: int, unit_names: Sequence[str]) -> PipelineStage | None:
+                config: ModelConfig, unit_names: Sequence[str]) -> PipelineStage | None:
     """Request the stage-boundary groups of every pipeline replica of ``strategy`` (in the same
     order on every rank, as ``new_group`` needs) and return this rank's stage (None: pp = 1)."""
     mine: PipelineStage | None = None
     for rep in strategy.replicas:
         if rep.layout.pp == 1:
             continue
-        split_layers(num_layers, rep.layout.pp)  # ValueError on every rank when pp > num_layers
+        split_layers(config, rep.layout)  # ValueError on every rank when pp > num_layers
         for chain in rep.pp_groups():
             groups = [get_group(pair) for pair in pairwise(chain)]
             if rank in chain:
-                mine = _stage_of(rep, rank, chain, groups, num_layers, unit_names)
+                mine = _stage_of(rep, rank, chain, groups, config, unit_names)
     return mine
 
 
-def _stage_of(rep: Replica, rank: int, chain: tuple[int, ...], groups: list[Any], num_layers: int,
+def _stage_of(rep: Replica, rank: int, chain: tuple[int, ...], groups: list[Any], config: ModelConfig,
               unit_names: Sequence[str]) -> PipelineStage:
     p = rep.coords(rank)[2]
-    spec = StageSpec.of(num_layers, rep.layout.pp, p)
+    spec = StageSpec.of(config, rep.layout, p)
     return PipelineStage(
         spec=spec, units=stage_units(unit_names, spec),
         prev_rank=None if spec.first else chain[p - 1], next_rank=None if spec.last else chain[p + 1],
