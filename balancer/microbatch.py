@@ -36,7 +36,13 @@ longest item and ``v`` cannot go below ``pp``).
   (ascending times placed alternately at the front and the back). The warm-up exposes the
   first micro-batch's forward on every stage and the cool-down the last one's backward,
   so small ends shrink the exposed fill and drain. Empty padding micro-batches count as
-  the shortest and so sit at the ends.
+  the shortest and so sit at the ends. This order is also what keeps the replica formula
+  above honest: the runtime's exact 1F1B schedule, replayed on micro-batches in this order
+  (:func:`strategies.stages.simulate_1f1b`, forward ⅓ and backward ⅔ of ``T``, stages no
+  slower than the one priced), never exceeds ``Σ T + (pp−1)·max T``
+  (``tests/test_microbatch.py``, pp 2–4, ``v ≥ pp``, random times; checked, not proved).
+  In other orders it can: long micro-batches alternating with short ones stall 1F1B to
+  1.3–1.4× the formula.
 
 Inside a micro-batch, sequences keep their order in the step's batch.
 """

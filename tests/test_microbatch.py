@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.cost import CostModel, LayoutCost, replica_seconds
-from balancer.microbatch import pack_micro_batches, pack_replica
+from balancer.microbatch import MicroBatches, pack_micro_batches, pack_replica
 from balancer.stage1 import ReplicaTable, item_seconds
 from strategies import Layout, Strategy
+from strategies.stages import simulate_1f1b
 
 A, B, C = 1e-7, 1e-4, 0.02
 
@@ -236,3 +237,48 @@ def test_pipeline_search_equals_reference(n, seed, pp, tight):
     want = _pipeline_reference(sizes, times, cap, c, pp, 8)
     assert got[1] == want[1]
     np.testing.assert_array_equal(got[0], want[0])
+
+
+# -- the execution order keeps 1F1B within the planner's formula ------------------------------------
+def _pipeline_micro_batches(times: np.ndarray, pp: int) -> np.ndarray:
+    """``times`` (one pp replica's micro-batches) in the slots :meth:`MicroBatches.execution_order` gives them."""
+    cost = CostModel.from_coefficients(
+        {Layout(1, pp=p): LayoutCost(a=A / p, b=B / p, c=C / p, token_capacity=1000 * p) for p in (2, 3, 4)}
+    )
+    table = ReplicaTable.build(Strategy.homogeneous(Layout(1, pp=pp), pp), cost)
+    v = times.size
+    mb = MicroBatches(table=table, bin_of=np.zeros(0, np.int64), mb_of=np.zeros(0, np.int64),
+                      num_micro_batches=np.array([v]), mb_start=np.array([0, v]), mb_seconds=times,
+                      est_seconds=np.array([replica_seconds(times, 0.0, pp)]))
+    slot = mb.execution_order()
+    assert sorted(slot.tolist()) == list(range(v))
+    ordered = np.empty(v)
+    ordered[slot] = times
+    return ordered
+
+
+@settings(max_examples=300, deadline=None)
+@given(pp=st.integers(2, 4), data=st.data())
+def test_1f1b_in_the_execution_order_stays_within_the_planners_formula(pp, data):
+    """The planner prices a pipeline replica ``Σ T + (pp−1)·max T`` (``T``: one micro-batch on
+    the busiest stage). Replaying the runtime's exact 1F1B schedule (forward ⅓, backward ⅔)
+    on the micro-batches in the planner's execution order never takes longer — also with
+    stages lighter than the busiest one, and with empty (padding) micro-batches. In other
+    orders it can (next test)."""
+    v = data.draw(st.integers(pp, 14))
+    t = st.one_of(st.just(0.0), st.sampled_from([0.1, 0.5, 1.0]), st.floats(1e-3, 1.0))
+    times = np.array(data.draw(st.lists(t, min_size=v, max_size=v)))
+    weights = np.array(data.draw(st.lists(st.floats(0.2, 1.0), min_size=pp, max_size=pp)))
+    weights[data.draw(st.integers(0, pp - 1))] = 1.0  # the busiest stage is the one the planner prices
+    ordered = _pipeline_micro_batches(times, pp)
+    stage = weights[:, None] * ordered[None, :]  # (pp, v) seconds of each micro-batch on each stage
+    replay = simulate_1f1b(stage / 3, stage * 2 / 3)
+    assert replay <= replica_seconds(times, 0.0, pp) * (1 + 1e-12) + 1e-12
+
+
+def test_the_formula_holds_for_the_execution_order_not_for_any_order():
+    t = np.array([0.55, 0.27, 0.88, 0.21, 0.8, 0.06, 0.98, 0.12, 0.29, 0.09, 0.78])  # long and short alternate
+    formula = replica_seconds(t, 0.0, 2)
+    assert simulate_1f1b(np.stack([t, t]) / 3, np.stack([t, t]) * 2 / 3) > 1.3 * formula
+    ordered = _pipeline_micro_batches(t, 2)
+    assert simulate_1f1b(np.stack([ordered] * 2) / 3, np.stack([ordered] * 2) * 2 / 3) <= formula
