@@ -41,8 +41,8 @@ longest item and ``v`` cannot go below ``pp``).
   (:func:`strategies.stages.simulate_1f1b`, forward ⅓ and backward ⅔ of ``T``, stages no
   slower than the one priced), never exceeds ``Σ T + (pp−1)·max T``
   (``tests/test_microbatch.py``, pp 2–4, ``v ≥ pp``, random times; checked, not proved).
-  In other orders it can: long micro-batches alternating with short ones stall 1F1B to
-  1.3–1.4× the formula.
+  In other orders it can: long micro-batches alternating with short ones stall 1F1B up to
+  1.42× the formula in the test's example.
 
 Inside a micro-batch, sequences keep their order in the step's batch.
 """

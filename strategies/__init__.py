@@ -1,4 +1,4 @@
-"""Parallel layouts, strategies, the cluster spec, cp chunking and the plan format.
+"""Parallel layouts, strategies, the cluster spec, cp chunking, pipeline stages and the plan format.
 
 This is the contract every other package shares: a :class:`Strategy` of replicas with a
 :class:`Layout` each, and the :class:`StepPlan` that says which sequences every replica
@@ -18,6 +18,7 @@ from .plan import (
     check_plan,
     length_of,
 )
+from .stages import lm_head_blocks, one_f_one_b, simulate_1f1b, split_stages, stage_costs, stage_imbalance
 
 __all__ = [
     "GIB",
@@ -35,6 +36,12 @@ __all__ = [
     "cp_local_seqlens",
     "cp_token_index",
     "length_of",
+    "lm_head_blocks",
+    "one_f_one_b",
+    "simulate_1f1b",
+    "split_stages",
+    "stage_costs",
+    "stage_imbalance",
 ]
 
 _MOVED_UP = {

@@ -108,18 +108,39 @@ def test_llama_7b_block_and_head_flops_by_hand() -> None:
     assert gqa == 2 * 8192 * (2 * 8192 + 2 * 1024) + 6 * 8192 * 28672
 
 
-def test_llama_residual_imbalance_old_and_new_split() -> None:
-    """The figures quoted in docs/runtime.md: max stage / (total / pp) at tp1, count split vs
-    the cost split (equal for Llama-7B and 13B: their heads weigh under one block)."""
-    shapes = {"llama-7b": (32, dict(hidden_size=4096, ffn_hidden_size=11008, num_heads=32, num_kv_heads=32)),
-              "llama-13b": (40, dict(hidden_size=5120, ffn_hidden_size=13824, num_heads=40, num_kv_heads=40))}
-    want = {"llama-7b": {2: 1.019, 4: 1.057, 8: 1.134}, "llama-13b": {2: 1.012, 4: 1.037, 8: 1.086}}
-    for name, (layers, shape) in shapes.items():
-        head = lm_head_blocks(**shape, vocab_size=32000)
-        for pp, ratio in want[name].items():
-            new = stage_imbalance(split_stages(layers, pp, last_extra=head), last_extra=head)
-            old = stage_imbalance(split_stages(layers, pp), last_extra=head)
-            assert new == pytest.approx(ratio, abs=1e-3) and old == pytest.approx(ratio, abs=1e-3)
+LLAMA = {"llama-7b": (32, dict(hidden_size=4096, ffn_hidden_size=11008, num_heads=32, num_kv_heads=32)),
+         "llama-13b": (40, dict(hidden_size=5120, ffn_hidden_size=13824, num_heads=40, num_kv_heads=40))}
+RESIDUAL = {  # (model, tp, pp): cost split sizes, max/mean of the count split, of the cost split, analytic/busiest
+    ("llama-7b", 1, 2): ([16, 16], 1.019, 1.019, 1.000),
+    ("llama-7b", 1, 4): ([8] * 4, 1.057, 1.057, 1.000),
+    ("llama-7b", 1, 8): ([4] * 8, 1.134, 1.134, 1.000),
+    ("llama-13b", 1, 2): ([20, 20], 1.012, 1.012, 1.000),
+    ("llama-13b", 1, 4): ([10] * 4, 1.037, 1.037, 1.000),
+    ("llama-13b", 1, 8): ([5] * 8, 1.086, 1.086, 1.000),
+    ("llama-7b", 4, 2): ([17, 15], 1.072, 1.014, 0.950),
+    ("llama-7b", 4, 4): ([9, 9, 8, 6], 1.217, 1.044, 0.958),
+    ("llama-7b", 4, 8): ([5, 5, 4, 4, 4, 4, 4, 2], 1.505, 1.160, 0.924),
+    ("llama-13b", 4, 2): ([21, 19], 1.048, 1.000, 0.976),
+    ("llama-13b", 4, 4): ([11, 11, 10, 8], 1.143, 1.048, 0.955),
+    ("llama-13b", 4, 8): ([6, 6, 5, 5, 5, 5, 5, 3], 1.333, 1.143, 0.917),
+}
+
+
+@pytest.mark.parametrize("key", list(RESIDUAL))
+def test_llama_residual_imbalance_old_and_new_split(key) -> None:
+    """The table in docs/runtime.md: the slowest stage over the mean, count split vs cost split,
+    and the analytic model's stage (``ceil(L/pp)`` blocks + the head divided by tp, both per
+    rank) over the runtime's busiest stage (the head replicated over tp)."""
+    name, tp, pp = key
+    sizes, count_ratio, cost_ratio, analytic_ratio = RESIDUAL[key]
+    layers, shape = LLAMA[name]
+    head = lm_head_blocks(**shape, vocab_size=32000, tp=tp)
+    stages = split_stages(layers, pp, last_extra=head)
+    assert [len(r) for r in stages] == sizes
+    assert stage_imbalance(split_stages(layers, pp), last_extra=head) == pytest.approx(count_ratio, abs=5e-4)
+    assert stage_imbalance(stages, last_extra=head) == pytest.approx(cost_ratio, abs=5e-4)
+    analytic = -(-layers // pp) + lm_head_blocks(**shape, vocab_size=32000)  # head / tp over block / tp
+    assert analytic / max(stage_costs(stages, last_extra=head)) == pytest.approx(analytic_ratio, abs=5e-4)
 
 
 # -- the replay -----------------------------------------------------------------------------------
