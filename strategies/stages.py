@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -83,9 +84,10 @@ def split_stages(num_layers: int, pp: int, *, first_extra: float = 0.0, last_ext
     for name, x in (("first_extra", first_extra), ("last_extra", last_extra)):
         if not (isinstance(x, (int, float)) and math.isfinite(x) and x >= 0):
             raise ValueError(f"split_stages: {name}={x!r} must be a finite cost >= 0 (in blocks)")
-    extra = [0.0] * pp
-    extra[0] += first_extra
-    extra[-1] += last_extra
+    # exact arithmetic (a float is a fraction): no rounding decides a tie
+    extra = [Fraction(0)] * pp
+    extra[0] += Fraction(first_extra)
+    extra[-1] += Fraction(last_extra)
     # Water-filling: every stage starts with one block, and each further block goes to the
     # cheapest stage (the first of equals). With identical blocks this reaches the
     # lexicographically smallest sorted costs (and so the smallest maximum), front-loaded on ties.

@@ -2,6 +2,7 @@
 and the exact 1F1B replay on small cases worked by hand."""
 
 import itertools
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from strategies.stages import (
 )
 
 # extras that tie with whole blocks (0, 0.5, 1, ...) as well as arbitrary ones
-extras = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0]), st.floats(0.0, 6.0, allow_nan=False))
+extras = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 2.0 ** -52]), st.floats(0.0, 6.0, allow_nan=False))
 
 
 def _brute_force(num_layers: int, pp: int, first: float, last: float) -> list[int]:
@@ -29,9 +30,9 @@ def _brute_force(num_layers: int, pp: int, first: float, last: float) -> list[in
     for cuts in itertools.combinations(range(1, num_layers), pp - 1):
         bounds = [0, *cuts, num_layers]
         sizes = [bounds[p + 1] - bounds[p] for p in range(pp)]
-        costs = [float(n) for n in sizes]
-        costs[0] += first
-        costs[-1] += last
+        costs = [Fraction(n) for n in sizes]  # exact, as split_stages compares
+        costs[0] += Fraction(first)
+        costs[-1] += Fraction(last)
         key = (sorted(costs, reverse=True), [-n for n in sizes])
         if best is None or key < best[0]:
             best = (key, sizes)
