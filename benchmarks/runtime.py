@@ -299,7 +299,7 @@ def memory_model(cfg: ModelConfig, micro_tokens: int, dtype: torch.dtype, device
     from balancer.calibrate import local_hardware
 
     width = torch.finfo(dtype).bits // 8
-    options = AnalyticOptions(zero_stage="world", num_ranks=1, vocab_parallel=False)
+    options = AnalyticOptions(zero_stage="world", num_ranks=1)
     an = AnalyticModel(model_spec(cfg, width), local_hardware(device), options).analyze(Layout(1))
     activations = an.activation_bytes_per_token * micro_tokens
     return {"static": an.static_bytes, "activations": activations, "total": an.static_bytes + activations}

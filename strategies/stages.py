@@ -24,12 +24,14 @@ sequence length ``s`` (:data:`REPRESENTATIVE_SEQ_LEN`):
     block(s) = [ 2·h·(2h + 2k)  +  2·3·h·f  +  2·h·s ] / tp
                (wq, wo, wk, wv)  (gate, up, down)  (QKᵀ and A·V, causal: s/2 keys on average)
 
-and the LM head with the loss over a vocabulary of ``V`` (replicated on every tp rank by
-the runtime, :mod:`strategies.runtime.model`):
+and the LM head with the loss over a vocabulary of ``V``, split by vocabulary rows over the
+tp ranks like the blocks (:mod:`strategies.runtime.model`; the busiest rank holds
+``⌈V/tp⌉`` rows):
 
-    head = 2·h·V + LOSS_FLOPS_PER_LOGIT·V
+    head = (2·h + LOSS_FLOPS_PER_LOGIT) · ⌈V/tp⌉
 
-so ``last_extra = head / block(s)``; the embedding is a lookup (``first_extra = 0``).
+so ``last_extra = head / block(s)`` — the same at every ``tp`` that divides ``V``; the
+embedding is a lookup (``first_extra = 0``).
 Under context parallelism both are divided by ``cp`` and the ratio is unchanged. The
 norms and the element-wise work are left out (a few FLOPs per ``h``).
 """
@@ -124,9 +126,10 @@ def block_flops_per_token(*, hidden_size: int, ffn_hidden_size: int, num_heads: 
 
 def lm_head_blocks(*, hidden_size: int, ffn_hidden_size: int, num_heads: int, num_kv_heads: int, vocab_size: int,
                    tp: int = 1, seq_len: int = REPRESENTATIVE_SEQ_LEN) -> float:
-    """The last stage's extra work — the LM head and the loss, replicated on every tp rank — in
-    blocks of :func:`block_flops_per_token` (module docstring): ``last_extra`` of :func:`split_stages`."""
-    head = 2 * hidden_size * vocab_size + LOSS_FLOPS_PER_LOGIT * vocab_size
+    """The last stage's extra work — the LM head and the loss on the busiest tp rank's ``⌈V/tp⌉``
+    vocabulary rows — in blocks of :func:`block_flops_per_token` on one rank of ``tp`` (module
+    docstring): ``last_extra`` of :func:`split_stages`."""
+    head = (2 * hidden_size + LOSS_FLOPS_PER_LOGIT) * -(-vocab_size // tp)
     block = block_flops_per_token(hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size, num_heads=num_heads,
                                   num_kv_heads=num_kv_heads, tp=tp, seq_len=seq_len)
     return head / block

@@ -147,7 +147,7 @@ def memory_model_bytes(model: dict, dtype_bytes: int, world: int, layout: Layout
     spec = ModelSpec(name="test", num_layers=model["num_layers"], hidden_size=model["hidden_size"],
                      num_heads=model["num_heads"], num_kv_heads=model["num_kv_heads"],
                      ffn_hidden_size=model["ffn_hidden_size"], vocab_size=model["vocab_size"], dtype_bytes=dtype_bytes)
-    options = AnalyticOptions(zero_stage="world", num_ranks=world, vocab_parallel=False)
+    options = AnalyticOptions(zero_stage="world", num_ranks=world)
     return AnalyticModel(spec, hardware_preset("h100-80g"), options).analyze(layout).static_bytes
 
 

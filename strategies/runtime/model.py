@@ -15,9 +15,14 @@ Tensor parallelism (column → row, Megatron-style):
 * attention: ``wq``/``wk``/``wv`` split by heads (output rows), ``wo`` split by input
   columns; ``copy_to_tp`` before, ``reduce_from_tp`` after;
 * MLP: ``w_gate``/``w_up`` split by output rows, ``w_down`` by input columns;
-* embedding, norms and LM head are **replicated** on every tp rank (the LM head computes
-  full-vocabulary logits) — simple, exact, and the vocabularies this runtime targets are
-  small next to the layers; a vocab-parallel head would cut the logits' memory by tp.
+* embedding and LM head: split by vocabulary rows (dim 0, :data:`VOCAB`) over the tp
+  ranks, uneven chunks allowed (:func:`~.parallel.tp_range`); the embedding sums the
+  owners' rows, the head computes this rank's logits (T, V/tp) and the cross-entropy is
+  vocabulary-parallel (:mod:`~.vocab`), so no rank holds full-vocabulary logits and the
+  head's weights, FLOPs and logits are divided by tp (what the planner's analytic model
+  prices with ``vocab_parallel=True``). The embedding is a lookup, so splitting it saves
+  only memory (``V·h·(1 − 1/tp)`` weights per rank) for one all-reduce of (T, hidden);
+* the norms are **replicated** on every tp rank.
 
 Context parallelism: the rank holds its head+tail chunks of every sequence; keys and
 values are all-gathered inside the cp group after RoPE (:func:`gather_from_cp`).
@@ -38,14 +43,25 @@ import torch.nn.functional as F
 from strategies.kernels import causal_attention
 
 from .batch import IGNORE_INDEX, LocalBatch
-from .parallel import SINGLE_DEVICE, ParallelContext, copy_to_tp, gather_from_cp, reduce_from_tp
+from .parallel import (
+    SINGLE_DEVICE,
+    ParallelContext,
+    copy_to_tp,
+    gather_from_cp,
+    gather_from_tp,
+    reduce_from_tp,
+    tp_range,
+)
+from .vocab import vocab_parallel_cross_entropy, vocab_parallel_embedding
 
-__all__ = ["ModelConfig", "GPT", "COLUMN", "ROW", "init_parameter"]
+__all__ = ["ModelConfig", "GPT", "COLUMN", "ROW", "VOCAB", "init_parameter"]
 
 COLUMN = 0
 """Tensor-parallel split along dim 0 (output rows): ``wq, wk, wv, w_gate, w_up``."""
 ROW = 1
 """Tensor-parallel split along dim 1 (input columns): ``wo, w_down``."""
+VOCAB = 0
+"""Tensor-parallel split along dim 0 (vocabulary rows, possibly uneven): ``embed, lm_head``."""
 
 
 @dataclass(kw_only=True)
@@ -94,7 +110,13 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     def check_tp(self, tp: int) -> None:
-        """Raise ``ValueError`` unless heads, kv heads and the MLP split evenly over ``tp`` ranks."""
+        """Raise ``ValueError`` unless heads, kv heads and the MLP split evenly over ``tp`` ranks
+        and every rank gets at least one vocabulary row (an uneven vocabulary is fine)."""
+        if self.vocab_size < tp:
+            raise ValueError(
+                f"tensor-parallel degree tp={tp} exceeds vocab_size={self.vocab_size}: every tp rank holds "
+                f"at least one vocabulary row of the embedding and LM head; drop layouts with tp={tp}"
+            )
         for name, n in (("num_heads", self.num_heads), ("num_kv_heads", self.num_kv_heads),
                         ("ffn_hidden_size", self.ffn_hidden_size)):
             if n % tp:
@@ -119,6 +141,7 @@ class _Block(nn.Module):
         self.w_down = nn.Parameter(torch.empty(h, cfg.ffn_hidden_size))
 
 
+_VOCAB_SPLITS = {"embed": VOCAB, "lm_head": VOCAB}
 _SPLITS = {"wq": COLUMN, "wk": COLUMN, "wv": COLUMN, "wo": ROW, "w_gate": COLUMN, "w_up": COLUMN, "w_down": ROW}
 
 
@@ -181,15 +204,17 @@ class GPT(nn.Module):
         """Per parameter name: the dim split over tensor-parallel ranks (``None`` = replicated)."""
         out: dict[str, int | None] = {}
         for name, _ in self.named_parameters():
-            out[name] = _SPLITS.get(name.rsplit(".", 1)[-1]) if name.startswith("layers.") else None
+            leaf = name.rsplit(".", 1)[-1]
+            out[name] = _SPLITS.get(leaf) if name.startswith("layers.") else _VOCAB_SPLITS.get(name)
         return out
 
     # -- forward -------------------------------------------------------------------------
     # The forward in three parts, so a pipeline stage (:mod:`~.pipeline`) runs only its own:
     # embed_tokens (first stage) → run_layers (its blocks) → head_loss (last stage).
-    def embed_tokens(self, batch: LocalBatch) -> torch.Tensor:
+    def embed_tokens(self, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
         """Token embeddings (T_local, hidden) of this rank's rows: the residual stream's start."""
-        return F.embedding(batch.input_ids, self.embed)
+        weight = self._shard(self.embed, VOCAB, pc)
+        return vocab_parallel_embedding(batch.input_ids, weight, pc, self.config.vocab_size)
 
     def run_layers(self, x: torch.Tensor, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE,
                    layers: range | None = None) -> torch.Tensor:
@@ -202,23 +227,26 @@ class GPT(nn.Module):
             x = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), pc)
         return x
 
-    def head_loss(self, x: torch.Tensor, batch: LocalBatch) -> torch.Tensor:
-        """Final norm, LM head and the summed next-token cross-entropy (nats, fp32 scalar) of ``x``."""
-        logits = F.linear(rms_norm(x, self.final_norm, self.config.norm_eps), self.lm_head).float()
-        return F.cross_entropy(logits, batch.targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    def head_loss(self, x: torch.Tensor, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
+        """Final norm, LM head and the summed next-token cross-entropy (nats, fp32 scalar) of ``x``:
+        this rank's vocabulary chunk of the logits (T_local, V/tp) in fp32, the loss vocabulary-parallel."""
+        x = copy_to_tp(rms_norm(x, self.final_norm, self.config.norm_eps), pc)
+        logits = F.linear(x, self._shard(self.lm_head, VOCAB, pc)).float()  # (T, V/tp)
+        return vocab_parallel_cross_entropy(logits, batch.targets, pc, self.config.vocab_size, IGNORE_INDEX)
 
     def hidden_states(self, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
         """Final-norm hidden states (T_local, hidden) of this rank's rows."""
-        x = self.run_layers(self.embed_tokens(batch), batch, pc)
+        x = self.run_layers(self.embed_tokens(batch, pc), batch, pc)
         return rms_norm(x, self.final_norm, self.config.norm_eps)
 
     def logits(self, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
-        """Full-vocabulary logits (T_local, vocab)."""
-        return F.linear(self.hidden_states(batch, pc), self.lm_head)
+        """Full-vocabulary logits (T_local, vocab), on every tp rank (the shards gathered under tp > 1)."""
+        x = copy_to_tp(self.hidden_states(batch, pc), pc)
+        return gather_from_tp(F.linear(x, self._shard(self.lm_head, VOCAB, pc)), pc, self.config.vocab_size)
 
     def forward(self, batch: LocalBatch, pc: ParallelContext = SINGLE_DEVICE) -> torch.Tensor:
         """Sum of next-token cross-entropies (nats) over this rank's loss tokens, fp32 scalar."""
-        return self.head_loss(self.run_layers(self.embed_tokens(batch), batch, pc), batch)
+        return self.head_loss(self.run_layers(self.embed_tokens(batch, pc), batch, pc), batch, pc)
 
     # -- blocks ----------------------------------------------------------------------------
     def _shard(self, w: torch.Tensor, dim: int, pc: ParallelContext) -> torch.Tensor:
@@ -230,8 +258,8 @@ class GPT(nn.Module):
                 f"the model holds weights cut for tp={self.weights_tp} but runs under tp={pc.tp_size}; "
                 "install the compute weights of the step's strategy first (Engine does)"
             )
-        size = w.shape[dim] // pc.tp_size
-        return w.narrow(dim, pc.tp_rank * size, size)
+        start, size = tp_range(w.shape[dim], pc.tp_size, pc.tp_rank)
+        return w.narrow(dim, start, size)
 
     def _attention(self, layer: _Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    batch: LocalBatch, pc: ParallelContext) -> torch.Tensor:

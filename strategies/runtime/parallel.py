@@ -7,6 +7,11 @@ Tensor parallelism (Megatron-style) wraps each attention / MLP block in two regi
 * ``reduce_from_tp``  — all-reduce forward (sum of the row-parallel partial outputs),
   identity backward (every rank receives the full output gradient).
 
+The vocabulary is split over tp in chunks (:func:`tp_range`: sizes differ by at most one,
+the larger first — an even split where it divides); ``gather_from_tp`` concatenates the
+ranks' chunks of the last dim (full-vocabulary logits), its backward keeps this rank's.
+Vocabulary-parallel embedding and cross-entropy are built on these in :mod:`~.vocab`.
+
 Context parallelism all-gathers keys and values inside the cp group:
 ``gather_from_cp`` returns the whole micro-batch's K/V in packed-row order; its
 backward all-reduces the K/V gradient over the cp group (every cp rank's queries
@@ -23,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["ParallelContext", "SINGLE_DEVICE", "copy_to_tp", "reduce_from_tp", "gather_from_cp"]
+__all__ = ["ParallelContext", "SINGLE_DEVICE", "copy_to_tp", "reduce_from_tp", "gather_from_tp", "gather_from_cp",
+           "tp_range"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,16 @@ SINGLE_DEVICE = ParallelContext()
 """The context of an unsharded model on one device (tp = cp = 1)."""
 
 
+def tp_range(n: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """``(start, length)`` of tp rank ``tp_rank``'s chunk of a dim of ``n`` split over ``tp_size``.
+
+    Lengths differ by at most one, the first ``n % tp_size`` ranks holding the longer chunks
+    (``n // tp_size`` each where it divides: the even split of heads and MLP columns).
+    """
+    base, extra = divmod(n, tp_size)
+    return tp_rank * base + min(tp_rank, extra), base + (tp_rank < extra)
+
+
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
@@ -105,6 +121,22 @@ def reduce_from_tp(x: torch.Tensor, pc: ParallelContext) -> torch.Tensor:
     if pc.tp_size == 1:
         return x
     return _ReduceFromTP.apply(x, pc.tp_group)
+
+
+def gather_from_tp(local: torch.Tensor, pc: ParallelContext, full: int) -> torch.Tensor:
+    """The tp ranks' chunks (:func:`tp_range` of ``full``) of ``local``'s last dim, concatenated.
+
+    Each rank places its chunk in zeros of the full width and the group sums them (exact:
+    every element is one rank's value plus zeros; independent of the group's rank order), so
+    the backward is :func:`reduce_from_tp`'s identity followed by this rank's slice.
+    """
+    if pc.tp_size == 1:
+        return local
+    start, length = tp_range(full, pc.tp_size, pc.tp_rank)
+    if local.shape[-1] != length:
+        raise ValueError(f"gather_from_tp: last dim {local.shape[-1]} is not tp rank {pc.tp_rank}'s chunk "
+                         f"({length} of {full})")
+    return reduce_from_tp(torch.nn.functional.pad(local, (start, full - start - length)), pc)
 
 
 class _GatherFromCP(torch.autograd.Function):

@@ -6,11 +6,11 @@ also runs the token embedding, the last the final norm, the LM head and the loss
 planner prices one micro-batch of a ``pp`` layout as the time of one stage and assumes
 equal stages, so the split evens out the stages' *work*, not their block counts: the LM
 head and loss count as :func:`head_blocks` blocks (FLOPs per token against a block's, at
-a representative sequence length, on one tp rank — the head is replicated over tp),
+a representative sequence length, on one tp rank — the head is split over tp like the blocks),
 the embedding lookup as nothing, and :func:`strategies.stages.split_stages` picks the
 contiguous split whose slowest stage is the fastest. For Llama-7B at tp1 the head is
-0.62 of a block, which no whole block can balance (pp2: 16 | 16 blocks); at tp4 it is
-2.5 blocks and pp4 splits 9 | 9 | 8 | 6. The split is a pure function of the model's
+0.62 of a block, which no whole block can balance (pp2: 16 | 16 blocks), and the same at
+any tp (both divide by tp). The split is a pure function of the model's
 shape and the layout, so every rank derives the same one. Inside a stage the ranks are an
 ordinary ``tp·cp`` group: stage ``p`` of the replica holds the ranks with pipeline
 coordinate ``p`` (:meth:`strategies.layout.Replica.coords`).
@@ -100,7 +100,7 @@ def split_layers(config: ModelConfig, layout: Layout) -> list[range]:
 
 def head_blocks(config: ModelConfig, tp: int = 1) -> float:
     """The last stage's LM head and loss, in blocks of this model on one rank of ``tp`` (the
-    head is replicated over tp, the blocks split): :func:`strategies.stages.lm_head_blocks`."""
+    head split by vocabulary, the blocks by heads and columns): :func:`strategies.stages.lm_head_blocks`."""
     return lm_head_blocks(hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
                           num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
                           vocab_size=config.vocab_size, tp=tp)
@@ -167,10 +167,10 @@ def stage_forward(model: GPT, spec: StageSpec, batch: LocalBatch, pc: ParallelCo
     last stage the summed token cross-entropy (nats). ``x``: the previous stage's output
     (``None`` on the first stage, which embeds the tokens)."""
     if spec.first:
-        x = model.embed_tokens(batch)
+        x = model.embed_tokens(batch, pc)
     assert x is not None, "a stage after the first needs the previous stage's activations"
     x = model.run_layers(x, batch, pc, spec.layers)
-    return model.head_loss(x, batch) if spec.last else x
+    return model.head_loss(x, batch, pc) if spec.last else x
 
 
 # -- one rank's stage, with its peers ---------------------------------------------------------------

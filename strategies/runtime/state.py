@@ -51,6 +51,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .parallel import tp_range
+
 __all__ = ["ParamSlot", "ShardLayout", "ShardedState", "tp_shard", "unit_name"]
 
 # torch >= 2.13 names these *_single; older versions only have the *_tensor spellings
@@ -133,11 +135,12 @@ class ShardLayout:
 
 
 def tp_shard(full: torch.Tensor, split_dim: int | None, tp_size: int, tp_rank: int) -> torch.Tensor:
-    """The view of ``full`` that tp rank ``tp_rank`` of ``tp_size`` computes with."""
+    """The view of ``full`` that tp rank ``tp_rank`` of ``tp_size`` computes with: its
+    :func:`~.parallel.tp_range` chunk of ``split_dim`` (uneven where the dim does not divide)."""
     if split_dim is None or tp_size == 1:
         return full
-    size = full.shape[split_dim] // tp_size
-    return full.narrow(split_dim, tp_rank * size, size)
+    start, size = tp_range(full.shape[split_dim], tp_size, tp_rank)
+    return full.narrow(split_dim, start, size)
 
 
 class ShardedState:
