@@ -60,11 +60,15 @@ IDLE = {0: 2}
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    # eps=1e-6: Adam divides by sqrt(v)+eps, which multiplies a gradient's rounding error
-    # by up to lr/eps. A few elements per step have gradients near 1e-8 (cancellation);
-    # with eps=1e-8 their fp32 rounding (~1e-11, from a different summation order)
-    # becomes a ~5e-6 parameter difference after one step, with eps=1e-6 ~1e-8.
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
+    # eps=1e-5: Adam divides by sqrt(v)+eps, which multiplies a gradient's rounding error
+    # by up to lr/eps where the gradient is near 0. Tensor parallelism sums the head's and the
+    # blocks' partial products in another order than one device (a vocab-parallel head: the
+    # hidden-state gradient as partial sums over vocabulary shards), so some gradients differ
+    # by fp32 rounding, ~2e-9 absolute (3e-8 of the largest gradient) — measured on an
+    # embedding element whose gradient cancels to 4e-7. With eps=1e-6 that one element became
+    # a 1.5e-6 parameter difference after 3 steps (lr/eps = 1e3); with eps=1e-5 (lr/eps = 1e2)
+    # rounding stays under 1e-7 while a wrong gradient (off by O(1e-2)) still moves parameters by O(1e-3).
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
 
 
 def make_model() -> GPT:

@@ -29,7 +29,15 @@ from .engine_types import EngineConfig, StepResult
 from .groups import GroupRegistry
 from .local import free_port, run_local
 from .model import GPT, ModelConfig, init_parameter
-from .parallel import SINGLE_DEVICE, ParallelContext, copy_to_tp, gather_from_cp, reduce_from_tp
+from .parallel import (
+    SINGLE_DEVICE,
+    ParallelContext,
+    copy_to_tp,
+    gather_from_cp,
+    gather_from_tp,
+    reduce_from_tp,
+    tp_range,
+)
 from .pipeline import (
     PipelineStage,
     StageSpec,
@@ -41,6 +49,7 @@ from .pipeline import (
 )
 from .state import ParamSlot, ShardedState, ShardLayout, tp_shard, unit_name
 from .validate import StepError
+from .vocab import vocab_parallel_cross_entropy, vocab_parallel_embedding
 
 __all__ = [
     "AttentionSegments",
@@ -74,6 +83,7 @@ __all__ = [
     "default_device",
     "free_port",
     "gather_from_cp",
+    "gather_from_tp",
     "head_blocks",
     "init_distributed",
     "init_parameter",
@@ -89,6 +99,9 @@ __all__ = [
     "shift_labels",
     "split_layers",
     "stage_forward",
+    "tp_range",
     "tp_shard",
     "unit_name",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_embedding",
 ]
