@@ -80,8 +80,8 @@ class AnalyticOptions:
     ``"world"`` over all of them. Required when ``zero_stage`` is not 0; when given, layouts
     larger than the job are unsupported."""
     vocab_parallel: bool = True
-    """Embedding, LM head and logits split over the tp ranks (Megatron); ``False``: every tp
-    rank holds and computes all of them (the bundled runtime)."""
+    """Embedding, LM head and logits split over the tp ranks (Megatron, and the bundled
+    runtime); ``False``: every tp rank holds and computes all of them."""
     reserve_bytes: int | None = None
     """Memory kept free per rank (CUDA context, NCCL buffers, fragmentation), bytes.
     ``None``: 10 % of the device memory."""

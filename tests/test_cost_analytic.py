@@ -118,18 +118,21 @@ def test_memory_by_hand():
 
 def test_memory_of_the_runtime_layout_by_hand():
     """zero_stage="world": the whole model's fp32 master + gradient + Adam over all ranks, plus the
-    layout's compute shard (bf16 weights + fp32 gradient accumulators); with vocab_parallel=False
-    the embedding and LM head are whole on every tp rank (tests/test_runtime_* hold the runtime to it)."""
+    layout's compute shard (bf16 weights + fp32 gradient accumulators); the embedding and LM head
+    split by vocabulary over tp as the runtime does (tests/test_runtime_* hold the runtime to it)."""
     model = SMALL.replace(num_kv_heads=2)  # K and V 8 wide, so tp=2 splits them
     layer = 8 * 8 + 2 * 8 * 8 + 8 * 8 + 3 * 8 * 12 + 2 * 8  # Q, K+V, out, MLP, 2 norms = 560
     total = 16 * 8 + 2 * layer + 8 + 16 * 8  # = 1384
-    shard = {1: total, 2: 2 * ((layer - 16) // 2 + 16) + 16 * 8 + 8 + 16 * 8}  # tp=2: 840
+    shard = {1: total, 2: 2 * ((layer - 16) // 2 + 16) + 16 * 8 // 2 + 8 + 16 * 8 // 2}  # tp=2: 712
     for ranks, tp in ((4, 1), (4, 2), (8, 2)):
-        opts = AnalyticOptions(zero_stage="world", num_ranks=ranks, reserve_bytes=0, vocab_parallel=False)
+        opts = AnalyticOptions(zero_stage="world", num_ranks=ranks, reserve_bytes=0)
         an = AnalyticModel(model, UNIT, opts).analyze(Layout(tp=tp))
         assert an.static_bytes == pytest.approx(total * (12 + 4) / ranks + shard[tp] * (2 + 4)), (ranks, tp)
     split = AnalyticModel(model, UNIT, AnalyticOptions(zero_stage="world", num_ranks=4, reserve_bytes=0))
-    assert split.analyze(Layout(tp=2)).static_bytes == pytest.approx(total * 16 / 4 + (shard[2] - 128) * 6)
+    # vocab_parallel=False: a runtime keeping the embedding and LM head whole on every tp rank
+    kept = AnalyticModel(model, UNIT, AnalyticOptions(zero_stage="world", num_ranks=4, reserve_bytes=0,
+                                                      vocab_parallel=False))
+    assert kept.analyze(Layout(tp=2)).static_bytes == pytest.approx(total * 16 / 4 + (shard[2] + 128) * 6)
     whole = AnalyticModel(model, UNIT, AnalyticOptions(zero_stage="world", num_ranks=4, vocab_parallel=False))
     logits_per_token = 16 * (2 + 4)  # bf16 logits + fp32 copy; vocab-parallel halves them at tp=2
     gap = whole.analyze(Layout(tp=2)).activation_bytes_per_token - split.analyze(Layout(tp=2)).activation_bytes_per_token

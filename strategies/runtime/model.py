@@ -21,7 +21,8 @@ Tensor parallelism (column → row, Megatron-style):
   vocabulary-parallel (:mod:`~.vocab`), so no rank holds full-vocabulary logits and the
   head's weights, FLOPs and logits are divided by tp (what the planner's analytic model
   prices with ``vocab_parallel=True``). The embedding is a lookup, so splitting it saves
-  only memory (``V·h·(1 − 1/tp)`` weights per rank) for one all-reduce of (T, hidden);
+  only memory (``V·h·(1 − 1/tp)`` weights per rank, which that model also divides by tp)
+  for one all-reduce of (T, hidden) per micro-batch;
 * the norms are **replicated** on every tp rank.
 
 Context parallelism: the rank holds its head+tail chunks of every sequence; keys and
