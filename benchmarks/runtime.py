@@ -293,7 +293,7 @@ def engine_run(cfg: ModelConfig, kernel: str, device: torch.device, dtype: torch
 
 def memory_model(cfg: ModelConfig, micro_tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
     """balancer's memory model of the run (world 1, tp 1): the runtime's layout (``zero_stage="world"``,
-    embedding and LM head whole) plus the activations of one full micro-batch."""
+    the vocabulary split over tp — whole at tp 1) plus the activations of one full micro-batch."""
     from balancer.analytic import AnalyticModel
     from balancer.analytic_options import AnalyticOptions
     from balancer.calibrate import local_hardware
