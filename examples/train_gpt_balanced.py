@@ -23,8 +23,8 @@ the mean is fitted to ``a·s² + b·s + c`` for ``tp1`` (:meth:`CostModel.fit`);
 are derived from it — tp divides all the work at ``--scaling-efficiency`` per doubling, cp
 divides attention fully but its per-token work at that efficiency squared (the K/V
 all-gather), capacity grows with ``tp·cp``; a pipeline stage does ``1/pp`` of the work
-per micro-batch (the planner's even split: the LM head's extra work on the last stage is
-ignored) and holds as many tokens as the replica without pipelining (1F1B keeps up to
+per micro-batch the busiest stage's share of the work (the runtime's stage split, the LM
+head and the loss on the last stage) and holds as many tokens as the replica without pipelining (1F1B keeps up to
 ``pp`` micro-batches of ``1/pp`` of the layers in flight) — a rough model for a demo. Pass
 ``--cost-model FILE`` (``CostModel.save`` JSON) for a measured one. Candidates come from
 :func:`balancer.pool.generate_candidates`, pipeline layouts included (``--no-pp`` leaves
@@ -55,10 +55,12 @@ from strategies.runtime import (
     EngineConfig,
     ModelConfig,
     check_micro_batch,
+    head_blocks,
     init_distributed,
     prepare_micro_batch,
     split_layers,
 )
+from strategies.stages import stage_costs
 
 
 def parse_args() -> argparse.Namespace:
@@ -140,6 +142,20 @@ def time_tp1(cfg: ModelConfig, device: torch.device, lengths: list[int], dtype: 
     return out
 
 
+def _busiest_stage_share(cfg: ModelConfig, layout: Layout) -> float:
+    """The slowest pipeline stage's share of one micro-batch's work (1.0 without pipelining).
+
+    Work in units of one transformer block (:func:`strategies.stages.stage_costs` of the
+    runtime's own split, LM head and loss on the last stage), so a pp layout is priced by the
+    stage that sets the 1F1B pace, not by ``1/pp`` of the model.
+    """
+    if layout.pp == 1:
+        return 1.0
+    head = head_blocks(cfg, layout.tp)
+    costs = stage_costs(split_layers(cfg, layout), last_extra=head)
+    return max(costs) / (cfg.num_layers + head)
+
+
 def build_cost_model(args: argparse.Namespace, cfg: ModelConfig, device: torch.device,
                      dtype: torch.dtype | None) -> CostModel:
     """Every rank times tp1 at once (as loaded as in training); the mean is fitted; other layouts scale."""
@@ -159,9 +175,10 @@ def build_cost_model(args: argparse.Namespace, cfg: ModelConfig, device: torch.d
         tp_gain = layout.tp * e ** math.log2(layout.tp)  # tp splits all the work, pays all-reduces
         cp_attn = layout.cp  # the head+tail split keeps attention balanced
         cp_lin = layout.cp * e ** (2 * math.log2(layout.cp))  # ... but the K/V all-gather costs per token
-        pp = layout.pp  # one stage per micro-batch: 1/pp of the blocks (the planner's equal stages)
-        return LayoutCost(a=base.a / (tp_gain * cp_attn * pp), b=base.b / (tp_gain * cp_lin * pp), c=base.c,
-                          d=base.d / pp, token_capacity=base.token_capacity * layout.tp * layout.cp)
+        # one stage per micro-batch: the busiest stage's share of the model's work (blocks + LM head)
+        share = _busiest_stage_share(cfg, layout)
+        return LayoutCost(a=base.a * share / (tp_gain * cp_attn), b=base.b * share / (tp_gain * cp_lin), c=base.c,
+                          d=base.d * share, token_capacity=base.token_capacity * layout.tp * layout.cp)
 
     return CostModel({Layout(1): base}, source="fit+scaled", resolver=derive)
 
