@@ -81,7 +81,14 @@ class SamplerConfig:
 
 @dataclass
 class SamplerStats:
-    """What the over-long policy and ``drop_last`` did (all counts in samples unless named tokens)."""
+    """What the over-long policy and ``drop_last`` did (all counts in samples unless named tokens), and, for a
+    streaming dataset, where the planning thread's time went (seconds, summed since the loader was built).
+
+    The counters cover this process's loader only: like the other stats they are not part of
+    ``state_dict`` (a resumed loader starts them at zero) and they include work done ahead of
+    the training loop (``plan_ahead`` steps). Measuring costs two clock reads per sample read
+    and per exchange or collective; nothing is synchronised for it.
+    """
 
     num_samples: int = 0
     num_kept: int = 0
@@ -96,3 +103,16 @@ class SamplerStats:
     """Samples skipped by ``drop_last`` so far (summed over epochs iterated)."""
     received_sample_bytes: int = 0
     """``stream_split='per_rank'``: bytes of pickled samples this rank received from the others so far."""
+    read_seconds: float = 0.0
+    """Streaming: CPU seconds (``time.thread_time``) of the reading thread inside the stream's ``next`` —
+    the dataset's own work (decoding, tokenising, parsing; time blocked on I/O is not CPU), resume skips included."""
+    exchange_seconds: float = 0.0
+    """``stream_split='per_rank'``: CPU seconds (``time.thread_time``) of the planning thread pickling the
+    samples it sends, in the ``all_to_all_single`` call and unpickling what it received (0 for ``replicated``)."""
+    collective_seconds: float = 0.0
+    """Streaming: wall seconds (``time.perf_counter``) inside the plan group's collectives — the per-rank
+    share and outcome all-gathers, the plan broadcast, the all-to-all of samples — waiting for peers included
+    (0 with ``plan_sync='none'``)."""
+    plan_seconds: float = 0.0
+    """Streaming: wall seconds the planner took for the steps this rank built (``StepPlan.plan_seconds``;
+    under ``plan_sync='broadcast'`` rank 0's, carried in the plan)."""

@@ -175,6 +175,7 @@ class StreamingSteps:
     def _build(self, epoch: int, epoch_start: int, batch: PlanBatch, plan: StepPlan) -> tuple[StepBatch, Any]:
         """This rank's collated step and the stream position(s) after it (``batch.meta``: rows by plan id, positions)."""
         where, position = batch.meta
+        self.stats.plan_seconds += plan.plan_seconds
         in_epoch = batch.step - epoch_start
         rank_plan = rank_plan_for(batch, plan, self.rank, self.world_size)
         glt = int(batch.loss_tokens.sum())
@@ -242,7 +243,7 @@ class StreamingSteps:
         build = partial(self._build, epoch, at.epoch_start_step)
         common: dict[str, Any] = {
             "depth": self.config.plan_ahead, "sync": self._sync, "group": self._group, "rank": self.rank,
-            "timeout_s": self._timeout_s,
+            "timeout_s": self._timeout_s, "stats": self.stats,
         }
         reader = self._reader()
         stream: PlanStream[tuple[StepBatch, Any]]

@@ -10,6 +10,7 @@ replicated mode reads one share per step with the global budget; the per-rank mo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -100,7 +101,7 @@ class StreamReader:
         set_epoch = getattr(self.dataset, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
-        it = iter(self.dataset)
+        it = self._timed(iter(self.dataset))
         for pos in range(skip):
             sample = next(it, _END)
             if sample is _END:
@@ -119,6 +120,17 @@ class StreamReader:
             )
         self.read = skip
         return it
+
+    def _timed(self, it: Iterator[Any]) -> Iterator[Any]:
+        """``it``, with the thread CPU time of each ``next`` counted in ``stats.read_seconds``."""
+        stats = self.stats
+        while True:
+            cpu = time.thread_time()
+            sample = next(it, _END)
+            stats.read_seconds += time.thread_time() - cpu
+            if sample is _END:
+                return
+            yield sample
 
     def measure(self, sample: Any, pos: int) -> tuple[int, np.ndarray | None]:
         """(tokens, label-carrying prefix sums or None) of one stream sample."""

@@ -31,6 +31,7 @@ still runs ``plan_ahead`` steps ahead of the training loop.
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,8 @@ import numpy as np
 from strategies.plan import StepPlan
 
 from .agreement import END, ERROR, OK, STOP, PlanBatch, batch_fingerprint, rank_plan_for
-from .planning import PlanStream, PlanSyncError
+from .plan_exchange import SAME_STEPS, PlanSyncError, RoundOutcome
+from .planning import PlanStream
 from .stream_read import PIECE_ID_BASE, Row, Share, StreamReader
 
 __all__ = ["ShardMeta", "ShardRounds", "merge_shares", "shard_budget"]
@@ -108,21 +110,15 @@ def merge_shares(step: int, metas: list[ShardMeta], local: Share | None, rank: i
     return batch, where
 
 
-@dataclass(slots=True)
-class _Mine:
-    """This rank's outcome in a round (what PlanStream's decision reads)."""
-
-    kind: str
-    step: int
-    error: BaseException | None = None
-
-
 class ShardRounds(PlanStream):
     """:class:`PlanStream` over per-rank shares (module docstring): yields ``build(batch, plan)`` per step.
 
     ``build`` receives a :class:`PlanBatch` whose ``meta`` is ``(where, positions)``: each plan
     id's :class:`Row` (this rank's micro-batches' samples filled in) and every rank's
-    ``(stream position, fingerprint)`` after the step.
+    ``(stream position, fingerprint)`` after the step. It overrides :meth:`PlanStream.rounds`
+    and uses only PlanStream's subclass interface (``balancer``, ``build``, ``exchange``,
+    ``next_step``). ``reader.stats`` receives ``exchange_seconds`` and
+    ``received_sample_bytes``; pass the same stats to count ``collective_seconds``.
     """
 
     def __init__(
@@ -148,70 +144,68 @@ class ShardRounds(PlanStream):
         self._steps = 0
         super().__init__(balancer, iter(()), build, first_step=first_step, **kwargs)
 
-    def _run(self) -> None:  # PlanStream's thread runs this: plans here, in step (a plan needs its step's G1 first)
-        try:
-            while True:
-                self._wait_for_turn()
-                result = self._round_shares()
-                if result is _STOPPED:
-                    return
-                if result is _ENDED:
-                    self._emit("done", None)
-                    return
-                self._emit("item", result)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            self._emit("error", e)
+    def rounds(self) -> Iterator[Any]:
+        """PlanStream's hook, run in its thread: plans here, in step (a plan needs its step's G1 first)."""
+        while True:
+            result = self._round_shares()
+            if result is _STOPPED or result is _ENDED:
+                return
+            yield result
 
     # -- one step --------------------------------------------------------------------------------------
-    def _read(self) -> tuple[_Mine, Share | None]:
-        step = self._next_step
-        if self._abandoned.is_set():
-            return _Mine(STOP, step), None
+    def _read(self) -> tuple[RoundOutcome, Share | None]:
+        step = self.next_step
+        if self.exchange.stopping.is_set():
+            return RoundOutcome(STOP, step), None
         if self._ended:
-            return _Mine(END, step), None
+            return RoundOutcome(END, step), None
         try:
             share = next(self._shares)
         except StopIteration:
             self._ended = True
-            return _Mine(END, step), None
+            return RoundOutcome(END, step), None
         except BaseException as e:  # noqa: BLE001 - reading failed here (a resume mismatch, a bad sample): told in G1
-            return _Mine(ERROR, step, e), None
+            return RoundOutcome(ERROR, step, error=e), None
         self._position = (share.end, share.fingerprint)
-        return _Mine(OK, step), share
+        return RoundOutcome(OK, step), share
 
     def _round_shares(self) -> Any:
         mine, share = self._read()
         rows = np.asarray(share.rows(), dtype=np.int64).reshape(-1, 5) if share is not None else np.zeros((0, 5), np.int64)
         read = self._reader.read
         text = f"{type(mine.error).__name__}: {mine.error}" if mine.error is not None else ""
-        metas: list[ShardMeta] = self._gather(ShardMeta(mine.kind, mine.step, rows, *self._position, read, text), mine.step)
+        metas: list[ShardMeta] = self.exchange.gather(ShardMeta(mine.kind, mine.step, rows, *self._position, read, text), mine.step)
         verdict = self._after_read(metas, mine)
         if verdict is not None:
             return verdict
-        self._next_step, self._steps = mine.step + 1, self._steps + 1
+        self.next_step, self._steps = mine.step + 1, self._steps + 1
         mine.kind = OK  # a rank whose stream has ended takes part in the step with nothing
-        batch, where = merge_shares(mine.step, metas, share, self._rank)
+        batch, where = merge_shares(mine.step, metas, share, self.exchange.rank)
         fingerprint = batch_fingerprint(batch)
         plan = self._plan(batch, mine)
-        digest = plan.digest.removeprefix("sha256:") if self._sync == "verify" and plan is not None else ""
+        digest = plan.digest.removeprefix("sha256:") if self.exchange.sync == "verify" and plan is not None else ""
+        cpu = time.thread_time()
         outgoing = self._outgoing(batch, plan, where) if plan is not None and mine.kind == OK else [b""] * self._world
+        self._reader.stats.exchange_seconds += time.thread_time() - cpu
         text = f"{type(mine.error).__name__}: {mine.error}" if mine.error is not None else ""
-        got = self._gather((mine.kind, mine.step, fingerprint, digest, text, [len(b) for b in outgoing]), mine.step)
-        self._decide([g[:5] for g in got], mine, None)  # raises on every rank alike when a rank failed or disagrees
+        got = self.exchange.gather((mine.kind, mine.step, fingerprint, digest, text, [len(b) for b in outgoing]), mine.step)
+        self.exchange.decide([g[:5] for g in got], mine, None)  # raises on every rank alike when a rank failed or disagrees
+        cpu = time.thread_time()
         self._deliver(outgoing, [g[5] for g in got], where, mine.step)
+        self._reader.stats.exchange_seconds += time.thread_time() - cpu
         positions = tuple((m.end, m.fingerprint) for m in metas)
         full = PlanBatch(batch.step, batch.lengths, batch.ids, batch.loss_tokens, meta=(where, positions))
         item: Any = None
         try:
             self._check_arrived(plan, where)  # type: ignore[arg-type]
-            item = self._build(full, plan)  # type: ignore[arg-type]
+            item = self.build(full, plan)  # type: ignore[arg-type]
         except BaseException as e:  # noqa: BLE001 - a collate error is exchanged like a planning error
             mine.kind, mine.error = ERROR, e
-        if self._group is None:  # one rank: nothing to agree on
-            return self._decide([(mine.kind, mine.step, fingerprint, digest, "")], mine, item)  # type: ignore[arg-type]
-        return self._decide(self._gather_outcomes(mine, fingerprint, digest), mine, item)  # type: ignore[arg-type]
+        if self.exchange.group is None:  # one rank: nothing to agree on
+            return self.exchange.decide([(mine.kind, mine.step, fingerprint, digest, "")], mine, item)  # type: ignore[arg-type]
+        return self.exchange.decide(self.exchange.gather_outcomes(mine, fingerprint, digest), mine, item)  # type: ignore[arg-type]
 
-    def _after_read(self, metas: list[ShardMeta], mine: _Mine) -> Any:
+    def _after_read(self, metas: list[ShardMeta], mine: RoundOutcome) -> Any:
         """``None`` to go on with the step; ``_STOPPED``/``_ENDED``; or raises on every rank alike."""
         failed = [(r, m) for r, m in enumerate(metas) if m.kind == ERROR]
         if failed:
@@ -221,11 +215,10 @@ class ShardRounds(PlanStream):
             raise PlanSyncError(f"rank {r} failed at step {m.step}: {m.error}; this rank stops too")
         stopped = [r for r, m in enumerate(metas) if m.kind == STOP]
         if stopped:
-            if self._abandoned.is_set():
+            if self.exchange.stopping.is_set():
                 return _STOPPED
             raise PlanSyncError(
-                f"rank(s) {stopped} stopped iterating at step {mine.step} while this rank continued; every rank must run "
-                "the same steps (break on every rank, or call loader.close() on every rank)"
+                f"rank(s) {stopped} stopped iterating at step {mine.step} while this rank continued; {SAME_STEPS}"
             )
         steps = sorted({m.step for m in metas})
         if len(steps) > 1:
@@ -243,28 +236,28 @@ class ShardRounds(PlanStream):
             )
         return _ENDED
 
-    def _plan(self, batch: PlanBatch, mine: _Mine) -> StepPlan | None:
+    def _plan(self, batch: PlanBatch, mine: RoundOutcome) -> StepPlan | None:
         """The step's plan (``broadcast``: rank 0's); ``None`` when rank 0 failed (everyone stops in G2)."""
         plan: StepPlan | None = None
-        if self._sync != "broadcast" or self._rank == 0:
+        if self.exchange.sync != "broadcast" or self.exchange.rank == 0:
             try:
-                plan = self._balancer.plan(batch.lengths, step=batch.step, sample_ids=batch.ids, loss_tokens=batch.loss_tokens)
+                plan = self.balancer.plan(batch.lengths, step=batch.step, sample_ids=batch.ids, loss_tokens=batch.loss_tokens)
             except BaseException as e:  # noqa: BLE001 - reported in G2 like any local failure
                 mine.kind, mine.error = ERROR, e
-        if self._sync == "broadcast" and self._group is not None:
+        if self.exchange.sync == "broadcast" and self.exchange.group is not None:
             import torch.distributed as dist
 
-            box: list[Any] = [plan.to_json() if plan is not None else None] if self._rank == 0 else [None]
-            src = dist.get_global_rank(self._group, 0)
-            self._collective(lambda: dist.broadcast_object_list(box, src=src, group=self._group), "broadcast", batch.step)
-            if self._rank != 0 and box[0] is not None:
+            box: list[Any] = [plan.to_json() if plan is not None else None] if self.exchange.rank == 0 else [None]
+            src = dist.get_global_rank(self.exchange.group, 0)
+            self.exchange.collective(lambda: dist.broadcast_object_list(box, src=src, group=self.exchange.group), "broadcast", batch.step)
+            if self.exchange.rank != 0 and box[0] is not None:
                 try:
                     plan = StepPlan.from_json(box[0])
                 except Exception as e:  # noqa: BLE001 - reported in G2
                     mine.kind, mine.error = ERROR, e
         if plan is not None and mine.kind == OK:
             try:
-                rank_plan_for(batch, plan, self._rank, self._world)
+                rank_plan_for(batch, plan, self.exchange.rank, self._world)
             except ValueError as e:
                 mine.kind, mine.error = ERROR, e
         return plan
@@ -274,10 +267,10 @@ class ShardRounds(PlanStream):
         """Pickled ``[(sample id, sample), ...]`` this rank sends to each rank (``b""``: nothing)."""
         out = [b""] * self._world
         for dest in range(self._world):
-            if dest == self._rank:
+            if dest == self.exchange.rank:
                 continue
             held = {where[pid].sample_id: where[pid].sample for mb in plan.for_rank(dest).micro_batches for pid in mb}
-            send = sorted((sid, s) for sid, s in held.items() if sid % self._world == self._rank)
+            send = sorted((sid, s) for sid, s in held.items() if sid % self._world == self.exchange.rank)
             if send:
                 out[dest] = pickle.dumps(send, protocol=pickle.HIGHEST_PROTOCOL)
         return out
@@ -290,10 +283,10 @@ class ShardRounds(PlanStream):
         import torch.distributed as dist
 
         send = torch.frombuffer(bytearray(b"".join(outgoing)), dtype=torch.uint8) if any(outgoing) else torch.empty(0, dtype=torch.uint8)
-        incoming = [sizes[src][self._rank] for src in range(self._world)]
+        incoming = [sizes[src][self.exchange.rank] for src in range(self._world)]
         recv = torch.empty(sum(incoming), dtype=torch.uint8)
-        self._collective(
-            lambda: dist.all_to_all_single(recv, send, incoming, sizes[self._rank], group=self._group), "all-to-all", step
+        self.exchange.collective(
+            lambda: dist.all_to_all_single(recv, send, incoming, sizes[self.exchange.rank], group=self.exchange.group), "all-to-all", step
         )
         self._reader.stats.received_sample_bytes += recv.numel()
         data, at = recv.numpy().tobytes(), 0
@@ -307,15 +300,6 @@ class ShardRounds(PlanStream):
                 where[pid] = row._replace(sample=got[row.sample_id])
 
     def _check_arrived(self, plan: StepPlan, where: dict[int, Row]) -> None:
-        missing = [where[pid].sample_id for mb in plan.for_rank(self._rank).micro_batches for pid in mb if where[pid].sample is None]
+        missing = [where[pid].sample_id for mb in plan.for_rank(self.exchange.rank).micro_batches for pid in mb if where[pid].sample is None]
         if missing:  # an internal invariant: the all-to-all delivers every sample of this rank's micro-batches
             raise RuntimeError(f"step {plan.step}: samples {missing[:8]} of this rank's micro-batches did not arrive from their ranks")
-
-    def _gather(self, obj: Any, step: int) -> list[Any]:
-        if self._group is None:  # one rank
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self._world
-        self._collective(lambda: dist.all_gather_object(out, obj, group=self._group), "all-gather", step)
-        return out
