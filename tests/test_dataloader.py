@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from typing import Any, Iterator
 
@@ -14,7 +15,7 @@ import torch.utils.data as tud
 
 from balancer.cost import CostModel, LayoutCost
 from balancer.selector import Balancer
-from dataloader import BalancedDataLoader, PaddedCollator, StepBatch
+from dataloader import BalancedDataLoader, PaddedCollator, SamplerStats, StepBatch
 from strategies.layout import ClusterSpec, Layout, Strategy
 
 CAP = 64
@@ -394,6 +395,38 @@ def test_streaming_resume(k: int) -> None:
     resumed = BalancedDataLoader(TorchStream(rows), balancer=make_balancer(2), rank=1, world_size=2, plan_sync="none", **kw)
     resumed.load_state_dict(state)
     assert [sequences(b) for b in resumed] == reference[k:]
+
+
+def test_streaming_timings_grow_with_steps_and_are_not_state() -> None:
+    rows = token_rows(60, seed=13)
+    kw = dict(tokens_per_step=400, plan_ahead=1)
+    loader = BalancedDataLoader(TorchStream(rows), balancer=make_balancer(1), **kw)
+    seen = [dataclasses.replace(loader.stats)]
+    for _ in range(2):  # two epochs, a snapshot after every step
+        seen += [dataclasses.replace(loader.stats) for _ in loader]
+    seen.append(dataclasses.replace(loader.stats))
+    fields = ("read_seconds", "exchange_seconds", "collective_seconds", "plan_seconds")
+    for before, after in zip(seen, seen[1:]):
+        assert all(0 <= getattr(before, k) <= getattr(after, k) for k in fields)
+    epoch = (len(seen) - 2) // 2
+    assert 0 < seen[epoch + 1].read_seconds < seen[-1].read_seconds  # the second epoch read the stream again
+    assert 0 < seen[epoch + 1].plan_seconds < seen[-1].plan_seconds
+    assert seen[-1].exchange_seconds == seen[-1].collective_seconds == 0  # one rank: nothing exchanged
+    state = loader.state_dict()
+    assert not set(_keys(state)) & {f.name for f in dataclasses.fields(SamplerStats)}
+    resumed = BalancedDataLoader(TorchStream(rows), balancer=make_balancer(1), **kw)
+    resumed.load_state_dict(state)
+    assert resumed.stats == SamplerStats()  # not restored: each process counts its own work
+
+
+def _keys(d: Any) -> Iterator[str]:
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield k
+            yield from _keys(v)
+    elif isinstance(d, list):
+        for v in d:
+            yield from _keys(v)
 
 
 def test_streaming_over_long_policies() -> None:

@@ -185,7 +185,18 @@ def _hf_shards(rank: int, world: int, budget: dict[str, int]) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - the test checks which error, on which rank
         refused = f"{type(e).__name__}: {e}"
     received = loader.stats.received_sample_bytes
-    return {"ids": ids, "grads": first_grads, "state": state, "refused": refused, "received": received}
+    one_epoch = _timings(loader.stats)
+    for _ in loader:  # a second epoch: every counter of the planning thread's work grows
+        pass
+    return {"ids": ids, "grads": first_grads, "state": state, "refused": refused, "received": received,
+            "timings": [one_epoch, _timings(loader.stats)]}
+
+
+TIMINGS = ("read_seconds", "exchange_seconds", "collective_seconds", "plan_seconds")
+
+
+def _timings(stats: Any) -> dict[str, float]:
+    return {k: getattr(stats, k) for k in TIMINGS}
 
 
 @pytest.mark.parametrize("budget", [{"sequences_per_step": 8}, {"tokens_per_step": 900, "plan_sync": "verify"}])
@@ -198,6 +209,10 @@ def test_split_dataset_by_node_streams_train_like_one_process(budget: dict[str, 
     assert sorted(i for step in got[0]["ids"] for i in step) == list(range(HF_ROWS))  # every sample once, none lost
     if "sequences_per_step" in budget:
         assert [len(s) for s in got[0]["ids"]] == [8] * 5 + [1]  # 4 + 4 per step; rank 0's 21st sample last
+    for g in got:  # every rank read its shard, pickled and exchanged samples, and waited in collectives
+        one, two = g["timings"]
+        assert all(one[k] > 0 for k in TIMINGS), one
+        assert all(two[k] > one[k] for k in TIMINGS), (one, two)
     want = reference_grads(data, got[0]["ids"][0])
     for g in got:
         for name, ref in want.items():

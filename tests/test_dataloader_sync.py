@@ -9,6 +9,7 @@ are still running after its own deadline: a hang can never pass).
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 from typing import Any, Iterator
 
@@ -18,7 +19,7 @@ import torch.utils.data as tud
 from datasets.distributed import split_dataset_by_node
 from test_dataloader_dist import make_balancer, rows, run_ranks
 
-from dataloader import BalancedDataLoader, MicroBatchSpec, PackedCollator
+from dataloader import BalancedDataLoader, MicroBatchSpec, PackedCollator, SamplerStats
 from dataloader.distributed import group_timeout_s
 
 
@@ -190,9 +191,11 @@ def _stream_resume(rank: int, world: int) -> dict[str, Any]:
         return batch.step, batch.epoch, [tuple(sp.sample_ids) for sp in batch.specs]
 
     full = loader()
-    reference = [seqs(b) for b in full] + [seqs(b) for b in full]  # two epochs
+    reference = [seqs(b) for b in full]
+    one_epoch = dataclasses.replace(full.stats)
+    reference += [seqs(b) for b in full]  # two epochs
     n = len(reference) // 2
-    out: dict[str, Any] = {"steps": n, "reference": reference, "resumed": {}}
+    out: dict[str, Any] = {"steps": n, "reference": reference, "resumed": {}, "stats": [one_epoch, full.stats]}
     for k in sorted({0, 1, n // 2, n}):
         first = loader()
         it = iter(first)
@@ -203,6 +206,7 @@ def _stream_resume(rank: int, world: int) -> dict[str, Any]:
         it.close()
         again = loader()
         again.load_state_dict(state)
+        assert again.stats == SamplerStats()  # stats are this process's: not saved, not restored
         out["resumed"][k] = [seqs(b) for b in again]
     return out
 
@@ -218,6 +222,11 @@ def test_streaming_on_several_ranks_resumes_exactly_at_every_k() -> None:
             # The rest of the epoch; a state saved after its last step continues with the next epoch.
             want = ref[k:n] if k < n else ref[n:]
             assert [tuple(x) for x in rest] == [tuple(x) for x in want], f"resumed at {k}"
+    for g in got:  # replicated: every rank reads the whole stream, exchanges no samples, waits in the plan exchanges
+        one, two = g["stats"]
+        assert two.exchange_seconds == one.exchange_seconds == 0 and two.received_sample_bytes == 0
+        for k in ("read_seconds", "collective_seconds", "plan_seconds"):
+            assert 0 < getattr(one, k) < getattr(two, k), k
     # every stream sample exactly once per epoch over the replicas of every step
     seen: list[int] = []
     for t in range(n):
