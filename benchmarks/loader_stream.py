@@ -29,11 +29,14 @@ step, the host idle), ``--repeats`` times interleaved; medians per rank. Reporte
   of the rank's micro-batches, and per token of the samples it received (its micro-batches'
   samples that another rank read: the pickled size of a token);
 * **CPU ms/step**: process CPU time (``time.process_time``, every thread) over the epoch per
-  step; of it, reading the stream (thread CPU of the dataset's ``next``); **exchange**: the
-  thread CPU of the per-rank sample exchange (pickling what goes out, the ``all_to_all_single``
-  and unpickling); **collectives**: the wall time of every collective of the loader's
-  planning thread (G1/G2/G3, the plan broadcast, the all-to-all; waiting for peers included);
-  **plan**: ``StepPlan.plan_seconds`` (the planner, rank 0 under ``broadcast``).
+  step; of it, the loader's own counters (:class:`~dataloader.config.SamplerStats`, the
+  epoch's difference per step): reading the stream (``read_seconds``: thread CPU of the
+  dataset's ``next``); **exchange** (``exchange_seconds``): the thread CPU of the per-rank
+  sample exchange (pickling what goes out, the ``all_to_all_single`` call and unpickling);
+  **collectives** (``collective_seconds``): the wall time of every collective of the
+  loader's planning thread (G1/G2/G3, the plan broadcast, the all-to-all; waiting for peers
+  included); **plan** (``plan_seconds``): ``StepPlan.plan_seconds`` (the planner, rank 0
+  under ``broadcast``).
 
 Ratios are per_rank / replicated of the same stream and format, measured in the same run.
 
@@ -44,6 +47,7 @@ machine load (``os.getloadavg``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import statistics
@@ -63,9 +67,6 @@ import torch.utils.data as tud
 
 from balancer.data import bundled_path, read_lengths
 from dataloader import BalancedDataLoader
-from dataloader.planning import PlanStream
-from dataloader.stream_read import StreamReader
-from dataloader.stream_shards import ShardRounds
 from strategies.runtime.local import run_local
 
 
@@ -127,60 +128,16 @@ def hf_stream(folder: str, fmt: str, mode: str, rank: int, world: int) -> Any:
 
 
 # ---------------------------------------------------------------------------------------
-# probes (benchmark only): thread CPU / wall time of the loader's reading, exchange, collectives
-# ---------------------------------------------------------------------------------------
-PROBE: dict[str, list[float]] = {}
-"""name → [thread CPU seconds, wall seconds], summed since the last reset."""
-
-
-def _add(name: str, cpu: float, wall: float) -> None:
-    acc = PROBE.setdefault(name, [0.0, 0.0])
-    acc[0] += cpu
-    acc[1] += wall
-
-
-def _timed_method(cls: type, attr: str, name: str) -> None:
-    inner = getattr(cls, attr)
-
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        c0, w0 = time.thread_time(), time.perf_counter()
-        try:
-            return inner(self, *args, **kwargs)
-        finally:
-            _add(name, time.thread_time() - c0, time.perf_counter() - w0)
-
-    setattr(cls, attr, wrapper)
-
-
-def _timed_iter(it: Iterator[Any]) -> Iterator[Any]:
-    while True:
-        c0, w0 = time.thread_time(), time.perf_counter()
-        item = next(it, _END)
-        _add("read", time.thread_time() - c0, time.perf_counter() - w0)
-        if item is _END:
-            return
-        yield item
-
-
-_END = object()
-
-
-def install_probes() -> None:
-    _timed_method(PlanStream, "_collective", "collectives")
-    _timed_method(ShardRounds, "_outgoing", "exchange")
-    _timed_method(ShardRounds, "_deliver", "exchange")
-    source = StreamReader.source
-    StreamReader.source = lambda self, *a, **k: _timed_iter(source(self, *a, **k))  # type: ignore[method-assign]
-
-
-# ---------------------------------------------------------------------------------------
 # one rank
 # ---------------------------------------------------------------------------------------
 def run_epoch(loader: BalancedDataLoader, rank: int, world: int, step_s: float) -> dict[str, Any]:
-    """One epoch; per step the rank's planned tokens, received tokens and replica; timing after the first step."""
-    PROBE.clear()
+    """One epoch; per step the rank's planned tokens, received tokens and replica; timing after the first step.
+
+    Where the loader's time went comes from its own counters (``loader.stats``: read, exchange,
+    collective and plan seconds), taken as the epoch's difference.
+    """
     steps: list[tuple[int, int, int, int]] = []  # (step, replica, planned tokens, received tokens)
-    plans: list[float] = []
+    before = dataclasses.replace(loader.stats)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     for b in loader:
@@ -189,12 +146,16 @@ def run_epoch(loader: BalancedDataLoader, rank: int, world: int, step_s: float) 
         planned = sum(e - s for spec in b.specs for s, e in zip(spec.starts, spec.ends))
         received = {sid: n for spec in b.specs for sid, n in zip(spec.sample_ids, spec.full_lengths) if sid % world != rank}
         steps.append((b.step, b.rank_plan.replica_index, planned, sum(received.values())))
-        plans.append(b.plan.plan_seconds)
         if step_s:
             time.sleep(step_s)
     seconds = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     n = len(steps)
+    stats = loader.stats
+
+    def ms_per_step(name: str) -> float:
+        return 1e3 * (getattr(stats, name) - getattr(before, name)) / n
+
     steady = sum(s[2] for s in steps[1:])
     return {
         "steps": steps,
@@ -205,10 +166,10 @@ def run_epoch(loader: BalancedDataLoader, rank: int, world: int, step_s: float) 
         "samples_read": loader.stats.num_samples,
         "received_bytes": loader.stats.received_sample_bytes,
         "cpu_ms_per_step": 1e3 * cpu / n,
-        "read_cpu_ms_per_step": 1e3 * PROBE.get("read", [0.0, 0.0])[0] / n,
-        "exchange_cpu_ms_per_step": 1e3 * PROBE.get("exchange", [0.0, 0.0])[0] / n,
-        "collectives_wall_ms_per_step": 1e3 * PROBE.get("collectives", [0.0, 0.0])[1] / n,
-        "plan_ms_per_step": 1e3 * float(np.mean(plans)),
+        "read_cpu_ms_per_step": ms_per_step("read_seconds"),
+        "exchange_cpu_ms_per_step": ms_per_step("exchange_seconds"),
+        "collectives_wall_ms_per_step": ms_per_step("collective_seconds"),
+        "plan_ms_per_step": ms_per_step("plan_seconds"),
     }
 
 
@@ -219,7 +180,6 @@ def fresh(template: Any) -> Any:
 
 def rank_main(rank: int, world: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Every configuration on this rank, in the same order on every rank (the loaders' collectives pair up)."""
-    install_probes()
     lengths = np.asarray(cfg["lengths"], dtype=np.int64)
     template = loader_bench.build_balancer(lengths, world, cfg["tokens_per_step"], cfg["max_length"])
     out = []
@@ -445,9 +405,10 @@ def markdown(r: dict[str, Any]) -> str:
         "the budget per rank, so its steps hold fewer tokens) and may plan other layouts, so compare stream tokens/s. "
         "Bytes received: `loader.stats.received_sample_bytes` (pickled samples of the all-to-all; replicated moves "
         "none), per token of the rank's micro-batches and per token of the samples it received. CPU: process CPU "
-        "time per step (every thread); read: thread CPU of the stream's `next`; exchange: thread CPU of pickling, "
-        "the all-to-all and unpickling (per_rank). Collectives: wall time of every collective of the planning "
-        "thread, waiting for peers included. Plan: `StepPlan.plan_seconds`."),
+        "time per step (every thread); read: `loader.stats.read_seconds`, thread CPU of the stream's `next`; "
+        "exchange: `loader.stats.exchange_seconds`, thread CPU of pickling, the all-to-all and unpickling "
+        "(per_rank). Collectives: `loader.stats.collective_seconds`, wall time of every collective of the planning "
+        "thread, waiting for peers included. Plan: `loader.stats.plan_seconds`, the sum of `StepPlan.plan_seconds`."),
     ]
     return "\n".join(lines)
 

@@ -53,6 +53,9 @@ def _check(result: dict[str, Any]) -> None:
                 low, high = (1.0, 4.0) if fmt == "list" else (8.0, 9.0)
                 assert low < r["received_bytes_per_received_token"] < high, (fmt, r["received_bytes_per_received_token"])
             assert r["tokens_per_second"] > 0 and r["stream_tokens_per_second"] > 0
+            # The loader's own counters (loader.stats): replicated pickles and moves no sample.
+            assert r["read_cpu_ms_per_step"] > 0 and r["collectives_wall_ms_per_step"] > 0 and r["plan_ms_per_step"] > 0
+            assert (r["exchange_cpu_ms_per_step"] > 0) == (mode == "per_rank") and r["exchange_cpu_ms_per_step"] >= 0
             assert math.isclose(r["stream_tokens_per_step"], r["stream_tokens"] / r["steps"])
         for q in run["ratios"]:
             pr, rep = (rows[(q["format"], q["stream"], m, q["step"])] for m in ("per_rank", "replicated"))
