@@ -14,16 +14,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from strategies.plan import StepPlan
 
 from .agreement import END, ERROR, STOP, PlanBatch, decode_outcome, describe_groups, encode_outcome, group_ranks
 
-if TYPE_CHECKING:  # config imports planning, which imports this module: the stats type is for readers only
-    from .config import SamplerStats
-
-__all__ = ["QUIT", "SAME_STEPS", "PlanExchange", "PlanSyncError", "RoundOutcome"]
+__all__ = ["QUIT", "SAME_STEPS", "CollectiveTimes", "PlanExchange", "PlanSyncError", "RoundOutcome"]
 
 
 class PlanSyncError(RuntimeError):
@@ -33,6 +30,14 @@ class PlanSyncError(RuntimeError):
 QUIT = object()
 """Round result: this rank stopped (``break``/``close``) together with its peers, and they know."""
 SAME_STEPS = "every rank must run the same steps (break on every rank, or call loader.close() on every rank)"
+
+
+class CollectiveTimes(Protocol):
+    """Where collective time is counted: a :class:`~dataloader.config.SamplerStats` (config imports
+    planning, which imports this module, so the class is not named here)."""
+
+    collective_seconds: float
+    """Wall seconds inside the plan group's collectives so far."""
 
 
 @dataclass(slots=True)
@@ -63,7 +68,7 @@ class PlanExchange:
         stopping: threading.Event,
         data_hint: str,
         timeout_s: float | None,
-        stats: SamplerStats | None = None,
+        stats: CollectiveTimes | None = None,
     ) -> None:
         self.sync, self.group, self.rank = sync, group, rank
         self.stopping = stopping

@@ -34,17 +34,14 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 
 from strategies.plan import StepPlan
 
 from .agreement import DATA_HINT, END, ERROR, OK, STOP, PlanBatch, batch_fingerprint
-from .plan_exchange import QUIT, SAME_STEPS, PlanExchange, PlanSyncError, RoundOutcome
-
-if TYPE_CHECKING:  # config imports this module for PLAN_SYNC_MODES: the stats type is for readers only
-    from .config import SamplerStats
+from .plan_exchange import QUIT, SAME_STEPS, CollectiveTimes, PlanExchange, PlanSyncError, RoundOutcome
 
 __all__ = ["PLAN_SYNC_MODES", "PlanBatch", "PlanStream", "PlanSyncError"]
 
@@ -84,7 +81,7 @@ class PlanStream(Generic[T]):
         first_step: int = 0,
         data_hint: str = DATA_HINT,
         timeout_s: float | None = None,
-        stats: SamplerStats | None = None,
+        stats: CollectiveTimes | None = None,
     ) -> None:
         if sync not in PLAN_SYNC_MODES:
             raise ValueError(f"plan sync {sync!r}: choose one of {list(PLAN_SYNC_MODES)}")
